@@ -1,0 +1,159 @@
+"""Backend selection and the compiled extension.
+
+Every op in :mod:`head4d.ops` runs on one of four backends:
+
+``torch``
+    The reference: plain PyTorch, exact semantics, any device.
+``cpu``
+    C++ kernels in the compiled extension ``head4d._C`` (CPU tensors).
+``cuda``
+    CUDA kernels in the compiled extension (CUDA tensors; needs a build with CUDA).
+``triton``
+    Triton kernels in :mod:`head4d.kernels` (CUDA tensors, or CPU tensors when
+    ``TRITON_INTERPRET=1`` is set, which is how the tests exercise them).
+
+How one is chosen, first match wins:
+
+1. the op's ``backend=`` argument;
+2. the environment variable ``HEAD4D_BACKEND_<OP>`` (``HEAD4D_BACKEND_SAMPLE_TRIPLANES=triton``);
+3. the environment variable ``HEAD4D_BACKEND`` (all ops);
+4. the op's preference list for the tensor's device type: the fastest measured
+   backend that is available (see ``PREFERENCES`` in each op's module and the
+   committed benchmark results under ``benchmarks/results/``).
+
+A forced backend that cannot run (extension not built, Triton missing, Triton
+on a CPU tensor without the interpreter) raises ``RuntimeError`` saying why;
+``auto`` in the argument or the variable means "use the preference list".
+
+Importing this module never compiles anything. If ``head4d._C`` is missing, the
+first op that would have used it warns once and falls back to the reference.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
+
+BUILD_HINT = (
+    "Build it from a source checkout with `pip install --no-build-isolation -e .` "
+    "(CUDA kernels are compiled too when torch has CUDA and nvcc is found; see README.md)."
+)
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        return importlib.import_module("head4d._C"), None
+    except ImportError as exc:  # not built, or built against another torch
+        return None, exc
+
+
+def extension():
+    """The compiled extension module ``head4d._C``, or ``None`` if it is not importable."""
+    return _load_extension()[0]
+
+
+def extension_error() -> Optional[BaseException]:
+    """Why ``head4d._C`` could not be imported (``None`` if it was)."""
+    return _load_extension()[1]
+
+
+def extension_has_cuda() -> bool:
+    ext = extension()
+    return bool(ext is not None and ext.with_cuda())
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """``None`` if ``backend`` can run on tensors of ``device``, else why not."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        if extension() is None:
+            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        if extension() is None:
+            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        if not extension_has_cuda():
+            return f"head4d._C was built without CUDA kernels. {BUILD_HINT}"
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "Triton is not installed (pip install triton)"
+        if device.type == "cpu" and not triton_interpreting():
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device}"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def resolve(op: str, device: torch.device, requested: Optional[str],
+            preferences: Dict[str, Sequence[str]]) -> str:
+    """Pick the backend for one call of ``op`` on tensors living on ``device``."""
+    choice = requested
+    source = "backend="
+    if choice is None or choice == "auto":
+        env_key = "HEAD4D_BACKEND_" + op.upper()
+        choice = os.environ.get(env_key) or None
+        source = env_key
+        if choice is None or choice == "auto":
+            choice = os.environ.get("HEAD4D_BACKEND") or None
+            source = "HEAD4D_BACKEND"
+    if choice is not None and choice != "auto":
+        if choice not in BACKENDS:
+            raise ValueError(f"{op}: {source} must be one of {BACKENDS} or 'auto', got {choice!r}")
+        reason = unavailable_reason(choice, device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")
+        return choice
+
+    prefs = preferences.get(device.type, ("torch",))
+    for candidate in prefs:
+        if unavailable_reason(candidate, device) is None:
+            if candidate == "torch" and device.type in ("cpu", "cuda") and extension() is None:
+                _warn_once(
+                    "extension",
+                    f"head4d: the compiled extension head4d._C is not available "
+                    f"({extension_error()}); ops fall back to the plain-PyTorch reference, "
+                    f"which is correct but slow. {BUILD_HINT}",
+                )
+            return candidate
+    return "torch"
+
+
+def available_backends(device: torch.device) -> Tuple[str, ...]:
+    """The backends that can run on ``device`` in this process."""
+    return tuple(b for b in BACKENDS if unavailable_reason(b, device) is None)
