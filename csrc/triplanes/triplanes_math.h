@@ -12,17 +12,10 @@
 #include <cmath>
 
 #include "../common.h"
+#include "triplanes.h"
 
 namespace head4d {
 namespace triplanes {
-
-// Plane layouts, as the Python API's plane_layout names them.
-//   kPortrait4D: plane 0 at (x, y), plane 1 at (y, z), plane 2 at (z, x).
-//   kEG3D:       plane 0 at (x, y), plane 1 at (x, z), plane 2 at (z, x)  (EG3D's quirk).
-enum Layout : int { kPortrait4D = 0, kEG3D = 1 };
-
-// How the three planes' features are combined.
-enum Reduce : int { kMean = 0, kSum = 1, kNone = 2 };
 
 // The two point axes that give plane `plane`'s (u, v): u indexes the width, v the height.
 HEAD4D_HD void plane_axes(int layout, int plane, int& u_axis, int& v_axis) {
@@ -122,13 +115,27 @@ HEAD4D_HD void stencil_weight_grads(const Stencil<T>& s, T dw_dix[4], T dw_diy[4
   dw_diy[3] = (s.ix - fx0);
 }
 
+// p[axis] and grad[axis] += value, written with selects so that a GPU keeps the
+// three components in registers (a runtime index would put them in local memory).
+template <typename T>
+HEAD4D_HD T component(const T p[3], int axis) {
+  return axis == 0 ? p[0] : (axis == 1 ? p[1] : p[2]);
+}
+
+template <typename T>
+HEAD4D_HD void add_component(T grad[3], int axis, T value) {
+  grad[0] += axis == 0 ? value : T(0);
+  grad[1] += axis == 1 ? value : T(0);
+  grad[2] += axis == 2 ? value : T(0);
+}
+
 // Plane coordinates of point p (already read from memory) for plane `plane`.
 template <typename T>
 HEAD4D_HD void project(const T p[3], T scale, int layout, int plane, T& u, T& v) {
   int ua, va;
   plane_axes(layout, plane, ua, va);
-  u = p[ua] * scale;
-  v = p[va] * scale;
+  u = component(p, ua) * scale;
+  v = component(p, va) * scale;
 }
 
 // Adds one plane's gradient with respect to its pixel coordinates (g_ix, g_iy)
@@ -138,8 +145,8 @@ HEAD4D_HD void accumulate_point_grad(T g_ix, T g_iy, int W, int H, T scale, int 
                                      T grad_p[3]) {
   int ua, va;
   plane_axes(layout, plane, ua, va);
-  grad_p[ua] += g_ix * (T(W) / T(2)) * scale;
-  grad_p[va] += g_iy * (T(H) / T(2)) * scale;
+  add_component(grad_p, ua, g_ix * (T(W) / T(2)) * scale);
+  add_component(grad_p, va, g_iy * (T(H) / T(2)) * scale);
 }
 
 // What the sum over the three planes is divided by (torch's mean divides by the count).
