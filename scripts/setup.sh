@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Sets up a development environment from nothing, idempotently:
+#   .venv/ with torch, Triton and the test tools, head4d installed editable,
+#   and the compiled extension head4d._C built in place (CPU kernels always,
+#   CUDA kernels when torch has CUDA and nvcc is found).
+#
+# Environment:
+#   HEAD4D_PYTHON      the interpreter to make the venv with (default: python3)
+#   HEAD4D_TORCH_SPEC  which torch to install (default: torch==2.14.1, a CUDA 13.0
+#                      build: it runs on CPU-only machines too, and lets nvcc compile
+#                      the CUDA kernels here)
+#   HEAD4D_CUDA        0|1 force the CUDA kernels off or on (default: auto)
+#   MAX_JOBS           parallel compile jobs (default: number of cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${HEAD4D_PYTHON:-python3}
+TORCH_SPEC=${HEAD4D_TORCH_SPEC:-torch==2.14.1}
+VENV=.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+
+deps_stamp="$VENV/.head4d-deps"
+deps_wanted="$TORCH_SPEC numpy triton pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel"
+if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$deps_wanted" ]; then
+  echo "[setup] installing $deps_wanted"
+  "$VPY" -m pip install -q --upgrade pip
+  # triton comes with torch's CUDA builds (the version torch pins); ask for it only if absent
+  "$VPY" -m pip install -q $TORCH_SPEC numpy pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel
+  "$VPY" -c "import triton" 2>/dev/null || "$VPY" -m pip install -q triton
+  echo "$deps_wanted" > "$deps_stamp"
+fi
+
+if ! "$VPY" -c "import importlib.metadata as m; m.version('head4d')" >/dev/null 2>&1; then
+  echo "[setup] installing head4d (editable)"
+  HEAD4D_SKIP_EXTENSION=1 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+fi
+
+echo "[setup] building head4d._C (incremental)"
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VPY" setup.py -q build_ext --inplace 2>&1 \
+  | grep -vE "^\[[0-9]+/[0-9]+\] |^(copying|running|creating)|Wc\+\+20|SetuptoolsDeprecationWarning|^\s*!!|^\s*\*+$" || true
+"$VPY" -c "import head4d._C as c; print('[setup] head4d._C ready, CUDA kernels:', c.with_cuda())"
+echo "[setup] build step took $(( $(date +%s) - start )) s"
