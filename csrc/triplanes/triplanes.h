@@ -48,6 +48,11 @@ struct BackwardArgs {
   Dtype dtype;
 };
 
+// Copies planes [P, C, H, W] (contiguous, `element_size` bytes per element) to
+// channels-last [P, H, W, C]: a cache-blocked transpose, parallel over planes and rows.
+void to_channels_last_cpu(const void* src, void* dst, int64_t P, int64_t C, int64_t H, int64_t W,
+                          int element_size, const ParallelFor& parallel_for);
+
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for, int num_threads);
 void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for, int num_threads);
 

@@ -6,6 +6,7 @@
 // (batch, plane, band of rows) so that no two tasks write the same texel and no
 // atomics are needed.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -187,7 +188,49 @@ void backward_impl(const BackwardArgs& a, const ParallelFor& parallel_for, int n
   if (a.grad_planes != nullptr) backward_planes_impl<scalar_t, acc_t>(a, parallel_for, num_threads);
 }
 
+template <typename E>
+void transpose_impl(const E* src, E* dst, int64_t P, int64_t C, int64_t H, int64_t W,
+                    const ParallelFor& parallel_for) {
+  // One output row (W * C elements, a few tens of KB) at a time: each channel's input
+  // row is read sequentially and scattered into the row, which stays in cache. (Walking
+  // all channels per pixel instead strides by H * W, a power of two for usual planes,
+  // and thrashes the cache sets.)
+  parallel_for(P * H, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t p = row / H, y = row % H;
+      const E* s = src + p * C * H * W + y * W;
+      E* d = dst + (p * H + y) * W * C;
+      constexpr int64_t kGroup = 8;  // channels written together: 8 read streams, 8-element runs out
+      int64_t c = 0;
+      for (; c + kGroup <= C; c += kGroup) {
+        const E* sc = s + c * H * W;
+        for (int64_t x = 0; x < W; ++x) {
+          E* dx = d + x * C + c;
+          for (int64_t g = 0; g < kGroup; ++g) dx[g] = sc[g * H * W + x];
+        }
+      }
+      for (; c < C; ++c) {
+        const E* sc = s + c * H * W;
+        for (int64_t x = 0; x < W; ++x) d[x * C + c] = sc[x];
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void to_channels_last_cpu(const void* src, void* dst, int64_t P, int64_t C, int64_t H, int64_t W,
+                          int element_size, const ParallelFor& parallel_for) {
+  switch (element_size) {
+    case 2:
+      return transpose_impl(static_cast<const uint16_t*>(src), static_cast<uint16_t*>(dst), P, C, H, W, parallel_for);
+    case 4:
+      return transpose_impl(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), P, C, H, W, parallel_for);
+    case 8:
+      return transpose_impl(static_cast<const uint64_t*>(src), static_cast<uint64_t*>(dst), P, C, H, W, parallel_for);
+  }
+  throw std::invalid_argument("to_channels_last_cpu: unsupported element size");
+}
 
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for, int) {
   if (args.N * args.M == 0) return;
