@@ -1,0 +1,72 @@
+"""Helpers shared by the renderer ops: backend choice for ops that so far have only
+the reference, and checks of integer and boolean arguments."""
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .. import _backend
+
+
+def resolve_implemented(op: str, device: torch.device, requested: Optional[str],
+                        preferences: Dict[str, Sequence[str]],
+                        implemented: Sequence[str] = ("torch",)) -> str:
+    """:func:`head4d._backend.resolve` for an op that implements only ``implemented``.
+
+    A backend asked for by name for this op (its ``backend=`` argument or its
+    ``HEAD4D_BACKEND_<OP>`` variable) that the op does not have raises
+    ``RuntimeError``. The process-wide ``HEAD4D_BACKEND`` names a backend for every
+    op; an op that lacks it runs its reference instead (``sample_triplanes`` may
+    still use it), so ``HEAD4D_BACKEND=cuda`` can drive a whole renderer.
+    """
+    chosen = _backend.resolve(op, device, requested, preferences)
+    if chosen in implemented:
+        return chosen
+    env_key = "HEAD4D_BACKEND_" + op.upper()
+    env_value = os.environ.get(env_key) or None
+    if requested is not None and requested != "auto":
+        source = "backend="
+    elif env_value is not None and env_value != "auto":
+        source = env_key
+    else:
+        return "torch"
+    raise RuntimeError(f"{op}: backend {chosen!r} (from {source}) is not implemented for this op yet; "
+                       f"it has {tuple(implemented)}")
+
+
+def check_int(op: str, name: str, value, minimum: int) -> int:
+    """A Python integer (not a bool) of at least ``minimum``; a one-element integer tensor is accepted."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_same_dtype(op: str, tensors) -> torch.dtype:
+    tensors = list(tensors)
+    first_name, first = tensors[0]
+    for name, t in tensors[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')} but {first_name} has "
+                            f"{str(first.dtype).replace('torch.', '')}; they must match")
+    return first.dtype
+
+
+def check_generator(op: str, generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+

@@ -1,0 +1,229 @@
+"""``TriplaneRenderer``: EG3D's ``ImportanceRenderer`` (with Portrait4D's options)
+composed from head4d's ops. Unfused: every stage is one op call.
+
+Pipeline per call (the random numbers are drawn in this order, all from
+``generator`` when one is given):
+
+1. coarse depths ``[N, R, S, 1]`` (:func:`~head4d.ops.stratified_depths`; jitter);
+2. points ``o + t * d`` -> :func:`~head4d.ops.sample_triplanes` (mean over planes)
+   -> ``decoder`` -> colors and raw densities (+ Gaussian density noise);
+3. if ``depth_resolution_importance > 0``: :func:`~head4d.ops.composite_rays` for the
+   weights, :func:`~head4d.ops.sample_importance` (its uniform numbers), decode the
+   fine points (density noise again), :func:`~head4d.ops.merge_samples`;
+4. :func:`~head4d.ops.composite_rays` of all samples, with the background.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .._checks import check_choice, check_tensor
+from .._nvtx import nvtx_range
+from ..ops import (auto_plane_limits, composite_rays, merge_samples, ray_box_limits, sample_importance,
+                   sample_triplanes, stratified_depths)
+from ..ops.triplanes import LAYOUTS
+
+NAME = "TriplaneRenderer"
+
+
+def _option(options: Mapping, key: str):
+    if key not in options:
+        raise ValueError(f"{NAME}: options[{key!r}] is required")
+    return options[key]
+
+
+def _run_model(planes: torch.Tensor, decoder: Callable, origins: torch.Tensor, directions: torch.Tensor,
+               depths: torch.Tensor, box_warp: float, plane_layout: str, density_noise: float,
+               generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Decode the points ``origins + depths * directions``: colors ``[N, R, S, C]`` and
+    raw densities ``[N, R, S, 1]``, in ``depths.dtype`` (EG3D's ``run_model``)."""
+    n, r, s, _ = depths.shape
+    points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(n, r * s, 3)
+    point_dirs = directions.unsqueeze(-2).expand(n, r, s, 3).reshape(n, r * s, 3)
+    features = sample_triplanes(planes, points, box_warp=box_warp, plane_layout=plane_layout, reduce="mean")
+    out = decoder(features, point_dirs)
+    if not isinstance(out, Mapping) or "rgb" not in out or "sigma" not in out:
+        raise TypeError(f"{NAME}: the decoder must return a dict with 'rgb' [N, M, C] and 'sigma' [N, M, 1], "
+                        f"got {type(out).__name__}")
+    rgb, sigma = out["rgb"], out["sigma"]
+    if rgb.dim() != 3 or tuple(rgb.shape[:2]) != (n, r * s):
+        raise ValueError(f"{NAME}: decoder 'rgb' must have shape [N, M, C] = [{n}, {r * s}, C], got {list(rgb.shape)}")
+    if tuple(sigma.shape) != (n, r * s, 1):
+        raise ValueError(f"{NAME}: decoder 'sigma' must have shape [N, M, 1] = [{n}, {r * s}, 1], "
+                         f"got {list(sigma.shape)}")
+    if density_noise > 0:
+        if generator is None:
+            noise = torch.randn(sigma.shape, dtype=sigma.dtype, device=sigma.device)
+        else:
+            noise = torch.randn(sigma.shape, generator=generator, dtype=sigma.dtype,
+                                device=generator.device).to(sigma.device)
+        sigma = sigma + noise * density_noise
+    return rgb.reshape(n, r, s, rgb.shape[-1]).to(depths.dtype), sigma.reshape(n, r, s, 1).to(depths.dtype)
+
+
+class TriplaneRenderer(nn.Module):
+    """EG3D's ``ImportanceRenderer`` with Portrait4D's options, built from head4d's ops.
+
+    Args:
+        plane_layout: ``"eg3d"`` (planes (x, y), (x, z), (z, x): EG3D-family
+            checkpoints) or ``"portrait4d"`` ((x, y), (y, z), (z, x)); ``options["plane_layout"]``
+            overrides it per call.
+
+    ``options`` (EG3D's ``rendering_kwargs``; unknown keys are ignored):
+
+    ``ray_start``, ``ray_end`` (required)
+        Numbers (FFHQ: 2.25, 3.3); both ``"auto"`` (EG3D: each ray's entry/exit of the
+        ``box_warp`` cube, :func:`~head4d.ops.ray_box_limits`; rays that miss borrow
+        from the others as set by ``invalid_end``); or both ``"auto-plane"``
+        (Portrait4D: one range per image around the camera-space depth of the
+        origin, :func:`~head4d.ops.auto_plane_limits`; needs the camera, from the
+        ``cam2world`` argument or else ``options["cam2world"]``, ``[N, 4, 4]``).
+    ``box_warp`` (required)
+        Side of the head cube (FFHQ EG3D 1.0, Portrait4D 1.3).
+    ``depth_resolution`` (required)
+        Coarse samples per ray, S >= 2 (>= 4 with importance sampling).
+    ``depth_resolution_importance`` (default 0)
+        Fine samples per ray; 0 renders the coarse pass only.
+    ``disparity_space_sampling`` (default False)
+        Coarse samples evenly spaced in inverse depth.
+    ``clamp_mode`` (default ``"softplus"``)
+        Only ``"softplus"`` exists (as in EG3D).
+    ``white_back`` (default False)
+        White background (``background = 1``); not with a ``background`` argument.
+    ``density_noise`` (default 0)
+        Standard deviation of Gaussian noise added to the raw densities of every
+        decoded sample (both passes), as EG3D's ``run_model``.
+    ``plane_layout`` (default: the constructor's)
+    ``jitter`` (default ``"per_image"`` for ``"auto-plane"``, else ``"per_sample"``)
+        Stratified jitter of the coarse depths (:func:`~head4d.ops.stratified_depths`);
+        ``"none"`` makes the coarse depths deterministic.
+    ``det_importance`` (default False)
+        Deterministic importance sampling (EG3D always samples randomly).
+    ``invalid_end`` (default ``"max_start"``)
+        For ``"auto"``: see :func:`~head4d.ops.ray_box_limits`.
+
+    The decoder is called as ``decoder(features [N, M, C_planes], directions [N, M, 3])``
+    with the plane features already averaged (``reduce="mean"``), and must return
+    ``{"rgb": [N, M, C], "sigma": [N, M, 1]}`` (:class:`~head4d.render.TriplaneDecoder`
+    does). Its outputs are cast to the rays' dtype for compositing.
+    """
+
+    def __init__(self, plane_layout: str = "eg3d"):
+        super().__init__()
+        check_choice(NAME, "plane_layout", plane_layout, tuple(LAYOUTS))
+        self.plane_layout = plane_layout
+
+    def extra_repr(self) -> str:
+        return f"plane_layout={self.plane_layout!r}"
+
+    def forward(self, planes: torch.Tensor, decoder: Callable, ray_origins: torch.Tensor,
+                ray_directions: torch.Tensor, options: Mapping, *, background: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None, cam2world: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Render rays through a triplane.
+
+        Args:
+            planes: ``[N, 3, C, H, W]`` floating point.
+            decoder: see the class docstring.
+            ray_origins: ``[N, R, 3]`` floating point, same device.
+            ray_directions: ``[N, R, 3]`` unit vectors, same dtype and device.
+            options: see the class docstring.
+            background: ``[N, R, C_out]`` background features composited with
+                ``1 - opacity`` before the final ``* 2 - 1`` (Portrait4D), or None.
+            generator: ``torch.Generator`` for every random number, or None (global RNG).
+            cam2world: ``[N, 4, 4]`` for ``"auto-plane"`` (else ``options["cam2world"]``).
+
+        Returns:
+            ``(features [N, R, C_out], depth [N, R, 1], opacity [N, R, 1])`` in the rays'
+            dtype: the composited features mapped to [-1, 1] (``* 2 - 1``), the expected
+            depth, and the sum of the final compositing weights.
+        """
+        check_tensor(NAME, "ray_origins", ray_origins, "[N, R, 3]", 3)
+        check_tensor(NAME, "ray_directions", ray_directions, "[N, R, 3]", 3)
+        if ray_origins.shape[2] != 3 or ray_directions.shape != ray_origins.shape:
+            raise ValueError(f"{NAME}: ray_origins and ray_directions must both have shape [N, R, 3], got "
+                             f"{list(ray_origins.shape)} and {list(ray_directions.shape)}")
+        if ray_directions.dtype != ray_origins.dtype:
+            raise TypeError(f"{NAME}: ray_directions has dtype {ray_directions.dtype} but ray_origins has "
+                            f"{ray_origins.dtype}; they must match")
+        if not isinstance(options, Mapping):
+            raise TypeError(f"{NAME}: options must be a dict, got {type(options).__name__}")
+        n, r, _ = ray_origins.shape
+
+        box_warp = _option(options, "box_warp")
+        n_coarse = _option(options, "depth_resolution")
+        n_fine = options.get("depth_resolution_importance", 0) or 0
+        disparity = bool(options.get("disparity_space_sampling", False))
+        clamp_mode = options.get("clamp_mode", "softplus")
+        if clamp_mode != "softplus":
+            raise ValueError(f"{NAME}: options['clamp_mode'] must be 'softplus' (the only mode EG3D's ray "
+                             f"marcher has), got {clamp_mode!r}")
+        white_back = bool(options.get("white_back", False))
+        density_noise = float(options.get("density_noise", 0) or 0)
+        plane_layout = options.get("plane_layout", self.plane_layout)
+        check_choice(NAME, "options['plane_layout']", plane_layout, tuple(LAYOUTS))
+        det_importance = bool(options.get("det_importance", False))
+        ray_start, ray_end = _option(options, "ray_start"), _option(options, "ray_end")
+
+        with nvtx_range("head4d.render"):
+            with nvtx_range("head4d.render.coarse"):
+                if isinstance(ray_start, str) or isinstance(ray_end, str):
+                    if ray_start != ray_end or ray_start not in ("auto", "auto-plane"):
+                        raise ValueError(f"{NAME}: options['ray_start'] and options['ray_end'] must be numbers, "
+                                         f"both 'auto' or both 'auto-plane', got {ray_start!r} and {ray_end!r}")
+                    if ray_start == "auto":
+                        start, end = ray_box_limits(ray_origins, ray_directions, box_warp,
+                                                    invalid_end=options.get("invalid_end", "max_start"))
+                        default_jitter = "per_sample"
+                    else:
+                        camera = cam2world if cam2world is not None else options.get("cam2world")
+                        if camera is None:
+                            raise ValueError(f"{NAME}: ray_start = ray_end = 'auto-plane' needs the camera: pass "
+                                             f"cam2world=[N, 4, 4] or set options['cam2world']")
+                        check_tensor(NAME, "cam2world", camera, "[N, 4, 4]", 3)
+                        if camera.shape[0] != n:
+                            raise ValueError(f"{NAME}: cam2world has batch size {camera.shape[0]} but the rays "
+                                             f"have {n}; they must match")
+                        start, end = auto_plane_limits(camera.to(device=ray_origins.device, dtype=ray_origins.dtype),
+                                                       box_warp)
+                        default_jitter = "per_image"
+                    jitter = options.get("jitter", default_jitter)
+                    depths_coarse = stratified_depths(start, end, n_coarse, r, disparity=disparity, jitter=jitter,
+                                                      generator=generator)
+                else:
+                    for key, value in (("ray_start", ray_start), ("ray_end", ray_end)):
+                        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                            raise TypeError(f"{NAME}: options[{key!r}] must be a number, 'auto' or 'auto-plane', "
+                                            f"got {type(value).__name__}")
+                    jitter = options.get("jitter", "per_sample")
+                    depths_coarse = stratified_depths(float(ray_start), float(ray_end), n_coarse, r,
+                                                      disparity=disparity, jitter=jitter, generator=generator,
+                                                      batch_size=n, device=ray_origins.device,
+                                                      dtype=ray_origins.dtype)
+                colors_coarse, densities_coarse = _run_model(planes, decoder, ray_origins, ray_directions,
+                                                             depths_coarse, box_warp, plane_layout, density_noise,
+                                                             generator)
+
+            if n_fine > 0:
+                with nvtx_range("head4d.render.importance"):
+                    _, _, weights = composite_rays(colors_coarse, densities_coarse, depths_coarse)
+                    depths_fine = sample_importance(depths_coarse, weights, n_fine, det=det_importance,
+                                                    generator=generator)
+                with nvtx_range("head4d.render.fine"):
+                    colors_fine, densities_fine = _run_model(planes, decoder, ray_origins, ray_directions,
+                                                             depths_fine, box_warp, plane_layout, density_noise,
+                                                             generator)
+                    depths, colors, densities = merge_samples(depths_coarse, colors_coarse, densities_coarse,
+                                                              depths_fine, colors_fine, densities_fine)
+            else:
+                depths, colors, densities = depths_coarse, colors_coarse, densities_coarse
+
+            with nvtx_range("head4d.render.composite"):
+                if background is not None and isinstance(background, torch.Tensor):
+                    background = background.to(colors.dtype)
+                rgb, depth, weights = composite_rays(colors, densities, depths, white_back=white_back,
+                                                     background=background)
+            return rgb, depth, weights.sum(dim=2)
