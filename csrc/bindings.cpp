@@ -15,4 +15,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("points"), py::arg("scale"), py::arg("layout"), py::arg("reduce"),
         py::arg("need_grad_planes"), py::arg("need_grad_points"),
         "-> (grad_planes [N,3,C,H,W] or None, grad_points [N,M,3] or None).");
+  m.def("composite_rays_forward", &head4d::composite_rays_forward, py::arg("colors"), py::arg("densities"),
+        py::arg("depths"), py::arg("background"), py::arg("white_back"),
+        "colors [N,R,S,C], densities/depths [N,R,S,1], background [N,R,C] or None -> "
+        "[rgb [N,R,C], depth [N,R,1], weights [N,R,S-1,1], aux [N,R,4]].");
+  m.def("composite_rays_backward", &head4d::composite_rays_backward, py::arg("grad_rgb"), py::arg("grad_depth"),
+        py::arg("grad_weights"), py::arg("colors"), py::arg("densities"), py::arg("depths"),
+        py::arg("background"), py::arg("white_back"), py::arg("aux"),
+        "-> [grad_colors, grad_densities, grad_depths, grad_background or None].");
 }

@@ -5,6 +5,9 @@
 // compile and compile with plain nvcc.
 #pragma once
 
+#include <cstdint>
+#include <functional>
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HEAD4D_HD __host__ __device__ __forceinline__
 #else
@@ -17,5 +20,11 @@ namespace head4d {
 // onto these, the launchers map them onto the storage type of each side
 // (c10::Half on the CPU, __half on the GPU, ...).
 enum class Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+// Runs fn(begin, end) over [0, n) on the host's thread pool, in chunks of at least
+// `grain`. The host files pass ATen's parallel_for (host_utils.h); the CPU kernels
+// take it as an argument so that they need no torch header.
+using ParallelFor = std::function<void(int64_t n, int64_t grain,
+                                       const std::function<void(int64_t, int64_t)>& fn)>;
 
 }  // namespace head4d

@@ -178,16 +178,17 @@ def test_composite_errors():
     with pytest.raises(ValueError, match="background must have shape \\[N, R, C\\] = \\[1, 2, 3\\]"):
         composite_rays(c, s, t, background=torch.zeros(1, 2, 4))
     with pytest.raises(RuntimeError, match="not implemented for this op"):
-        composite_rays(c, s, t, backend="cpu")
+        composite_rays(c, s, t, backend="triton")  # it has cpu, cuda and torch
 
 
 def test_reference_only_backend_selection(monkeypatch):
     c, s = torch.rand(1, 2, 4, 3), torch.zeros(1, 2, 4, 1)
     t = torch.linspace(1, 2, 4).reshape(1, 1, 4, 1).repeat(1, 2, 1, 1)
     ref = composite_rays(c, s, t, backend="torch")
-    monkeypatch.setenv("HEAD4D_BACKEND", "cpu")  # a process-wide choice: ops without it run the reference
+    # composite_rays has cpu / cuda / torch but no triton backend
+    monkeypatch.setenv("HEAD4D_BACKEND", "triton")  # a process-wide choice: ops without it run the reference
     assert torch.equal(composite_rays(c, s, t)[0], ref[0])
-    monkeypatch.setenv("HEAD4D_BACKEND_COMPOSITE_RAYS", "cpu")  # asked for this op by name: an error
+    monkeypatch.setenv("HEAD4D_BACKEND_COMPOSITE_RAYS", "triton")  # asked for this op by name: an error
     with pytest.raises(RuntimeError, match="HEAD4D_BACKEND_COMPOSITE_RAYS"):
         composite_rays(c, s, t)
 

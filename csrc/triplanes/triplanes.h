@@ -19,10 +19,6 @@ enum Layout : int { kPortrait4D = 0, kEG3D = 1 };
 // How the three planes' features are combined.
 enum Reduce : int { kMean = 0, kSum = 1, kNone = 2 };
 
-// Runs fn(begin, end) over [0, n) on the host's thread pool, in chunks of at least `grain`.
-using ParallelFor = std::function<void(int64_t n, int64_t grain,
-                                       const std::function<void(int64_t, int64_t)>& fn)>;
-
 struct ForwardArgs {
   const void* planes;  // [N, 3, H, W, C] channels-last, contiguous, `dtype`
   const void* points;  // [N, M, 3] contiguous, float64 if dtype is float64 else float32

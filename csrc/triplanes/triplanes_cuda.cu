@@ -23,6 +23,7 @@
 #include <string>
 #include <type_traits>
 
+#include "../cuda_storage.cuh"
 #include "triplanes.h"
 #include "triplanes_math.h"
 
@@ -31,34 +32,6 @@ namespace triplanes {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T>
-struct Storage;  // conversions between a storage type and its accumulation type
-
-template <>
-struct Storage<float> {
-  using acc = float;
-  __device__ __forceinline__ static float load(float x) { return x; }
-  __device__ __forceinline__ static float store(float x) { return x; }
-};
-template <>
-struct Storage<double> {
-  using acc = double;
-  __device__ __forceinline__ static double load(double x) { return x; }
-  __device__ __forceinline__ static double store(double x) { return x; }
-};
-template <>
-struct Storage<__half> {
-  using acc = float;
-  __device__ __forceinline__ static float load(__half x) { return __half2float(x); }
-  __device__ __forceinline__ static __half store(float x) { return __float2half_rn(x); }
-};
-template <>
-struct Storage<__nv_bfloat16> {
-  using acc = float;
-  __device__ __forceinline__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ __forceinline__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
-};
 
 // VEC elements of T at p (16-byte aligned when VEC * sizeof(T) == 16), widened.
 template <typename T, int VEC>

@@ -9,28 +9,12 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "../host_utils.h"
 #include "../ops.h"
 #include "triplanes.h"
 
 namespace head4d {
 namespace {
-
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kDouble: return Dtype::kFloat64;
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "sample_triplanes: planes must be float16, bfloat16, float32 or float64, got ",
-                       t.scalar_type());
-  }
-  return Dtype::kFloat32;
-}
-
-at::ScalarType accumulate_type(const at::Tensor& planes) {
-  return planes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 void check_inputs(const at::Tensor& planes, const at::Tensor& points, int64_t layout, int64_t reduce) {
   TORCH_CHECK_VALUE(planes.dim() == 5 && planes.size(1) == 3,
@@ -49,12 +33,6 @@ void check_inputs(const at::Tensor& planes, const at::Tensor& points, int64_t la
                     reduce);
   TORCH_CHECK_VALUE(planes.size(2) <= INT32_MAX && planes.size(3) <= INT32_MAX && planes.size(4) <= INT32_MAX,
                     "sample_triplanes: plane sizes must fit in 32 bits");
-}
-
-triplanes::ParallelFor host_parallel_for() {
-  return [](int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-    at::parallel_for(0, n, grain, fn);
-  };
 }
 
 // [N, 3, C, H, W] -> a contiguous [N, 3, H, W, C]; free when planes are channels-last
@@ -91,7 +69,7 @@ at::Tensor sample_triplanes_forward(const at::Tensor& planes, const at::Tensor& 
   if (out.numel() == 0) return out;
 
   triplanes::ForwardArgs args{planes_cl.data_ptr(), pts.data_ptr(), out.data_ptr(), N, M, C, H, W,
-                              scale, static_cast<int>(layout), static_cast<int>(reduce), dtype_of(planes)};
+                              scale, static_cast<int>(layout), static_cast<int>(reduce), kernel_dtype(planes, "sample_triplanes", "planes")};
   if (planes.is_cuda()) {
 #ifdef HEAD4D_WITH_CUDA
     const c10::cuda::CUDAGuard guard(planes.device());
@@ -135,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> sample_triplanes_backward(const at::Tensor& g
                                  need_grad_planes ? grad_planes_cl.data_ptr() : nullptr,
                                  need_grad_points ? grad_points_acc.data_ptr() : nullptr,
                                  N, M, C, H, W, scale, static_cast<int>(layout), static_cast<int>(reduce),
-                                 dtype_of(planes)};
+                                 kernel_dtype(planes, "sample_triplanes", "planes")};
     if (planes.is_cuda()) {
 #ifdef HEAD4D_WITH_CUDA
       const c10::cuda::CUDAGuard guard(planes.device());

@@ -1,0 +1,205 @@
+// CPU kernels of volume compositing. The per-interval math is compositing_math.h,
+// the same functions the CUDA kernels call.
+//
+// Forward: one task per ray, a single pass over its S samples carrying the
+// transmittance; the channel sums accumulate in a small per-task buffer.
+// Backward: one task per ray, one reverse pass over the samples that recovers T_k from
+// the final transmittance the forward saved, carries U_k (compositing_math.h) and
+// writes every sample's gradients.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "compositing.h"
+#include "compositing_math.h"
+
+namespace head4d {
+namespace compositing {
+namespace {
+
+// g . x over C channels with 8 independent partial sums (vectorizes; the order of a
+// float sum is otherwise fixed and serial).
+template <typename scalar_t, typename A>
+A dot(const A* g, const scalar_t* x, int64_t C) {
+  A part[8] = {A(0), A(0), A(0), A(0), A(0), A(0), A(0), A(0)};
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (int j = 0; j < 8; ++j) part[j] += g[c + j] * static_cast<A>(x[c + j]);
+  }
+  A sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; c < C; ++c) sum += g[c] * static_cast<A>(x[c]);
+  return sum;
+}
+
+template <typename scalar_t, typename A>
+void forward_impl(const ForwardArgs& a, const ParallelFor& parallel_for) {
+  const auto* colors = static_cast<const scalar_t*>(a.colors);
+  const auto* densities = static_cast<const scalar_t*>(a.densities);
+  const auto* depths = static_cast<const scalar_t*>(a.depths);
+  const auto* background = static_cast<const scalar_t*>(a.background);
+  auto* rgb = static_cast<scalar_t*>(a.rgb);
+  auto* depth = static_cast<scalar_t*>(a.depth);
+  auto* weights = static_cast<scalar_t*>(a.weights);
+  auto* aux = static_cast<A*>(a.aux);
+  const int64_t S = a.S, C = a.C;
+  const A lo = *static_cast<const A*>(a.depth_min), hi = *static_cast<const A*>(a.depth_max);
+  const int64_t grain = std::max<int64_t>(1, 4096 / (S * (C + 2)));
+
+  parallel_for(a.rays, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc(static_cast<size_t>(C));
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* col = colors + r * S * C;
+      const scalar_t* dens = densities + r * S;
+      const scalar_t* dep = depths + r * S;
+      std::fill(acc.begin(), acc.end(), A(0));
+      A trans = A(1), total = A(0), dsum = A(0);
+      ScaledTransmittance<A> scaled;  // the same product, for the backward's reverse scan
+      A s0 = static_cast<A>(dens[0]), t0 = static_cast<A>(dep[0]);
+      for (int64_t k = 0; k + 1 < S; ++k) {
+        const A s1 = static_cast<A>(dens[k + 1]), t1 = static_cast<A>(dep[k + 1]);
+        const Interval<A> iv = make_interval(s0, s1, t0, t1);
+        const A w = iv.alpha * trans;
+        trans = trans * iv.keep;
+        scaled.multiply(iv.keep);
+        weights[r * (S - 1) + k] = static_cast<scalar_t>(w);
+        total += w;
+        dsum += w * midpoint(t0, t1);
+        const scalar_t* c0 = col + k * C;
+        const scalar_t* c1 = c0 + C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += w * midpoint(static_cast<A>(c0[c]), static_cast<A>(c1[c]));
+        s0 = s1;
+        t0 = t1;
+      }
+      const A raw = dsum / total;
+      aux[r * kAux + 0] = total;
+      aux[r * kAux + 1] = raw;
+      aux[r * kAux + 2] = scaled.m;
+      aux[r * kAux + 3] = static_cast<A>(scaled.e);
+      depth[r] = static_cast<scalar_t>(final_depth(raw, lo, hi));
+      for (int64_t c = 0; c < C; ++c) {
+        const A bg = a.background_mode == kTensor ? static_cast<A>(background[r * C + c]) : A(0);
+        rgb[r * C + c] = static_cast<scalar_t>(final_rgb(acc[c], total, a.background_mode, bg));
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename A>
+void backward_impl(const BackwardArgs& a, const ParallelFor& parallel_for) {
+  const auto* grad_rgb = static_cast<const A*>(a.grad_rgb);
+  const auto* grad_depth = static_cast<const A*>(a.grad_depth);
+  const auto* grad_weights = static_cast<const A*>(a.grad_weights);
+  const auto* colors = static_cast<const scalar_t*>(a.colors);
+  const auto* densities = static_cast<const scalar_t*>(a.densities);
+  const auto* depths = static_cast<const scalar_t*>(a.depths);
+  const auto* background = static_cast<const scalar_t*>(a.background);
+  const auto* aux = static_cast<const A*>(a.aux);
+  auto* grad_colors = static_cast<A*>(a.grad_colors);
+  auto* grad_densities = static_cast<A*>(a.grad_densities);
+  auto* grad_depths = static_cast<A*>(a.grad_depths);
+  auto* grad_background = static_cast<A*>(a.grad_background);
+  const int64_t S = a.S, C = a.C;
+  const A lo = *static_cast<const A*>(a.depth_min), hi = *static_cast<const A*>(a.depth_max);
+  const int64_t grain = std::max<int64_t>(1, 4096 / (S * (C + 2)));
+
+  parallel_for(a.rays, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* col = colors + r * S * C;
+      const scalar_t* dens = densities + r * S;
+      const scalar_t* dep = depths + r * S;
+      const A* g = grad_rgb + r * C;
+      const A total = aux[r * kAux + 0], raw = aux[r * kAux + 1];
+
+      A g_bg = A(0);  // g . background
+      for (int64_t c = 0; c < C; ++c) {
+        if (a.background_mode == kWhite) g_bg += g[c];
+        else if (a.background_mode == kTensor) g_bg += g[c] * static_cast<A>(background[r * C + c]);
+      }
+      if (grad_background != nullptr) {
+        for (int64_t c = 0; c < C; ++c) grad_background[r * C + c] = A(2) * g[c] * (A(1) - total);
+      }
+      const A dcoef = depth_coefficient(grad_depth != nullptr, grad_depth ? grad_depth[r] : A(0), raw, total,
+                                        lo, hi);
+      const A* gw = grad_weights ? grad_weights + r * (S - 1) : nullptr;
+
+      // the final transmittance, as the forward left it
+      ScaledTransmittance<A> trans;
+      trans.m = aux[r * kAux + 2];
+      trans.e = static_cast<int>(aux[r * kAux + 3]);
+
+      // reverse scan; "next" is interval k + 1
+      A* gc = grad_colors + r * S * C;
+      A* gs = grad_densities + r * S;
+      A* gt = grad_depths + r * S;
+      A U = A(0);
+      A w_next = A(0), gz_next = A(0), gtm_next = A(0), gdelta_next = A(0);
+      A s1 = static_cast<A>(dens[S - 1]), t1 = static_cast<A>(dep[S - 1]);
+      A p1 = dot(g, col + (S - 1) * C, C);  // g . c[k + 1]
+      for (int64_t k = S - 2; k >= 0; --k) {
+        const A s0 = static_cast<A>(dens[k]), t0 = static_cast<A>(dep[k]);
+        const scalar_t* c0 = col + k * C;
+        const A p0 = dot(g, c0, C);
+        const Interval<A> iv = make_interval(s0, s1, t0, t1);
+        trans.divide(iv.keep);
+        const A T = trans.value();
+        const A w = iv.alpha * T;
+        A e = A(2) * (midpoint(p0, p1) - g_bg) + depth_term(dcoef, midpoint(t0, t1), raw);
+        if (gw != nullptr) e += gw[k];
+        const A g_alpha = T * (e - U);
+        U = e * iv.alpha + iv.keep * U;
+        const A g_x = g_alpha * iv.decay;  // x = sigma * delta, alpha = 1 - exp(-x)
+        const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
+        const A gdelta = g_x * iv.sigma;
+        const A gtm = dcoef * w;
+        // sample k + 1 gets half of intervals k and k + 1 through the midpoints
+        gs[k + 1] = (gz + gz_next) / A(2);
+        gt[k + 1] = (gtm + gtm_next) / A(2) + gdelta - gdelta_next;
+        A* gck = gc + (k + 1) * C;
+        const A wsum = w + w_next;
+        for (int64_t c = 0; c < C; ++c) gck[c] = wsum * g[c];
+        w_next = w;
+        gz_next = gz;
+        gtm_next = gtm;
+        gdelta_next = gdelta;
+        s1 = s0;
+        t1 = t0;
+        p1 = p0;
+      }
+      gs[0] = gz_next / A(2);
+      gt[0] = gtm_next / A(2) - gdelta_next;
+      for (int64_t c = 0; c < C; ++c) gc[c] = w_next * g[c];
+    }
+  });
+}
+
+}  // namespace
+
+void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
+  if (args.rays == 0) return;
+  switch (args.dtype) {
+    case Dtype::kFloat32: return forward_impl<float, float>(args, parallel_for);
+    case Dtype::kFloat64: return forward_impl<double, double>(args, parallel_for);
+    case Dtype::kFloat16: return forward_impl<c10::Half, float>(args, parallel_for);
+    case Dtype::kBFloat16: return forward_impl<c10::BFloat16, float>(args, parallel_for);
+  }
+  throw std::invalid_argument("composite_rays: unsupported dtype");
+}
+
+void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for) {
+  if (args.rays == 0) return;
+  switch (args.dtype) {
+    case Dtype::kFloat32: return backward_impl<float, float>(args, parallel_for);
+    case Dtype::kFloat64: return backward_impl<double, double>(args, parallel_for);
+    case Dtype::kFloat16: return backward_impl<c10::Half, float>(args, parallel_for);
+    case Dtype::kBFloat16: return backward_impl<c10::BFloat16, float>(args, parallel_for);
+  }
+  throw std::invalid_argument("composite_rays: unsupported dtype");
+}
+
+}  // namespace compositing
+}  // namespace head4d
