@@ -3,11 +3,11 @@
 ``import head4d`` never compiles anything; a missing compiled extension makes the
 ops fall back to their plain-PyTorch references with a one-time warning.
 """
-from . import ops, reference
+from . import head, ops, reference
 from ._backend import BACKENDS, available_backends, extension_has_cuda
 from .ops import sample_triplanes
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "available_backends", "extension_has_cuda", "ops", "reference",
+__all__ = ["BACKENDS", "available_backends", "extension_has_cuda", "head", "ops", "reference",
            "sample_triplanes", "__version__"]
