@@ -1,8 +1,13 @@
 """Depth samples along rays: ``stratified_depths``, ``sample_importance``, ``merge_samples``.
 
 Where things live:
-    reference   head4d/reference/sampling.py   (the ``torch`` backend, the only one so far)
-    tests       tests/test_rendering.py
+    reference   head4d/reference/sampling.py   (the ``torch`` backend)
+    C++ / CUDA  csrc/sampling/                 (``cpu`` and ``cuda`` backends of ``sample_importance``)
+    tests       tests/test_rendering.py, tests/test_importance_kernels.py
+    benchmark   head4d/bench.py (``sample_importance`` cases)
+
+``stratified_depths`` and ``merge_samples`` have only the reference: they are a few
+elementwise ops and a sort, composed in PyTorch on purpose.
 """
 from __future__ import annotations
 
@@ -12,16 +17,22 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .. import _backend
 from .._checks import FLOATING, check_choice, check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import sampling as _reference
 from ._common import check_bool, check_generator, check_int, check_same_dtype, resolve_implemented
 
-#: Backend preference per device type. Only the reference exists so far.
+#: Backend preference per device type, fastest first (of the ops here, only
+#: ``sample_importance`` has compiled backends; the others run the reference).
 PREFERENCES = {
-    "cpu": ("torch",),
-    "cuda": ("torch",),
+    "cpu": ("cpu", "torch"),
+    "cuda": ("cuda", "torch"),
 }
+
+#: The backends of ``sample_importance`` (``stratified_depths`` and ``merge_samples``
+#: have only ``torch``).
+IMPLEMENTED = ("cpu", "cuda", "torch")
 
 JITTERS = ("per_sample", "per_image", "none")
 
@@ -145,7 +156,14 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     So samples lie within ``[bins[0], bins[S-3]]``; the last midpoint is never used
     (EG3D's indexing). The result is not sorted. No gradient flows (inputs are
     detached, the computation runs under ``torch.no_grad``). EG3D smooths in
-    float32; here float64 inputs stay float64.
+    float32; here float64 inputs stay float64 (float16 / bfloat16 compute in float32).
+
+    Every backend draws ``u`` the same way (one ``torch.rand`` as above, from
+    ``generator`` or the global generator), so for the same generator state the
+    compiled backends (``cpu``, ``cuda``) agree with the reference to float32
+    rounding: their sum of the weights is accumulated in float64 (torch's in float32,
+    in its own order) and their cumsum sequentially in float64 (as torch's on the
+    CPU), which can move a CDF value by an ulp (csrc/sampling/importance_math.h).
 
     Args:
         depths: ``[N, R, S, 1]`` floating point, S >= 4.
@@ -153,7 +171,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
         n_importance: number of fine samples per ray, >= 1.
         det: deterministic ``u`` (EG3D's renderer always samples randomly).
         generator: a ``torch.Generator`` or None (the global generator).
-        backend: ``None``/``"auto"`` or ``"torch"``.
+        backend: ``"cuda"`` (CUDA tensors), ``"cpu"`` (CPU tensors), ``"torch"`` (the
+            reference) or ``None``/``"auto"`` (the fastest available).
 
     Returns:
         ``[N, R, n_importance, 1]`` in ``depths.dtype``.
@@ -175,9 +194,26 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     n_importance = check_int(op, "n_importance", n_importance, 1)
     check_bool(op, "det", det)
     check_generator(op, generator)
-    resolve_implemented(op, device, backend, PREFERENCES)
+    chosen = resolve_implemented(op, device, backend, PREFERENCES, IMPLEMENTED)
     with nvtx_range("head4d.sample_importance"):
-        return _reference.sample_importance(depths, weights, n_importance, det, generator)
+        if chosen == "torch":
+            return _reference.sample_importance(depths, weights, n_importance, det, generator)
+        return _sample_importance_compiled(depths, weights, n_importance, det, generator)
+
+
+def _sample_importance_compiled(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool,
+                                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``sample_importance`` on ``head4d._C`` (``cpu`` / ``cuda``). ``u`` is made here
+    exactly as the reference makes it (same shape, dtype, generator and call), so the
+    random stream advances identically and the kernel sees the reference's numbers."""
+    with torch.no_grad():
+        compute = _reference._compute(depths.dtype)
+        n, r = depths.shape[:2]
+        if det:  # one row shared by all rays
+            u = torch.linspace(0, 1, n_importance, dtype=compute, device=depths.device)
+        else:
+            u = _reference._uniform((n * r, n_importance), generator, depths.device, compute)
+        return _backend.extension().sample_importance(depths.detach(), weights.detach(), u)
 
 
 def merge_samples(depths_a: torch.Tensor, colors_a: torch.Tensor, densities_a: torch.Tensor,

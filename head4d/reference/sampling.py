@@ -164,6 +164,14 @@ def merge_samples(depths_a: torch.Tensor, colors_a: torch.Tensor, densities_a: t
     colors = torch.cat([colors_a, colors_b], dim=-2)
     densities = torch.cat([densities_a, densities_b], dim=-2)
     order = torch.sort(depths.detach(), dim=-2, stable=True).indices
-    return (depths.gather(-2, order),
-            colors.gather(-2, order.expand(-1, -1, -1, colors.shape[-1])),
-            densities.gather(-2, order))
+    # Move each sample to its rank with a scatter rather than gathering by `order`: the
+    # same values, but autograd keeps only the (int64, one per sample) index, where a
+    # gather would keep the whole concatenated tensor (N*R*S*C colors) for its backward.
+    rank = torch.empty_like(order).scatter_(-2, order, torch.arange(order.shape[-2], device=order.device)
+                                            .view(1, 1, -1, 1).expand_as(order))
+
+    def permute(t: torch.Tensor) -> torch.Tensor:
+        index = rank.expand(-1, -1, -1, t.shape[-1])
+        return torch.zeros((), dtype=t.dtype, device=t.device).expand_as(t).scatter(-2, index, t)
+
+    return permute(depths), permute(colors), permute(densities)

@@ -21,7 +21,7 @@ keys carry the prefix ``decoder.``. Parameters are stored as StyleGAN2 stores th
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,12 @@ class FullyConnectedLayer(nn.Module):
         if self.bias_gain != 1:
             b = b * self.bias_gain
         return F.linear(x, w, b)
+
+    def effective_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(weight * weight_gain, bias * bias_gain)`` in the parameters' dtype: what
+        :meth:`forward` multiplies with (differentiable)."""
+        bias = self.bias * self.bias_gain if self.bias_gain != 1 else self.bias
+        return self.weight * self.weight_gain, bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, lr_multiplier={self.lr_multiplier}"
@@ -169,6 +175,21 @@ class TriplaneDecoder(nn.Module):
                 sigma, raw_rgb = self.out_sigma(x), self.out_rgb(x)
             rgb = torch.sigmoid(raw_rgb) * (1 + 2 * 0.001) - 0.001
             return {"rgb": rgb, "sigma": sigma}
+
+    def effective_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MLP's weights as :meth:`forward` uses them, StyleGAN2's gains applied:
+        ``(weight1 [hidden, n_features], bias1 [hidden], weight2 [1 + out_features, hidden],
+        bias2 [1 + out_features])``, density first (for ``"portrait4d"``, ``weight2`` and
+        ``bias2`` are ``out_sigma``'s and ``out_rgb``'s concatenated). Differentiable with
+        respect to the parameters; what :func:`head4d.ops.decode_triplanes` takes."""
+        weight1, bias1 = self.net[0].effective_weights()
+        if self.variant == "eg3d":
+            weight2, bias2 = self.net[2].effective_weights()
+        else:
+            sigma_weight, sigma_bias = self.out_sigma.effective_weights()
+            rgb_weight, rgb_bias = self.out_rgb.effective_weights()
+            weight2, bias2 = torch.cat([sigma_weight, rgb_weight]), torch.cat([sigma_bias, rgb_bias])
+        return weight1, bias1, weight2, bias2
 
     def load_eg3d_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
                              prefix: Optional[str] = None):

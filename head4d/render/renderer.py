@@ -1,12 +1,23 @@
 """``TriplaneRenderer``: EG3D's ``ImportanceRenderer`` (with Portrait4D's options)
-composed from head4d's ops. Unfused: every stage is one op call.
+composed from head4d's ops, every stage one op call.
+
+Two ways to decode the sample points (step 2 below), with the same results:
+
+* fused (the default when the decoder is a :class:`~head4d.render.TriplaneDecoder` and a
+  compiled :func:`~head4d.ops.decode_triplanes` backend runs on the device): one op
+  samples the planes and runs the decoder MLP per point, writing only colors and
+  densities and keeping only its inputs for the backward;
+* unfused (the reference, and the fallback for any other decoder):
+  :func:`~head4d.ops.sample_triplanes` -> ``decoder``, which materializes the
+  per-sample features and the MLP's activations (and autograd keeps them).
 
 Pipeline per call (the random numbers are drawn in this order, all from
 ``generator`` when one is given):
 
 1. coarse depths ``[N, R, S, 1]`` (:func:`~head4d.ops.stratified_depths`; jitter);
 2. points ``o + t * d`` -> :func:`~head4d.ops.sample_triplanes` (mean over planes)
-   -> ``decoder`` -> colors and raw densities (+ Gaussian density noise);
+   -> ``decoder`` (or :func:`~head4d.ops.decode_triplanes`, fused) -> colors and raw
+   densities (+ Gaussian density noise);
 3. if ``depth_resolution_importance > 0``: :func:`~head4d.ops.composite_rays` for the
    weights, :func:`~head4d.ops.sample_importance` (its uniform numbers), decode the
    fine points (density noise again), :func:`~head4d.ops.merge_samples`;
@@ -22,11 +33,18 @@ from torch import nn
 
 from .._checks import check_choice, check_tensor
 from .._nvtx import nvtx_range
-from ..ops import (auto_plane_limits, composite_rays, merge_samples, ray_box_limits, sample_importance,
-                   sample_triplanes, stratified_depths)
+from ..ops import (auto_plane_limits, composite_rays, decode_triplanes, merge_samples, ray_box_limits,
+                   sample_importance, sample_triplanes, stratified_depths)
+from ..ops import decoding as _decoding
 from ..ops.triplanes import LAYOUTS
+from .decoder import TriplaneDecoder
 
 NAME = "TriplaneRenderer"
+
+
+def _check_fused(name: str, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{NAME}: {name} must be None (auto), True or False, got {value!r}")
 
 
 def _option(options: Mapping, key: str):
@@ -35,20 +53,38 @@ def _option(options: Mapping, key: str):
     return options[key]
 
 
+def _fusable(decoder) -> bool:
+    """Whether ``decoder`` is exactly a :class:`TriplaneDecoder` computation that
+    :func:`~head4d.ops.decode_triplanes` reproduces (its own ``forward``, no hooks, sizes
+    the compiled kernels take)."""
+    return (isinstance(decoder, TriplaneDecoder) and type(decoder).forward is TriplaneDecoder.forward
+            and not decoder._forward_hooks and not decoder._forward_pre_hooks
+            and decoder.n_features <= _decoding.MAX_FEATURES and decoder.hidden <= _decoding.MAX_HIDDEN
+            and 1 + decoder.out_features <= _decoding.MAX_OUTPUTS)
+
+
 def _run_model(planes: torch.Tensor, decoder: Callable, origins: torch.Tensor, directions: torch.Tensor,
                depths: torch.Tensor, box_warp: float, plane_layout: str, density_noise: float,
-               generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, torch.Tensor]:
+               generator: Optional[torch.Generator],
+               fused_weights: Optional[Tuple[torch.Tensor, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decode the points ``origins + depths * directions``: colors ``[N, R, S, C]`` and
-    raw densities ``[N, R, S, 1]``, in ``depths.dtype`` (EG3D's ``run_model``)."""
+    raw densities ``[N, R, S, 1]``, in ``depths.dtype`` (EG3D's ``run_model``).
+
+    With ``fused_weights`` (the decoder's :meth:`~TriplaneDecoder.effective_weights`),
+    :func:`~head4d.ops.decode_triplanes` replaces ``sample_triplanes`` + ``decoder``."""
     n, r, s, _ = depths.shape
     points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(n, r * s, 3)
-    point_dirs = directions.unsqueeze(-2).expand(n, r, s, 3).reshape(n, r * s, 3)
-    features = sample_triplanes(planes, points, box_warp=box_warp, plane_layout=plane_layout, reduce="mean")
-    out = decoder(features, point_dirs)
-    if not isinstance(out, Mapping) or "rgb" not in out or "sigma" not in out:
-        raise TypeError(f"{NAME}: the decoder must return a dict with 'rgb' [N, M, C] and 'sigma' [N, M, 1], "
-                        f"got {type(out).__name__}")
-    rgb, sigma = out["rgb"], out["sigma"]
+    if fused_weights is not None:
+        rgb, sigma = decode_triplanes(planes, points, *fused_weights, box_warp=box_warp,
+                                      plane_layout=plane_layout)
+    else:
+        point_dirs = directions.unsqueeze(-2).expand(n, r, s, 3).reshape(n, r * s, 3)
+        features = sample_triplanes(planes, points, box_warp=box_warp, plane_layout=plane_layout, reduce="mean")
+        out = decoder(features, point_dirs)
+        if not isinstance(out, Mapping) or "rgb" not in out or "sigma" not in out:
+            raise TypeError(f"{NAME}: the decoder must return a dict with 'rgb' [N, M, C] and 'sigma' [N, M, 1], "
+                            f"got {type(out).__name__}")
+        rgb, sigma = out["rgb"], out["sigma"]
     if rgb.dim() != 3 or tuple(rgb.shape[:2]) != (n, r * s):
         raise ValueError(f"{NAME}: decoder 'rgb' must have shape [N, M, C] = [{n}, {r * s}, C], got {list(rgb.shape)}")
     if tuple(sigma.shape) != (n, r * s, 1):
@@ -71,6 +107,15 @@ class TriplaneRenderer(nn.Module):
         plane_layout: ``"eg3d"`` (planes (x, y), (x, z), (z, x): EG3D-family
             checkpoints) or ``"portrait4d"`` ((x, y), (y, z), (z, x)); ``options["plane_layout"]``
             overrides it per call.
+        fused: how the sample points are decoded; ``options["fused"]`` overrides it per call.
+            ``None`` (auto): fused (:func:`~head4d.ops.decode_triplanes`) when the decoder
+            is a plain :class:`~head4d.render.TriplaneDecoder` and a compiled
+            ``decode_triplanes`` backend (not the reference) runs on the planes' device,
+            else unfused. ``True``: fused (the decoder must be a ``TriplaneDecoder``).
+            ``False``: unfused, ``sample_triplanes`` then ``decoder`` (the reference).
+            Both give the same results to rounding; fused keeps far less memory for the
+            backward (only its inputs per pass instead of per-sample features and
+            activations).
 
     ``options`` (EG3D's ``rendering_kwargs``; unknown keys are ignored):
 
@@ -104,20 +149,38 @@ class TriplaneRenderer(nn.Module):
         Deterministic importance sampling (EG3D always samples randomly).
     ``invalid_end`` (default ``"max_start"``)
         For ``"auto"``: see :func:`~head4d.ops.ray_box_limits`.
+    ``fused`` (default: the constructor's)
+        ``None``, ``True`` or ``False``: see ``fused`` above.
 
-    The decoder is called as ``decoder(features [N, M, C_planes], directions [N, M, 3])``
+    Unfused, the decoder is called as ``decoder(features [N, M, C_planes], directions [N, M, 3])``
     with the plane features already averaged (``reduce="mean"``), and must return
     ``{"rgb": [N, M, C], "sigma": [N, M, 1]}`` (:class:`~head4d.render.TriplaneDecoder`
-    does). Its outputs are cast to the rays' dtype for compositing.
+    does). Fused, a ``TriplaneDecoder``'s :meth:`~head4d.render.TriplaneDecoder.effective_weights`
+    go to :func:`~head4d.ops.decode_triplanes` instead. The colors and densities are cast
+    to the rays' dtype for compositing.
     """
 
-    def __init__(self, plane_layout: str = "eg3d"):
+    def __init__(self, plane_layout: str = "eg3d", fused: Optional[bool] = None):
         super().__init__()
         check_choice(NAME, "plane_layout", plane_layout, tuple(LAYOUTS))
+        _check_fused("fused", fused)
         self.plane_layout = plane_layout
+        self.fused = fused
 
     def extra_repr(self) -> str:
-        return f"plane_layout={self.plane_layout!r}"
+        return f"plane_layout={self.plane_layout!r}, fused={self.fused!r}"
+
+    def uses_fused(self, decoder: Callable, device: torch.device, fused: Optional[bool] = None) -> bool:
+        """Whether a call with this ``decoder`` on ``device`` decodes fused (``fused``:
+        the per-call override, as ``options["fused"]``; None means the constructor's)."""
+        if fused is None:
+            fused = self.fused
+        if fused is None:
+            return _fusable(decoder) and _decoding.resolve_backend(device) != "torch"
+        if fused and not isinstance(decoder, TriplaneDecoder):
+            raise TypeError(f"{NAME}: fused decoding needs a TriplaneDecoder (its MLP runs inside "
+                            f"decode_triplanes), got {type(decoder).__name__}; use fused=False or None")
+        return bool(fused)
 
     def forward(self, planes: torch.Tensor, decoder: Callable, ray_origins: torch.Tensor,
                 ray_directions: torch.Tensor, options: Mapping, *, background: Optional[torch.Tensor] = None,
@@ -167,6 +230,10 @@ class TriplaneRenderer(nn.Module):
         check_choice(NAME, "options['plane_layout']", plane_layout, tuple(LAYOUTS))
         det_importance = bool(options.get("det_importance", False))
         ray_start, ray_end = _option(options, "ray_start"), _option(options, "ray_end")
+        fused = options.get("fused", None)
+        _check_fused("options['fused']", fused)
+        device = planes.device if isinstance(planes, torch.Tensor) else ray_origins.device
+        fused_weights = decoder.effective_weights() if self.uses_fused(decoder, device, fused) else None
 
         with nvtx_range("head4d.render"):
             with nvtx_range("head4d.render.coarse"):
@@ -205,17 +272,20 @@ class TriplaneRenderer(nn.Module):
                                                       dtype=ray_origins.dtype)
                 colors_coarse, densities_coarse = _run_model(planes, decoder, ray_origins, ray_directions,
                                                              depths_coarse, box_warp, plane_layout, density_noise,
-                                                             generator)
+                                                             generator, fused_weights)
 
             if n_fine > 0:
                 with nvtx_range("head4d.render.importance"):
-                    _, _, weights = composite_rays(colors_coarse, densities_coarse, depths_coarse)
+                    # the weights only place the fine samples (no gradient flows through
+                    # them): nothing of this composite is kept for the backward
+                    with torch.no_grad():
+                        _, _, weights = composite_rays(colors_coarse, densities_coarse, depths_coarse)
                     depths_fine = sample_importance(depths_coarse, weights, n_fine, det=det_importance,
                                                     generator=generator)
                 with nvtx_range("head4d.render.fine"):
                     colors_fine, densities_fine = _run_model(planes, decoder, ray_origins, ray_directions,
                                                              depths_fine, box_warp, plane_layout, density_noise,
-                                                             generator)
+                                                             generator, fused_weights)
                     depths, colors, densities = merge_samples(depths_coarse, colors_coarse, densities_coarse,
                                                               depths_fine, colors_fine, densities_fine)
             else:
