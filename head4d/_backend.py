@@ -12,6 +12,9 @@ Every op in :mod:`head4d.ops` runs on one of four backends:
     Triton kernels in :mod:`head4d.kernels` (CUDA tensors, or CPU tensors when
     ``TRITON_INTERPRET=1`` is set, which is how the tests exercise them).
 
+An op may have a peer too (:data:`PEER_BACKENDS`): ``attention`` has ``sdpa``,
+PyTorch's ``scaled_dot_product_attention``, the implementation it is measured against.
+
 How one is chosen, first match wins:
 
 1. the op's ``backend=`` argument;
@@ -39,6 +42,12 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
+
+#: Backends that only some ops have, each op naming its own in ``resolve(extra=...)``:
+#: ``sdpa`` is PyTorch's ``scaled_dot_product_attention`` (``attention``'s peer).
+#: ``HEAD4D_BACKEND`` set to one of them applies to the ops that have it; the others
+#: ignore it (their default applies).
+PEER_BACKENDS: Tuple[str, ...] = ("sdpa",)
 
 BUILD_HINT = (
     "Build it from a source checkout with `pip install --no-build-isolation -e .` "
@@ -117,12 +126,18 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device}"
         return None
-    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+    if backend == "sdpa":
+        if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+            return "this torch has no torch.nn.functional.scaled_dot_product_attention (torch >= 2.1 needed)"
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS + PEER_BACKENDS}"
 
 
 def resolve(op: str, device: torch.device, requested: Optional[str],
-            preferences: Dict[str, Sequence[str]]) -> str:
-    """Pick the backend for one call of ``op`` on tensors living on ``device``."""
+            preferences: Dict[str, Sequence[str]], extra: Sequence[str] = ()) -> str:
+    """Pick the backend for one call of ``op`` on tensors living on ``device``;
+    ``extra`` names the op's backends beyond :data:`BACKENDS` (from :data:`PEER_BACKENDS`)."""
+    known = BACKENDS + tuple(extra)
     choice = requested
     source = "backend="
     if choice is None or choice == "auto":
@@ -132,9 +147,11 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
         if choice is None or choice == "auto":
             choice = os.environ.get("HEAD4D_BACKEND") or None
             source = "HEAD4D_BACKEND"
+            if choice in PEER_BACKENDS and choice not in known:
+                choice = None  # another op's peer: this op keeps its default
     if choice is not None and choice != "auto":
-        if choice not in BACKENDS:
-            raise ValueError(f"{op}: {source} must be one of {BACKENDS} or 'auto', got {choice!r}")
+        if choice not in known:
+            raise ValueError(f"{op}: {source} must be one of {known} or 'auto', got {choice!r}")
         reason = unavailable_reason(choice, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")

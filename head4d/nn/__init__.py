@@ -1,0 +1,38 @@
+"""``head4d.nn``: the transformer blocks of Portrait4D's reconstructor, built on
+:func:`head4d.ops.attention` (facts: ``../shared/design/portrait4d.md``, section C).
+
+- :class:`PatchEmbed`: 3x3 stride-2 conv + LayerNorm, a feature map to tokens
+  ``[B, h*w, dim]`` and the grid ``(h, w)``.
+- :class:`MotionTokens`: a motion vector ``[B, 548]`` through 2 x (Linear, LeakyReLU)
+  and a Linear to ``[B, 64, 1024]`` motion tokens.
+- :class:`Attention`: self-attention over a token grid, optional spatial reduction (``sr_ratio``).
+- :class:`CrossAttention`: tokens to motion tokens, output projection zero at init.
+- :class:`MixFFN`: Linear, depthwise 3x3 conv over the grid, GELU, Linear.
+- :class:`TransformerBlock`: ``x += scale * cross(LN(x), motion); x += attn(LN(x)); x += mlp(LN(x))``.
+- :mod:`head4d.nn.upstream`: renames the released reconstructor's parameters to these modules'.
+
+Tokens are ``[B, L, C]`` in row-major grid order (token ``i * w + j`` at row ``i``,
+column ``j``); modules that need the grid take ``h, w`` in ``forward``. Every module
+call opens the NVTX range ``head4d.nn.<Module>``; bad input raises ``TypeError`` /
+``ValueError`` starting with ``head4d.nn.<Module>:``. The attention backend is each
+attention module's ``backend`` attribute (constructor argument ``backend=``;
+:func:`set_attention_backend` sets it on a whole model).
+
+Portrait4D's shapes::
+
+    embed = PatchEmbed(256, 1024)                       # 64x64 global features -> 32x32 tokens
+    source_motion, driver_motion = MotionTokens(), MotionTokens()
+    blocks = [TransformerBlock(1024, 4, context_dim=1024, mlp_ratio=2) for _ in range(8)]
+    x, (h, w) = embed(features)                         # [B, 1024, 1024], (32, 32)
+    y_src, y_drv = source_motion(m_source), driver_motion(m_driver)   # [B, 64, 1024] each
+    for i, blk in enumerate(blocks):                    # 4 canonicalization, then 4 re-enactment
+        x = blk(x, h, w, y_src if i < 4 else y_drv, scale)   # scale: [B] motion scale, 0 = static
+    decoder_block = TransformerBlock(1024, 2, mlp_ratio=2, sr_ratio=2)   # 128x128 tokens
+"""
+from .attention import Attention, CrossAttention, set_attention_backend
+from .blocks import MixFFN, TransformerBlock
+from .embed import FLAME_MOTION_DIM, MOTION_DIM, MotionTokens, PatchEmbed
+from . import upstream
+
+__all__ = ["Attention", "CrossAttention", "FLAME_MOTION_DIM", "MOTION_DIM", "MixFFN", "MotionTokens", "PatchEmbed",
+           "TransformerBlock", "set_attention_backend", "upstream"]

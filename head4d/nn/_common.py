@@ -1,0 +1,122 @@
+"""Helpers shared by the :mod:`head4d.nn` blocks: argument checks with clear errors,
+token <-> grid views, the NVTX range of a module and the weight initialization.
+
+Token layout (every block): ``[B, L, C]`` with ``L = h * w`` tokens in row-major grid
+order, token ``i * w + j`` at grid row ``i``, column ``j``; the same order as
+``feature_map.flatten(2).transpose(1, 2)`` of a ``[B, C, h, w]`` map.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .. import _nvtx
+from .._checks import FLOATING, check_tensor
+
+#: Input dtypes of the attention blocks (those of :func:`head4d.ops.attention`).
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def nvtx(module: nn.Module):
+    """The NVTX range ``head4d.nn.<ClassName>`` of one module call."""
+    return _nvtx.nvtx_range("head4d.nn." + type(module).__name__)
+
+
+def op_name(module_or_name) -> str:
+    """``head4d.nn.<ClassName>``: the prefix of every error a block raises."""
+    name = module_or_name if isinstance(module_or_name, str) else type(module_or_name).__name__
+    return "head4d.nn." + name
+
+
+def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
+    """A Python int (not a bool, a one-element integer tensor is accepted) >= ``minimum``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_positive_float(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{op}: {name} must be finite and positive, got {value}")
+    return value
+
+
+def check_head_dims(op: str, dim: int, num_heads: int) -> int:
+    """``dim`` split over ``num_heads`` heads of a size :func:`head4d.ops.attention` supports."""
+    from ..ops.attention import HEAD_DIMS  # the op's supported set, one source of truth
+    if dim % num_heads != 0:
+        raise ValueError(f"{op}: dim {dim} must be divisible by num_heads {num_heads}")
+    head_dim = dim // num_heads
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim {head_dim} (dim {dim} / num_heads {num_heads}) is not supported by "
+                         f"head4d.ops.attention; supported head dims: {HEAD_DIMS}")
+    return head_dim
+
+
+def check_grid(op: str, h, w) -> Tuple[int, int]:
+    return check_positive_int(op, "h", h), check_positive_int(op, "w", w)
+
+
+def check_tokens(op: str, name: str, x, dim: int, h: Optional[int] = None, w: Optional[int] = None,
+                 dtypes: Sequence[torch.dtype] = FLOATING) -> torch.Tensor:
+    """``x`` is ``[B, L, dim]`` (``L = h * w`` when a grid is given) of one of ``dtypes``."""
+    if h is None:
+        check_tensor(op, name, x, f"[B, L, {dim}]", 3, dtypes=dtypes)
+    else:
+        check_tensor(op, name, x, f"[B, h*w, {dim}] = [B, {h * w}, {dim}] for the grid (h, w) = ({h}, {w})",
+                     3, dtypes=dtypes)
+    if x.shape[2] != dim:
+        raise ValueError(f"{op}: {name} must have {dim} channels in its last dimension, got shape {list(x.shape)}")
+    if h is not None and x.shape[1] != h * w:
+        raise ValueError(f"{op}: {name} has {x.shape[1]} tokens (shape {list(x.shape)}) but the grid "
+                         f"(h, w) = ({h}, {w}) holds h * w = {h * w}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must hold at least one sample and one token, got shape {list(x.shape)}")
+    return x
+
+
+def tokens_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``[B, h*w, C]`` -> ``[B, C, h, w]`` as a channels-last view (no copy when ``x`` is contiguous)."""
+    b, _, c = x.shape
+    return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, h*w, C]`` (no copy for a channels-last map)."""
+    b, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+
+def init_linear(layer: nn.Linear, std: float = 0.02) -> None:
+    """Truncated normal weights (std ``std``, cut at 2 std), zero bias."""
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2.0 * std, b=2.0 * std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_conv(layer: nn.Conv2d) -> None:
+    """He normal over the fan-out, ``N(0, 2 / (k_h * k_w * out / groups))``, zero bias."""
+    fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels // layer.groups
+    nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / fan_out))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
+def init_layer_norm(layer: nn.LayerNorm) -> None:
+    if layer.weight is not None:
+        nn.init.ones_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
