@@ -89,6 +89,13 @@ def extension_kwargs():
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch's BuildExtension adds the C++ standard its headers need (C++17 or C++20).
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # ATen's parallel_for is an inline OpenMP loop when torch is built with OpenMP (the
+        # Linux wheels are): without -fopenmp here it would compile to a serial loop and
+        # every CPU kernel of head4d._C would run on one thread.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     define_macros = []
     if use_cuda:
@@ -111,6 +118,7 @@ def extension_kwargs():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -119,6 +127,7 @@ def extension_kwargs():
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     print(f"head4d: building head4d._C with{'' if use_cuda else 'out'} CUDA kernels "
           f"(torch {torch.__version__}, CUDA_HOME={cpp_extension.CUDA_HOME}, "
