@@ -8,7 +8,11 @@ reference and the fast backends timed in this one process) and compares each spe
 (reference median / backend median) with its floor in ``<baselines>/<device key>.json``:
 
     {"device": "...", "note": "how the floors were set",
-     "floors": {"sample_triplanes/fwd/<shape>/<backend>": 1.0, ...}}
+     "floors": {"sample_triplanes/fwd/<shape>/<backend>": 1.0, ...},
+     "memory_floors": {"render/fwd+bwd/<shape>/<backend>": 5.0, ...}}
+
+A memory floor bounds the row's memory ratio (the reference's peak memory over the
+backend's on CUDA, the bytes saved for the backward on the CPU) from below.
 
 Exit code 1 when a speedup is below its floor, a correctness check failed or a backend
 raised; and on the CPU when the floors name the ``cpu`` backend but the compiled
@@ -42,6 +46,28 @@ def suggest_floors(results) -> dict:
     """Floors from this run's speedups: ``min(1.0, MARGIN * speedup)``, two decimals."""
     return {r.key: round(min(1.0, MARGIN * r.speedup), 2) for r in results
             if r.status == "ok" and r.backend != bench.REFERENCE}
+
+
+def evaluate_memory(memory_floors: dict, results):
+    """One verdict per memory floor: the row's ``memory_ratio`` (the reference's peak, or
+    on the CPU its saved-for-backward bytes, over the backend's) must reach the floor.
+    Keys as for speedups; rows not measured here are skipped."""
+    by_key = {r.key: r for r in results}
+    checks = []
+    for key, floor in memory_floors.items():
+        r = by_key.get(key)
+        if r is None or r.status == "skip" or (r.status == "ok" and r.memory_ratio is None):
+            checks.append(dict(key=key + " [memory]", floor=floor, speedup=None, status="skip",
+                               why="not measured in this run"))
+        elif r.failed:
+            checks.append(dict(key=key + " [memory]", floor=floor, speedup=None, status="FAIL",
+                               why=f"{r.status}: {r.message}"))
+        else:
+            ok = r.memory_ratio >= floor
+            checks.append(dict(key=key + " [memory]", floor=floor, speedup=r.memory_ratio,
+                               status="pass" if ok else "FAIL",
+                               why="" if ok else f"memory ratio {r.memory_ratio:.2f} < floor {floor}"))
+    return checks
 
 
 def evaluate(floors: dict, results, device: torch.device):
@@ -131,6 +157,7 @@ def main(argv=None) -> int:
     suggested = suggest_floors(results)
     floors = baseline.get("floors", {}) if baseline else {}
     checks = evaluate(floors, results, device)
+    checks += evaluate_memory(baseline.get("memory_floors", {}) if baseline else {}, results)
     if checks:
         print_checks(checks)
     failed = [c for c in checks if c["status"] == "FAIL"]

@@ -83,6 +83,10 @@ class Case:
         backends: the fast backends to time on this case's device, fastest expected
             first (the reference is always timed too).
         passes: which of :data:`PASSES` to time.
+        tolerance: the correctness bound, when the dtype's default in :data:`TOLERANCE`
+            does not fit (a whole pipeline sums its rounding over many ops).
+        measure_memory: also measure, per backend, the bytes saved for the backward
+            and (CUDA) the peak memory of one ``fwd+bwd`` call (:func:`measure_memory`).
     """
 
     op: str
@@ -95,6 +99,12 @@ class Case:
     dtype: torch.dtype
     backends: Tuple[str, ...]
     passes: Tuple[str, ...] = PASSES
+    measure_memory: bool = False
+    tolerance: Optional[float] = None
+
+    def tol(self) -> float:
+        """The correctness bound: ``tolerance`` if set, else :data:`TOLERANCE` of the dtype."""
+        return TOLERANCE[self.dtype] if self.tolerance is None else self.tolerance
 
     def key(self, pass_: str, backend: str) -> str:
         """``op/pass/shape/backend``, the key of a result and of a gate floor."""
@@ -280,6 +290,565 @@ def _composite_case(n: int, r: int, s: int, c: int, dtype: torch.dtype, backends
 
 
 # ----------------------------------------------------------------------------------
+# sample_importance
+# ----------------------------------------------------------------------------------
+
+@register("sample_importance")
+def _sample_importance_cases(settings: Settings) -> List[Case]:
+    """EG3D's fine-sample draw: 48 coarse depths (stratified in ``[2.25, 3.3]``) and
+    their 47 compositing-like weights (``rand ** 4``) -> 48 fine depths per ray, random
+    ``u`` from a generator seeded the same for every backend (so outputs compare).
+    Forward only: the op has no gradient.
+
+    GPU: 64^2 and 128^2 rays, N = 1 and 4. CPU: 64^2 and 128^2 rays (quick: 32^2), N = 1.
+    """
+    from .ops import sampling
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    resolutions = (32,) if settings.quick and not cuda else (64,) if settings.quick else (64, 128)
+    backends = fast_backends(sampling.PREFERENCES, device)
+    return [_importance_case(n, res * res, 48, 48, backends) for n in batches for res in resolutions]
+
+
+def _importance_case(n: int, r: int, s: int, n_imp: int, backends: Tuple[str, ...]) -> Case:
+    from .ops import sample_importance
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        step = (3.3 - 2.25) / s
+        base = 2.25 + step * torch.arange(s, device=device, dtype=torch.float32).view(1, 1, s, 1)
+        depths = base + step * torch.rand(n, r, s, 1, generator=gen, device=device)
+        weights = torch.rand(n, r, s - 1, 1, generator=gen, device=device) ** 4
+        return {"depths": depths, "weights": weights}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        depths = inputs["depths"]
+        gen = torch.Generator(device=depths.device).manual_seed(1234)
+        return sample_importance(depths, inputs["weights"], n_imp, generator=gen, backend=backend)
+
+    k = s - 3
+    # depths and weights read, u written (torch.rand) and read back, the samples written
+    nbytes = n * r * (s + (s - 1) + 2 * n_imp + n_imp) * 4
+    # per ray: smoothing (2 max, 2 add, 1 div per bin) and the CDF (sum, div, cumsum) ~8 per
+    # bin; per sample: a binary search (~log2(K + 1) compares) and the interpolation (~10)
+    flops = n * r * (8 * k + n_imp * (10 + math.ceil(math.log2(k + 1))))
+    return Case(
+        op="sample_importance",
+        shape=f"N{n}_R{r}_S{s}_n{n_imp}_fp32",
+        make_inputs=make_inputs,
+        run=run,
+        grad_of=(),
+        nbytes={"fwd": nbytes},
+        flops={"fwd": flops},
+        dtype=torch.float32,
+        backends=backends,
+        passes=("fwd",),
+    )
+
+
+# ----------------------------------------------------------------------------------
+# decode_triplanes: triplane sampling + the decoder MLP, fused
+# ----------------------------------------------------------------------------------
+
+@register("decode_triplanes")
+def _decode_triplanes_cases(settings: Settings) -> List[Case]:
+    """Planes ``[N, 3, 32, 256, 256]``, EG3D's decoder sizes (32 -> 64 -> 1 + 32), random
+    effective weights, points uniform in ``[-0.52, 0.52]^3`` (about 89% inside the cube).
+
+    GPU: 64^2 and 128^2 rays x 96 points per image (393,216 and 1,572,864 points),
+    N = 1 and 4, fp32 planes plus bf16 planes. CPU: 64 x 64 x 24 = 98,304 points
+    (quick: 16,384), N = 1, fp32. The timed output is ``cat([rgb, sigma], -1)``;
+    ``fwd+bwd`` differentiates all six inputs.
+    """
+    from .ops import decoding
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    if cuda:
+        points = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+    else:
+        points = (32 * 32 * 16,) if settings.quick else (64 * 64 * 24,)
+    dtypes = (torch.float32,) if settings.quick or not cuda else (torch.float32, torch.bfloat16)
+    backends = fast_backends(decoding.PREFERENCES, device)
+    return [_decode_case(n, 32, 256, 256, m, 64, 33, dtype, backends)
+            for dtype in dtypes for n in batches for m in points]
+
+
+def _decode_case(n: int, c: int, h: int, w: int, m: int, hidden: int, outputs: int, dtype: torch.dtype,
+                 backends: Tuple[str, ...]) -> Case:
+    from .ops import decode_triplanes
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        planes = torch.randn(n, 3, c, h, w, generator=gen, device=device).to(dtype)
+        points = torch.rand(n, m, 3, generator=gen, device=device) * 1.04 - 0.52
+        w1 = torch.randn(hidden, c, generator=gen, device=device) / math.sqrt(c)
+        b1 = torch.randn(hidden, generator=gen, device=device) * 0.5
+        w2 = torch.randn(outputs, hidden, generator=gen, device=device) / math.sqrt(hidden)
+        b2 = torch.randn(outputs, generator=gen, device=device) * 0.5
+        grad_out = torch.randn(n, m, outputs, generator=gen, device=device).to(dtype)
+        return {"planes": planes, "points": points, "w1": w1, "b1": b1, "w2": w2, "b2": b2, "grad_out": grad_out}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        rgb, sigma = decode_triplanes(inputs["planes"], inputs["points"], inputs["w1"], inputs["b1"],
+                                      inputs["w2"], inputs["b2"], box_warp=1.0, plane_layout="portrait4d",
+                                      backend=backend)
+        return torch.cat([sigma, rgb], dim=-1)
+
+    elt = torch.tensor([], dtype=dtype).element_size()
+    planes_b, points_b, out_b = n * 3 * c * h * w * elt, n * m * 3 * 4, n * m * outputs * elt
+    weights_b = (hidden * c + hidden + outputs * hidden + outputs) * 4
+    fwd_bytes = planes_b + points_b + weights_b + out_b
+    # Forward per point: 12 taps x C x (mul + add) and the mean, the MLP 2 x (C Hd + Hd O),
+    # the activations (~20 per hidden unit and per output). Backward per point: the forward
+    # again, dL/dh and dL/df (2 x (Hd O + C Hd)), the weight gradients (2 x (C Hd + Hd O)),
+    # and per tap 2 x C for the planes' gradient plus 2 x 2 x C for the points'.
+    mlp = 2 * (c * hidden + hidden * outputs)
+    fwd_flops = n * m * (12 * c * 2 + 3 * c + mlp + 20 * (hidden + outputs))
+    bwd_flops = fwd_flops + n * m * (2 * mlp + 12 * c * 6 + 10 * hidden)
+    return Case(
+        op="decode_triplanes",
+        shape=f"N{n}_C{c}_{h}x{w}_M{m}_H{hidden}_O{outputs}_{DTYPE_NAMES[dtype]}",
+        make_inputs=make_inputs,
+        run=run,
+        grad_of=("planes", "points", "w1", "b1", "w2", "b2"),
+        # fwd+bwd: + grad_out read, the gradients of planes, points and weights written (the
+        # least it must move; the CUDA backward also writes and reads back f, h, dL/dz and
+        # dL/do per point, ~0.8 KB per point, for the weight gradients' matrix products)
+        nbytes={"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + out_b + planes_b + points_b + weights_b},
+        flops={"fwd": fwd_flops, "fwd+bwd": fwd_flops + bwd_flops},
+        dtype=dtype,
+        backends=backends,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# deformation: sample_grid3d, one_ring_deform, surface_field_grid, the whole deform
+# ----------------------------------------------------------------------------------
+
+def _procedural_meshes(n: int, device: torch.device, gen: torch.Generator):
+    """A :class:`~head4d.head.ProceduralHead` on ``device`` and, for ``n`` random code
+    sets (shape and expression ``randn * 0.5``, neck and eyes ``randn * 0.2``, jaw in
+    [0, 0.3] about x), its posed vertices ``[n, V, 3]`` and the codes."""
+    from .head import ProceduralHead
+
+    head = ProceduralHead().to(device)
+    codes = {"shape": torch.randn(n, 300, generator=gen, device=device) * 0.5,
+             "expression": torch.randn(n, 100, generator=gen, device=device) * 0.5,
+             "neck_pose": torch.randn(n, 3, generator=gen, device=device) * 0.2,
+             "jaw_pose": torch.zeros(n, 3, device=device),
+             "eye_pose": torch.randn(n, 6, generator=gen, device=device) * 0.2}
+    codes["jaw_pose"][:, 0] = torch.rand(n, generator=gen, device=device) * 0.3
+    with torch.no_grad():
+        verts = head(codes["shape"], codes["expression"], codes["neck_pose"], codes["jaw_pose"],
+                     codes["eye_pose"])
+    return head, verts, codes
+
+
+def _near_surface_points(verts: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``[N, m, 3]`` points within a few cm of random vertices of ``verts`` ``[N, V, 3]``
+    (where ray samples that matter lie), plus a quarter uniform in the 1.3 box."""
+    n, v, _ = verts.shape
+    idx = torch.randint(0, v, (n, m), generator=gen, device=verts.device)
+    near = verts.gather(1, idx.unsqueeze(-1).expand(n, m, 3))
+    near = near + torch.randn(n, m, 3, generator=gen, device=verts.device) * 0.03
+    uniform = (torch.rand(n, m, 3, generator=gen, device=verts.device) - 0.5) * 1.3
+    pick = torch.rand(n, m, 1, generator=gen, device=verts.device) < 0.25
+    return torch.where(pick, uniform, near)
+
+
+@register("sample_grid3d")
+def _sample_grid3d_cases(settings: Settings) -> List[Case]:
+    """Portrait4D's fine neck field: a ``[N, 3, 24, 24, 24]`` fp32 displacement grid over
+    the 24^3 cell centres of the 1.3 box, read at points uniform in the box (zeros padding).
+    GPU: 64^2 and 128^2 rays x 96 samples (393,216 and 1,572,864 points), N = 1 and 4.
+    CPU: 393,216 points, N = 1 (quick: 65,536)."""
+    from .ops import deformation
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    if cuda:
+        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+    else:
+        counts = (65536,) if settings.quick else (64 * 64 * 96,)
+    backends = fast_backends(deformation.PREFERENCES, device)
+    return [_grid3d_case(n, 3, 24, m, backends) for n in batches for m in counts]
+
+
+def _grid3d_case(n: int, c: int, res: int, m: int, backends: Tuple[str, ...]) -> Case:
+    from .ops import sample_grid3d
+    from .ops.deformation import cell_centre_bound
+
+    bound = cell_centre_bound(res)
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return {"grid": torch.randn(n, c, res, res, res, generator=gen, device=device) * 0.05,
+                "points": (torch.rand(n, m, 3, generator=gen, device=device) - 0.5) * 1.3,
+                "grad_out": torch.randn(n, m, c, generator=gen, device=device)}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        return sample_grid3d(inputs["grid"], inputs["points"], bound=bound, backend=backend)
+
+    grid_b, pts_b, out_b = n * c * res ** 3 * 4, n * m * 12, n * m * c * 4
+    fwd_flops = n * m * (8 * 2 * c + 30)
+    return Case(op="sample_grid3d", shape=f"N{n}_C{c}_{res}^3_M{m}_fp32", make_inputs=make_inputs, run=run,
+                grad_of=("grid", "points"),
+                nbytes={"fwd": grid_b + pts_b + out_b, "fwd+bwd": 2 * (grid_b + pts_b + out_b)},
+                flops={"fwd": fwd_flops, "fwd+bwd": 3 * fwd_flops}, dtype=torch.float32, backends=backends)
+
+
+@register("one_ring_deform")
+def _one_ring_cases(settings: Settings) -> List[Case]:
+    """The face part of Portrait4D's deformation on the built-in ProceduralHead (5,044
+    vertices; the 3,952-vertex face subset; one-ring table [V, 10]): posed (observed)
+    and canonical vertices, points near the surface. GPU: 393,216 and 1,572,864 points,
+    N = 1 and 4. CPU: 65,536 points, N = 1 (quick: 8,192)."""
+    from .ops import deformation
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    if cuda:
+        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+    else:
+        counts = (8192,) if settings.quick else (65536,)
+    backends = fast_backends(deformation.PREFERENCES, device)
+    return [_one_ring_case(n, m, backends) for n in batches for m in counts]
+
+
+def _one_ring_case(n: int, m: int, backends: Tuple[str, ...]) -> Case:
+    from .ops import one_ring_deform
+
+    state = {}
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        head, verts, _ = _procedural_meshes(n, device, gen)
+        state["neighbours"], state["subset"] = head.one_ring, head.face_indices
+        canon = head.canonical_vertices().unsqueeze(0).expand(n, -1, -1).contiguous()
+        return {"points": _near_surface_points(verts, m, gen), "verts_obs": verts, "verts_canon": canon,
+                "grad_out": torch.randn(n, m, 3, generator=gen, device=device)}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        return one_ring_deform(inputs["points"], inputs["verts_obs"], inputs["verts_canon"],
+                               state["neighbours"], vertex_subset=state["subset"], backend=backend)
+
+    subset, v = 3952, 5044
+    fwd_flops = n * m * (9 * subset + 10 * 12)
+    nbytes = n * m * 24 + 2 * n * v * 12
+    return Case(op="one_ring_deform", shape=f"N{n}_V{v}_S{subset}_K10_M{m}_fp32", make_inputs=make_inputs, run=run,
+                grad_of=("points", "verts_obs", "verts_canon"),
+                nbytes={"fwd": nbytes, "fwd+bwd": 2 * nbytes + n * m * 12},
+                flops={"fwd": fwd_flops, "fwd+bwd": fwd_flops + n * m * 10 * 40}, dtype=torch.float32,
+                backends=backends)
+
+
+@register("surface_field_grid")
+def _surface_field_cases(settings: Settings) -> List[Case]:
+    """The neck surface field per image (forward only): the ProceduralHead's companion
+    mesh (728 vertices, 1,452 faces) at 24^3 (Portrait4D's grid) and, on the GPU, the
+    full mesh (5,044 vertices, 10,076 faces) at 64^3. N = 1."""
+    from .ops import deformation
+
+    device = settings.device
+    backends = fast_backends(deformation.PREFERENCES, device)
+    out = [_surface_case("companion", 24, backends)]
+    if device.type == "cuda" and not settings.quick:
+        out.append(_surface_case("full", 64, backends))
+    return out
+
+
+def _surface_case(mesh: str, res: int, backends: Tuple[str, ...]) -> Case:
+    from .ops import surface_field_grid
+    from .ops.deformation import cell_centre_bound
+
+    state = {}
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        head, verts, _ = _procedural_meshes(1, device, gen)
+        canon = head.canonical_vertices().unsqueeze(0)
+        if mesh == "companion":
+            verts, canon = head.companion_vertices(verts), head.companion_vertices(canon)
+            state["faces"] = head.companion_faces
+        else:
+            state["faces"] = head.faces
+        return {"verts_obs": verts.contiguous(), "verts_canon": canon.contiguous()}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        disp, sq = surface_field_grid(inputs["verts_obs"], inputs["verts_canon"], state["faces"],
+                                      resolution=res, bound=cell_centre_bound(res), backend=backend)
+        return torch.cat([disp, sq], dim=1)
+
+    faces = 1452 if mesh == "companion" else 10076
+    return Case(op="surface_field_grid", shape=f"{mesh}_F{faces}_{res}^3_fp32", make_inputs=make_inputs, run=run,
+                grad_of=(), nbytes={"fwd": res ** 3 * 16}, flops={"fwd": res ** 3 * faces * 60},
+                dtype=torch.float32, backends=backends, passes=("fwd",))
+
+
+@register("deform")
+def _deform_cases(settings: Settings) -> List[Case]:
+    """The whole :class:`~head4d.deform.PartwiseDeformation` (build the grids and meshes
+    of an image, then warp its ray samples) on the ProceduralHead with random codes;
+    ``backend`` = every op on that backend (``HEAD4D_BACKEND``) against all references.
+    GPU: 64^2 and 128^2 rays x 96 samples, N = 1 and 4, fwd and fwd+bwd (points).
+    CPU: 16,384 points, N = 1, fwd (quick: 4,096)."""
+    from .ops import deformation
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    if cuda:
+        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+        passes = PASSES
+    else:
+        counts, passes = ((4096,) if settings.quick else (16384,)), ("fwd",)
+    backends = fast_backends(deformation.PREFERENCES, device)
+    return [_deform_case(n, m, backends, passes) for n in batches for m in counts]
+
+
+def _deform_case(n: int, m: int, backends: Tuple[str, ...], passes: Tuple[str, ...]) -> Case:
+    from .deform import PartwiseDeformation
+
+    state = {}
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        head, verts, codes = _procedural_meshes(n, device, gen)
+        state["model"] = PartwiseDeformation(head)
+        inputs = {"points": _near_surface_points(verts, m, gen), **codes}
+        inputs["grad_out"] = torch.randn(n, m, 13, generator=gen, device=device)
+        return inputs
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        with _process_backend(backend):
+            out = state["model"](inputs["points"], inputs["shape"], inputs["expression"], inputs["neck_pose"],
+                                 inputs["jaw_pose"], inputs["eye_pose"])
+        return torch.cat([out.neck, out.head, out.eyes, out.mouth, out.inside_eye_box.unsqueeze(-1).to(out.head.dtype)],
+                         dim=-1)
+
+    fwd_flops = n * m * (9 * 5226 + 650) + n * 60 * (24 ** 3 + 8 ** 3) * 1452
+    return Case(op="deform", shape=f"N{n}_M{m}_procedural_fp32", make_inputs=make_inputs, run=run,
+                grad_of=("points",), nbytes={"fwd": n * m * 61, "fwd+bwd": n * m * 133},
+                flops={"fwd": fwd_flops, "fwd+bwd": int(1.1 * fwd_flops)}, dtype=torch.float32,
+                backends=backends, passes=passes)
+
+
+# ----------------------------------------------------------------------------------
+# attention
+# ----------------------------------------------------------------------------------
+
+@register("attention")
+def _attention_cases(settings: Settings) -> List[Case]:
+    """Portrait4D's transformer shapes, batch 4, bf16: cross-attention to the motion
+    tokens (H 4, Lq 1,024, Lk 64, D 256), self-attention (H 4, L 1,024, D 256), the
+    triplane decoder's spatial-reduction attention (H 2, Lq 16,384, Lk 4,096, D 512),
+    and the standard sweep (H 16, L 512 to 16k, D 64 and 128; quick: L 4,096, D 64).
+
+    GPU: ``triton`` and ``sdpa`` (the peer; its ratio to the reference next to
+    ``triton``'s reads as triton against sdpa). The reference materializes the
+    scores in float32 (2.1 GB per score tensor at the decoder shape), so the largest
+    sweep lengths are skipped where it would not fit. CPU: ``sdpa`` against the
+    reference at the two small model shapes with batch 1 (Triton runs on the CPU only
+    under the interpreter, a test tool).
+    """
+    device = settings.device
+    if device.type != "cuda":
+        return [_attention_case("cross", 1, 4, 1024, 64, 256, torch.float32, ("sdpa",)),
+                _attention_case("self", 1, 4, 1024, 1024, 256, torch.float32, ("sdpa",))][: 1 if settings.quick else 2]
+    backends = ("triton", "sdpa")
+    b = (settings.batches or (4,))[0]
+    shapes = [("cross", b, 4, 1024, 64, 256), ("self", b, 4, 1024, 1024, 256)]
+    if settings.quick:
+        shapes.append(("sweep", b, 16, 4096, 4096, 64))
+    else:
+        shapes.append(("decoder", b, 2, 16384, 4096, 512))
+        for d in (64, 128):
+            for length in (512, 1024, 2048, 4096, 8192):  # 16k: the reference's scores need 68 GB
+                shapes.append(("sweep", b, 16, length, length, d))
+    return [_attention_case(*shape, torch.bfloat16, backends) for shape in shapes]
+
+
+def _attention_case(kind: str, b: int, h: int, lq: int, lk: int, d: int, dtype: torch.dtype,
+                    backends: Tuple[str, ...]) -> Case:
+    from .ops import attention
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        q = torch.randn(b, h, lq, d, generator=gen, device=device).to(dtype)
+        k = torch.randn(b, h, lk, d, generator=gen, device=device).to(dtype)
+        v = torch.randn(b, h, lk, d, generator=gen, device=device).to(dtype)
+        grad_out = torch.randn(b, h, lq, d, generator=gen, device=device).to(dtype)
+        return {"q": q, "k": k, "v": v, "grad_out": grad_out}
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        return attention(inputs["q"], inputs["k"], inputs["v"], backend=backend)
+
+    elt = torch.tensor([], dtype=dtype).element_size()
+    q_b, kv_b = b * h * lq * d * elt, 2 * b * h * lk * d * elt
+    fwd_bytes = 2 * q_b + kv_b                  # q, k, v read, out written
+    fwd_flops = 4 * b * h * lq * lk * d
+    return Case(
+        op="attention",
+        shape=f"{kind}_B{b}_H{h}_Lq{lq}_Lk{lk}_D{d}_{DTYPE_NAMES[dtype]}",
+        make_inputs=make_inputs,
+        run=run,
+        grad_of=("q", "k", "v"),
+        # + dO read, dq, dk, dv written (and q, k, v, out re-read)
+        nbytes={"fwd": fwd_bytes, "fwd+bwd": 2 * fwd_bytes + 2 * q_b + kv_b},
+        flops={"fwd": fwd_flops, "fwd+bwd": fwd_flops + int(2.5 * fwd_flops)},
+        dtype=dtype,
+        backends=backends,
+    )
+
+
+# ----------------------------------------------------------------------------------
+# render: the whole TriplaneRenderer (coarse + importance + fine + composite)
+# ----------------------------------------------------------------------------------
+
+#: EG3D's FFHQ camera: radius 2.7 around the origin, normalized focal 4.2647,
+#: near / far 2.25 / 3.3.
+_FFHQ_FOCAL, _FFHQ_RADIUS, _FFHQ_NEAR, _FFHQ_FAR = 4.2647, 2.7, 2.25, 3.3
+
+
+@register("render")
+def _render_cases(settings: Settings) -> List[Case]:
+    """The whole renderer, fused (``backend`` = every op on that backend, the fused
+    decode path on) against the unfused composition of references (``torch``).
+
+    Planes ``[N, 3, 32, 256, 256]`` fp32, a Portrait4D decoder (32 -> 64 -> 1 + 32, its
+    density head randomized), EG3D's FFHQ cameras (OpenCV, radius 2.7, near / far
+    2.25 / 3.3, box 1.0, EG3D plane layout), 48 coarse + 48 importance samples,
+    deterministic (no jitter, ``det_importance``, no density noise) so that backends
+    can be compared. GPU: N = 1 and 4, 64^2 and 128^2 rays. CPU: N = 1, 32^2 rays
+    (quick: 16^2). The output is ``cat([features, depth, opacity], -1)``; ``fwd+bwd``
+    differentiates the planes and the four decoder tensors, and measures memory.
+    """
+    from .ops import decoding
+
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((1,) if settings.quick or not cuda else (1, 4))
+    if cuda:
+        resolutions = (64,) if settings.quick else (64, 128)
+    else:
+        resolutions = (16,) if settings.quick else (32,)
+    backends = fast_backends(decoding.PREFERENCES, device)
+    return [_render_case(n, res, 48, 48, backends) for n in batches for res in resolutions]
+
+
+def _look_at_origin(n: int, radius: float, device: torch.device, gen: torch.Generator) -> torch.Tensor:
+    """``[N, 4, 4]`` OpenCV cam2world matrices on a sphere of ``radius`` (yaw and
+    pitch within +-0.3 rad of the front), looking at the origin, y down."""
+    yaw = (torch.rand(n, generator=gen, device=device) - 0.5) * 0.6
+    pitch = (torch.rand(n, generator=gen, device=device) - 0.5) * 0.6
+    position = radius * torch.stack([torch.sin(yaw) * torch.cos(pitch), torch.sin(pitch),
+                                     torch.cos(yaw) * torch.cos(pitch)], dim=-1)
+    forward = -position / position.norm(dim=-1, keepdim=True)
+    down = torch.tensor([0.0, -1.0, 0.0], device=device).expand(n, 3)
+    right = torch.linalg.cross(down, forward)
+    right = right / right.norm(dim=-1, keepdim=True)
+    down = torch.linalg.cross(forward, right)
+    cam2world = torch.eye(4, device=device).repeat(n, 1, 1)
+    cam2world[:, :3, 0], cam2world[:, :3, 1], cam2world[:, :3, 2] = right, down, forward
+    cam2world[:, :3, 3] = position
+    return cam2world
+
+
+def _render_case(n: int, res: int, n_coarse: int, n_fine: int, backends: Tuple[str, ...]) -> Case:
+    from .ops import generate_rays
+    from .render import TriplaneDecoder, TriplaneRenderer
+
+    c, h, w = 32, 256, 256
+    r = res * res
+    decoder_keys = ("decoder.net.0.weight", "decoder.net.0.bias", "decoder.out_sigma.weight",
+                    "decoder.out_sigma.bias", "decoder.out_rgb.weight", "decoder.out_rgb.bias")
+    options = {"ray_start": _FFHQ_NEAR, "ray_end": _FFHQ_FAR, "box_warp": 1.0, "depth_resolution": n_coarse,
+               "depth_resolution_importance": n_fine, "jitter": "none", "det_importance": True,
+               "density_noise": 0.0, "plane_layout": "eg3d"}
+
+    class _Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = TriplaneDecoder(c, 64, 32, variant="portrait4d")
+            self.renderer = TriplaneRenderer(plane_layout="eg3d")
+
+        def forward(self, planes, origins, directions, fused):
+            features, depth, opacity = self.renderer(planes, self.decoder, origins, directions,
+                                                     dict(options, fused=fused))
+            return torch.cat([features, depth, opacity], dim=-1)
+
+    model = _Model()
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        planes = torch.randn(n, 3, c, h, w, generator=gen, device=device)
+        intrinsics = torch.tensor([[_FFHQ_FOCAL, 0, 0.5], [0, _FFHQ_FOCAL, 0.5], [0, 0, 1]],
+                                  device=device).expand(n, 3, 3)
+        origins, directions = generate_rays(_look_at_origin(n, _FFHQ_RADIUS, device, gen), intrinsics, res)
+        inputs = {"planes": planes, "origins": origins, "directions": directions}
+        for key in decoder_keys:
+            shape = dict(model.named_parameters())[key].shape
+            scale = 0.5 if key.endswith("bias") else 1.0
+            inputs[key] = torch.randn(shape, generator=gen, device=device) * scale
+        inputs["grad_out"] = torch.randn(n, r, 32 + 2, generator=gen, device=device)
+        return inputs
+
+    def run(inputs: Inputs, backend: str) -> torch.Tensor:
+        params = {k: inputs[k] for k in decoder_keys}
+        with _process_backend(backend):
+            return torch.func.functional_call(model, params, (inputs["planes"], inputs["origins"],
+                                                              inputs["directions"], backend != REFERENCE))
+
+    m = n * r * (n_coarse + n_fine)
+    planes_b = n * 3 * c * h * w * 4
+    out_b = n * r * (32 + 2) * 4
+    # Forward per decoded point: 12 taps x 32 channels x 2 + the MLP 2 x (32 x 64 + 64 x 33);
+    # compositing about 20 + 3 x 32 per interval, twice for the coarse samples.
+    mlp = 2 * (c * 64 + 64 * 33)
+    fwd_flops = m * (12 * c * 2 + mlp) + n * r * (2 * n_coarse + n_fine) * (20 + 3 * 32)
+    return Case(
+        op="render",
+        shape=f"N{n}_R{res}x{res}_S{n_coarse}+{n_fine}_C{c}_{h}x{w}_fp32",
+        make_inputs=make_inputs,
+        run=run,
+        grad_of=("planes",) + decoder_keys,
+        # what must move at the least: the planes and the image (plus their gradients)
+        nbytes={"fwd": planes_b + out_b, "fwd+bwd": 2 * planes_b + 2 * out_b},
+        flops={"fwd": fwd_flops, "fwd+bwd": 3 * fwd_flops},
+        dtype=torch.float32,
+        backends=backends,
+        measure_memory=True,
+        # dozens of ops in a row, two passes summing into the planes' gradient in
+        # another order: 1e-5 relative is too tight for float32 (measured 1.7e-5)
+        tolerance=1e-4,
+    )
+
+
+class _process_backend:
+    """Within the block, ``HEAD4D_BACKEND`` names ``backend`` (every op that has it runs
+    it, the others their reference); the previous value is restored after."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __enter__(self):
+        self.previous = os.environ.get("HEAD4D_BACKEND")
+        os.environ["HEAD4D_BACKEND"] = self.backend
+
+    def __exit__(self, *exc):
+        if self.previous is None:
+            os.environ.pop("HEAD4D_BACKEND", None)
+        else:
+            os.environ["HEAD4D_BACKEND"] = self.previous
+
+
+# ----------------------------------------------------------------------------------
 # Checking and timing
 # ----------------------------------------------------------------------------------
 
@@ -330,7 +899,7 @@ def check(case: Case, pass_: str, backend: str, inputs: Inputs,
     got = step(case, pass_, backend)(inputs)
     names = ["out"] + [f"grad_{k}" for k in case.grad_of][: len(got) - 1]
     errors = {name: rel_err(g, e) for name, g, e in zip(names, got, expected)}
-    return all(e <= TOLERANCE[case.dtype] for e in errors.values()), errors
+    return all(e <= case.tol() for e in errors.values()), errors
 
 
 def _input_bytes(inputs: Inputs) -> int:
@@ -411,6 +980,10 @@ class Result:
     ``error`` (raised), ``skip`` (backend not available here; ``message`` says why).
     Times in milliseconds; ``speedup`` is the reference's median over this median;
     ``floor_ms`` is ``bytes / copy bandwidth`` where the bandwidth is known.
+    Memory (cases with ``measure_memory``, ``fwd+bwd`` only): ``saved_bytes``, the
+    tensors autograd keeps for the backward; ``peak_bytes`` (CUDA), the peak allocated
+    during the call above what was allocated before it; ``memory_ratio``, the
+    reference's over this backend's (the peak on CUDA, the saved bytes on the CPU).
     """
 
     op: str
@@ -432,6 +1005,9 @@ class Result:
     gbps: Optional[float] = None
     gflops: Optional[float] = None
     floor_ms: Optional[float] = None
+    saved_bytes: Optional[int] = None
+    peak_bytes: Optional[int] = None
+    memory_ratio: Optional[float] = None
     message: str = ""
 
     @property
@@ -469,6 +1045,43 @@ def _timed_result(case: Case, pass_: str, backend: str, times: List[float], n_se
                   floor_ms=None if bandwidth is None else nbytes / bandwidth * 1e3)
 
 
+def measure_memory(case: Case, pass_: str, backend: str, inputs: Inputs,
+                   device: torch.device) -> Tuple[int, Optional[int]]:
+    """``(saved_bytes, peak_bytes)`` of one call of ``step(case, pass_, backend)``.
+
+    ``saved_bytes``: the distinct storages autograd saves for the backward during the
+    forward (counted with ``torch.autograd.graph.saved_tensors_hooks``), less the
+    inputs' own storages (they exist whatever the backend keeps), so the number is the
+    same on every device. ``peak_bytes``: on CUDA, ``max_memory_allocated`` during the call
+    minus what was allocated before it (everything the call allocates: saved tensors,
+    temporaries, outputs, gradients); ``None`` elsewhere.
+    """
+    seen: Dict[Tuple[int, int], int] = {}
+    own = {(v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) for v in inputs.values()}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in own:
+            seen[key] = storage.nbytes()
+        return t
+
+    fn = step(case, pass_, backend)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(inputs)
+    peak = None
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    del out
+    return sum(seen.values()), peak
+
+
 def run_case(case: Case, device: torch.device, budget_s: float,
              backends: Optional[Sequence[str]] = None, seed: int = 0,
              on_result: Callable[[Result], None] = lambda r: None) -> List[Result]:
@@ -488,7 +1101,7 @@ def run_case(case: Case, device: torch.device, budget_s: float,
     for pass_ in case.passes:
         prepared = [prepare(case, s, pass_) for s in sets]
         base = dict(op=case.op, shape=case.shape, pass_=pass_, bytes=case.nbytes[pass_],
-                    flops=case.flops[pass_], tolerance=TOLERANCE[case.dtype])
+                    flops=case.flops[pass_], tolerance=case.tol())
         expected = [t.detach() for t in step(case, pass_, REFERENCE)(prepared[0])]
         rows: Dict[str, Result] = {}
         errors: Dict[str, Dict[str, float]] = {}
@@ -532,6 +1145,17 @@ def run_case(case: Case, device: torch.device, budget_s: float,
             row = rows[backend] = _timed_result(case, pass_, backend, times, len(sets), bandwidth)
             row.errors, row.tolerance = errors[backend], base["tolerance"]
             row.speedup = ref.median_ms / row.median_ms
+        if case.measure_memory and pass_ != "fwd":
+            for row in [ref] + [rows[b] for b in wanted]:
+                if row.status == "ok":
+                    row.saved_bytes, row.peak_bytes = measure_memory(case, pass_, row.backend, prepared[0],
+                                                                     device)
+            for row in [rows[b] for b in wanted]:
+                if row.status == "ok":
+                    mine, theirs = ((row.peak_bytes, ref.peak_bytes) if row.peak_bytes is not None
+                                    else (row.saved_bytes, ref.saved_bytes))
+                    row.memory_ratio = theirs / mine if mine else None
+            ref.memory_ratio = 1.0
         for row in [ref] + [rows[b] for b in wanted]:
             results.append(row)
             on_result(row)
@@ -637,9 +1261,9 @@ def environment(device: torch.device) -> dict:
 
 
 # Columns of the printed table: (header, width, right-aligned).
-_COLUMNS = (("op", 16, False), ("pass", 7, False), ("shape", 30, False), ("backend", 7, False),
+_COLUMNS = (("op", 18, False), ("pass", 7, False), ("shape", 30, False), ("backend", 7, False),
             ("median ms", 10, True), ("IQR", 6, True), ("vs ref", 7, True), ("GB/s", 8, True),
-            ("floor ms", 8, True), ("check", 22, False))
+            ("floor ms", 8, True), ("mem MB", 7, True), ("mem ratio", 9, True), ("check", 22, False))
 
 
 def _cells(r: Result) -> List[str]:
@@ -654,7 +1278,14 @@ def _cells(r: Result) -> List[str]:
         iqr, check_cell = "-", f"{r.status.upper()}: {first[:120]}"
     return [r.op, r.pass_, r.shape, r.backend, num(r.median_ms, ".3f"), iqr,
             num(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
-            num(r.gbps, ".1f"), num(r.floor_ms, ".3f"), check_cell]
+            num(r.gbps, ".1f"), num(r.floor_ms, ".3f"), _memory_mb(r),
+            num(r.memory_ratio, ".2f") + ("x" if r.memory_ratio is not None else ""), check_cell]
+
+
+def _memory_mb(r: Result) -> str:
+    """The peak (CUDA) or saved-for-backward (CPU) megabytes of a row, ``-`` if not measured."""
+    value = r.peak_bytes if r.peak_bytes is not None else r.saved_bytes
+    return "-" if value is None else f"{value / 2**20:.0f}"
 
 
 def _line(cells: Sequence[str]) -> str:
