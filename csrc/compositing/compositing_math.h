@@ -21,27 +21,10 @@
 #include <cmath>
 
 #include "../common.h"
+#include "../scalar_math.h"
 
 namespace head4d {
 namespace compositing {
-
-template <typename A>
-HEAD4D_HD A exp_of(A x) {
-#ifdef __CUDA_ARCH__
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename A>
-HEAD4D_HD A log1p_of(A x) {
-#ifdef __CUDA_ARCH__
-  return log1p(x);
-#else
-  return std::log1p(x);
-#endif
-}
 
 template <typename A>
 HEAD4D_HD bool is_nan(A x) {

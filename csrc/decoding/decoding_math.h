@@ -27,6 +27,7 @@
 
 #include "../common.h"
 #include "../triplanes/triplanes_math.h"
+#include "../scalar_math.h"
 #include "decoding.h"
 
 // Full unrolling of the fixed-size loops below (nvcc's pragma; host compilers unroll
@@ -39,24 +40,6 @@
 
 namespace head4d {
 namespace decoding {
-
-template <typename A>
-HEAD4D_HD A exp_of(A x) {
-#ifdef __CUDA_ARCH__
-  return exp(x);
-#else
-  return std::exp(x);
-#endif
-}
-
-template <typename A>
-HEAD4D_HD A log1p_of(A x) {
-#ifdef __CUDA_ARCH__
-  return log1p(x);
-#else
-  return std::log1p(x);
-#endif
-}
 
 // torch.nn.Softplus() (beta 1, threshold 20) and its slope, sharing exp(z).
 template <typename A>

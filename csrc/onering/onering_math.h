@@ -21,42 +21,13 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "../scalar_math.h"
 
 namespace head4d {
 namespace onering {
 
 // Portrait4D's term added to the squared distances of the weights.
 constexpr double kEps = 1e-10;
-
-// Correctly rounded products and sums that nvcc may not fuse into an FMA.
-HEAD4D_HD float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-HEAD4D_HD double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-HEAD4D_HD float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-HEAD4D_HD double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 // The search distance, bit for bit as the reference computes it. (On the host, x86-64
 // without -mfma has no fused multiply-add to contract into.)
