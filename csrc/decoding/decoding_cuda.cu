@@ -47,34 +47,6 @@ using triplanes::Stencil;
 
 constexpr int kThreads = 128;
 
-// VEC elements of T at p (16-byte aligned, VEC * sizeof(T) == 16), widened.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, typename Storage<T>::acc out[VEC]) {
-  static_assert(VEC * sizeof(T) == 16, "16-byte loads");
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = Storage<T>::load(v[j]);
-}
-
-// dst[j] += val[j] for j < VEC, atomically; float32 adds go 4 at a time on sm_90.
-template <typename A, int VEC>
-__device__ __forceinline__ void atomic_add_vec(A* dst, const A val[VEC]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kVector = sizeof(A) == 4 && VEC % 4 == 0;
-#else
-  constexpr bool kVector = false;
-#endif
-  if constexpr (kVector) {
-#pragma unroll
-    for (int j = 0; j < VEC; j += 4)
-      atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(val[j], val[j + 1], val[j + 2], val[j + 3]));
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, val[j]);
-  }
-}
-
 // Copies the packed weights (decoding_math.h) into shared memory; every thread of the
 // block must call it.
 template <int KC, int KO, typename A>

@@ -25,71 +25,16 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "../scalar_math.h"
 
 namespace head4d {
 namespace surface {
 
 // ---------------------------------------------------------------------------------
-// correctly rounded arithmetic that nvcc may not fuse (on the host, x86-64 without
-// -mfma has no fused multiply-add to contract into)
+// correctly rounded arithmetic that nvcc may not fuse: mul_rn, add_rn, sub_rn, div_rn
+// (scalar_math.h), and the cross product's rounding
 // ---------------------------------------------------------------------------------
 
-HEAD4D_HD float mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-HEAD4D_HD double mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-HEAD4D_HD float add(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-HEAD4D_HD double add(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-HEAD4D_HD float sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-HEAD4D_HD double sub(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-HEAD4D_HD float quo(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-HEAD4D_HD double quo(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
 // x * y - z * w as torch's CPU cross-product kernel rounds it: fma(x, y, -(z * w)).
 HEAD4D_HD float fms(float x, float y, float z, float w) {
 #ifdef __CUDA_ARCH__
@@ -134,19 +79,19 @@ HEAD4D_HD A min_nan(A x, A y) {
 
 template <typename A>
 HEAD4D_HD A sq3(const A u[3]) {
-  return add(add(mul(u[0], u[0]), mul(u[1], u[1])), mul(u[2], u[2]));
+  return add_rn(add_rn(mul_rn(u[0], u[0]), mul_rn(u[1], u[1])), mul_rn(u[2], u[2]));
 }
 
 template <typename A>
 HEAD4D_HD A dot3(const A u[3], const A v[3]) {
-  return add(add(mul(u[0], v[0]), mul(u[1], v[1])), mul(u[2], v[2]));
+  return add_rn(add_rn(mul_rn(u[0], v[0]), mul_rn(u[1], v[1])), mul_rn(u[2], v[2]));
 }
 
 template <typename A>
 HEAD4D_HD void sub3(const A u[3], const A v[3], A out[3]) {
-  out[0] = sub(u[0], v[0]);
-  out[1] = sub(u[1], v[1]);
-  out[2] = sub(u[2], v[2]);
+  out[0] = sub_rn(u[0], v[0]);
+  out[1] = sub_rn(u[1], v[1]);
+  out[2] = sub_rn(u[2], v[2]);
 }
 
 // torch.cross(u, v) as its CPU kernel rounds it.
@@ -244,8 +189,8 @@ HEAD4D_HD void make_record(const A a[3], const A b[3], const A c[3], int32_t ia,
   sub3(a, c, ca);
   cross3(ab, ac, t.n);
   const A nn = sq3(t.n);
-  const A scale = mul(sq3(ab), sq3(ac));
-  const bool interior = nn > mul(Limits<A>::eps, scale);
+  const A scale = mul_rn(sq3(ab), sq3(ac));
+  const bool interior = nn > mul_rn(Limits<A>::eps, scale);
   t.nn = interior ? nn : A(1);
   cross3(t.n, ab, t.m[0]);
   cross3(t.n, bc, t.m[1]);
@@ -291,9 +236,9 @@ HEAD4D_HD A edge_term(A best, const TriRecord<A>& t, int k, const A first[3], co
   if (!(t.flags & (kEdgeOk << k))) return best;
   const bool swap = (t.flags & (kEdgeSwap << k)) != 0;
   const A q[3] = {swap ? second[0] : first[0], swap ? second[1] : first[1], swap ? second[2] : first[2]};
-  const A s = quo(dot3(q, t.e[k]), t.ee[k]);
+  const A s = div_rn(dot3(q, t.e[k]), t.ee[k]);
   if (!(s > A(0) && s < A(1))) return best;
-  const A r[3] = {sub(q[0], mul(s, t.e[k][0])), sub(q[1], mul(s, t.e[k][1])), sub(q[2], mul(s, t.e[k][2]))};
+  const A r[3] = {sub_rn(q[0], mul_rn(s, t.e[k][0])), sub_rn(q[1], mul_rn(s, t.e[k][1])), sub_rn(q[2], mul_rn(s, t.e[k][2]))};
   return min_nan(best, sq3(r));
 }
 
@@ -310,7 +255,7 @@ HEAD4D_HD A pair_sq_dist(const A p[3], const TriRecord<A>& t) {
   best = edge_term(best, t, 2, qc, qa);
   if ((t.flags & kInterior) && dot3(qa, t.m[0]) >= A(0) && dot3(qb, t.m[1]) >= A(0) && dot3(qc, t.m[2]) >= A(0)) {
     const A h = dot3(qa, t.n);
-    best = min_nan(best, quo(mul(h, h), t.nn));
+    best = min_nan(best, div_rn(mul_rn(h, h), t.nn));
   }
   return best;
 }
@@ -378,9 +323,9 @@ HEAD4D_HD void unit_normal(const A a[3], const A b[3], const A c[3], A out[3]) {
   cross3(ab, ac, n);
   A norm = root(sq3(n));
   if (norm < A(kNormalizeEps)) norm = A(kNormalizeEps);  // clamp_min (NaN stays NaN)
-  out[0] = quo(n[0], norm);
-  out[1] = quo(n[1], norm);
-  out[2] = quo(n[2], norm);
+  out[0] = div_rn(n[0], norm);
+  out[1] = div_rn(n[1], norm);
+  out[2] = div_rn(n[2], norm);
 }
 
 // _barycentric: of p's orthogonal projection onto the plane of (a, b, c), determinant
@@ -392,11 +337,11 @@ HEAD4D_HD void barycentric(const A p[3], const A a[3], const A b[3], const A c[3
   sub3(c, a, v1);
   sub3(p, a, v2);
   const A d00 = sq3(v0), d01 = dot3(v0, v1), d11 = sq3(v1), d20 = dot3(v2, v0), d21 = dot3(v2, v1);
-  A det = sub(mul(d00, d11), mul(d01, d01));
+  A det = sub_rn(mul_rn(d00, d11), mul_rn(d01, d01));
   if (det < A(kDetMin)) det = A(kDetMin);  // clamp(min=...) (NaN stays NaN)
-  const A v = quo(sub(mul(d11, d20), mul(d01, d21)), det);
-  const A w = quo(sub(mul(d00, d21), mul(d01, d20)), det);
-  out[0] = sub(sub(A(1), v), w);
+  const A v = div_rn(sub_rn(mul_rn(d11, d20), mul_rn(d01, d21)), det);
+  const A w = div_rn(sub_rn(mul_rn(d00, d21), mul_rn(d01, d20)), det);
+  out[0] = sub_rn(sub_rn(A(1), v), w);
   out[1] = v;
   out[2] = w;
 }
@@ -404,7 +349,7 @@ HEAD4D_HD void barycentric(const A p[3], const A a[3], const A b[3], const A c[3
 // sum_i w_i v_i, per component ((w0 a + w1 b) + w2 c).
 template <typename A>
 HEAD4D_HD void combine(const A w[3], const A a[3], const A b[3], const A c[3], A out[3]) {
-  for (int i = 0; i < 3; ++i) out[i] = add(add(mul(w[0], a[i]), mul(w[1], b[i])), mul(w[2], c[i]));
+  for (int i = 0; i < 3; ++i) out[i] = add_rn(add_rn(mul_rn(w[0], a[i]), mul_rn(w[1], b[i])), mul_rn(w[2], c[i]));
 }
 
 // closest_triangles' barycentrics and signed distance <p - sum_i b_i v_i, n> of p for
@@ -428,7 +373,7 @@ HEAD4D_HD void field_value(const A p[3], const A bary[3], A signed_distance, con
   A x[3], n[3];
   combine(bary, ca, cb, cc, x);
   unit_normal(ca, cb, cc, n);
-  for (int i = 0; i < 3; ++i) out[i] = sub(add(x[i], mul(signed_distance, n[i])), p[i]);
+  for (int i = 0; i < 3; ++i) out[i] = sub_rn(add_rn(x[i], mul_rn(signed_distance, n[i])), p[i]);
 }
 
 // ---------------------------------------------------------------------------------

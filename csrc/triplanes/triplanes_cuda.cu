@@ -33,52 +33,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// VEC elements of T at p (16-byte aligned when VEC * sizeof(T) == 16), widened.
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, typename Storage<T>::acc out[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = Storage<T>::load(v[j]);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) out[j] = Storage<T>::load(p[j]);
-  }
-}
-
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* __restrict__ p, const typename Storage<T>::acc in[VEC]) {
-  if constexpr (VEC * sizeof(T) == 16) {
-    uint4 raw;
-    T* v = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) v[j] = Storage<T>::store(in[j]);
-    *reinterpret_cast<uint4*>(p) = raw;
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) p[j] = Storage<T>::store(in[j]);
-  }
-}
-
-// dst[j] += val[j] for j < VEC, atomically; VEC float32 adds on sm_90 go 4 at a time.
-template <typename A, int VEC>
-__device__ __forceinline__ void atomic_add_vec(A* dst, const A val[VEC]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kVector = sizeof(A) == 4 && VEC % 4 == 0;
-#else
-  constexpr bool kVector = false;
-#endif
-  if constexpr (kVector) {
-#pragma unroll
-    for (int j = 0; j < VEC; j += 4)
-      atomicAdd(reinterpret_cast<float4*>(dst + j), make_float4(val[j], val[j + 1], val[j + 2], val[j + 3]));
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) atomicAdd(dst + j, val[j]);
-  }
-}
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ planes, const typename Storage<T>::acc* __restrict__ points,
