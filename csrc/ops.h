@@ -91,7 +91,7 @@ std::vector<at::Tensor> one_ring_deform_backward(const at::Tensor& grad_out, con
 // points [N, M, 3], verts [N, V, 3] (one floating dtype), faces [F, 3] int32/int64 (F >= 1;
 // an index outside [0, V) gives NaN) -> [face_index [N, M] int64, barycentric [N, M, 3],
 // signed_distance [N, M], squared_distance [N, M]] in points' dtype: the exact closest
-// triangle (the reference's distance, tie rule and degenerate triangles; surface/surface.h).
+// triangle (the reference's distance, tie rule and degenerate triangles; closest_triangles/closest_triangles.h).
 // values=false: the search alone, barycentric and signed_distance undefined (None).
 std::vector<at::Tensor> closest_triangles_forward(const at::Tensor& points, const at::Tensor& verts,
                                                   const at::Tensor& faces, bool values);

@@ -13,9 +13,9 @@ at the same bounds. Face, eyes and mouth use ``one_ring_deform`` with the table 
 Where things live:
     reference   head4d/reference/deformation.py   (the ``torch`` backend)
     C++ / CUDA  csrc/grid3d/ (sample_grid3d), csrc/onering/ (one_ring_deform),
-                csrc/surface/ (closest_triangles, surface_field_grid): ``cpu`` and ``cuda``
+                csrc/closest_triangles/ (closest_triangles, surface_field_grid): ``cpu`` and ``cuda``
     tests       tests/test_deformation_ops.py, tests/test_deformation_kernels.py,
-                tests/test_surface_kernels.py
+                tests/test_closest_triangles_kernels.py
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _chosen_face_values(p: torch.Tensor, v: torch.Tensor, faces: torch.Tensor, i
 
 
 def _closest_triangles_compiled(points, verts, faces):
-    """``cpu`` / ``cuda``: ``head4d._C.closest_triangles_forward`` (csrc/surface/) searches;
+    """``cpu`` / ``cuda``: ``head4d._C.closest_triangles_forward`` (csrc/closest_triangles/) searches;
     without a gradient to track it computes the values too, otherwise they are
     recomputed for the chosen faces with autograd (:func:`_chosen_face_values`)."""
     ext = _backend.extension()
@@ -145,7 +145,7 @@ def _closest_triangles_compiled(points, verts, faces):
 
 
 def _surface_field_grid_compiled(verts_obs, verts_canon, faces, resolution, bound):
-    """``cpu`` / ``cuda``: ``head4d._C.surface_field_grid_forward`` (csrc/surface/) searches
+    """``cpu`` / ``cuda``: ``head4d._C.surface_field_grid_forward`` (csrc/closest_triangles/) searches
     and, without a gradient to track, evaluates the field too; otherwise the field of
     the chosen faces is recomputed with autograd as the reference computes it."""
     ext = _backend.extension()
@@ -211,7 +211,7 @@ def closest_triangles(points: torch.Tensor, verts: torch.Tensor, faces: torch.Te
     Cost: the reference is brute force, ``N * M * F`` point-triangle tests, chunked
     over points to 2^18 pairs at a time on CPU, 2^22 on CUDA
     (:data:`head4d.reference.deformation.PAIRS_PER_CHUNK`), so memory stays bounded.
-    The ``cpu`` / ``cuda`` kernels (csrc/surface/) search spatially sorted tiles of faces
+    The ``cpu`` / ``cuda`` kernels (csrc/closest_triangles/) search spatially sorted tiles of faces
     in order of a lower bound, skipping tiles and faces that provably cannot win, with
     the same answers (the same distances on the CPU, bit for bit); with a gradient to
     track, the chosen faces' values are recomputed with autograd as the reference does.
@@ -271,7 +271,7 @@ def surface_field_grid(verts_obs: torch.Tensor, verts_canon: torch.Tensor, faces
 
     Cost: the reference is brute force, ``N * R^3 * F`` point-triangle tests, chunked
     (see :func:`closest_triangles`); the ``cpu`` / ``cuda`` kernels search culled tiles
-    (csrc/surface/) and, without a gradient to track, evaluate the field in the kernel.
+    (csrc/closest_triangles/) and, without a gradient to track, evaluate the field in the kernel.
     """
     op = "surface_field_grid"
     _check_points(op, "verts_obs", verts_obs, "[N, V, 3]")

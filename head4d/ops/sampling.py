@@ -2,7 +2,7 @@
 
 Where things live:
     reference   head4d/reference/sampling.py   (the ``torch`` backend)
-    C++ / CUDA  csrc/sampling/                 (``cpu`` and ``cuda`` backends of ``sample_importance``)
+    C++ / CUDA  csrc/importance/                 (``cpu`` and ``cuda`` backends of ``sample_importance``)
     tests       tests/test_rendering.py, tests/test_importance_kernels.py
     benchmark   head4d/bench.py (``sample_importance`` cases)
 
@@ -163,7 +163,7 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
     compiled backends (``cpu``, ``cuda``) agree with the reference to float32
     rounding: their sum of the weights is accumulated in float64 (torch's in float32,
     in its own order) and their cumsum sequentially in float64 (as torch's on the
-    CPU), which can move a CDF value by an ulp (csrc/sampling/importance_math.h).
+    CPU), which can move a CDF value by an ulp (csrc/importance/importance_math.h).
 
     Args:
         depths: ``[N, R, S, 1]`` floating point, S >= 4.

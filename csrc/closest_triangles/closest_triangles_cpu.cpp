@@ -1,5 +1,5 @@
 // CPU kernels of the closest-triangle search. The per-(point, triangle) math is
-// surface_math.h, the same functions the CUDA kernels call.
+// closest_triangles_math.h, the same functions the CUDA kernels call.
 //
 // One task per block of query points (4 x 4 x 4 grid points, or 64 consecutive
 // points): the tiles (kTileCpu faces each, spatially sorted) are ordered by the lower
@@ -16,11 +16,11 @@
 #include <stdexcept>
 #include <vector>
 
-#include "surface.h"
-#include "surface_math.h"
+#include "closest_triangles.h"
+#include "closest_triangles_math.h"
 
 namespace head4d {
-namespace surface {
+namespace closest_triangles {
 
 size_t record_bytes(Dtype dtype) {
   return dtype == Dtype::kFloat64 ? sizeof(TriRecord<double>) : sizeof(TriRecord<float>);
@@ -275,5 +275,5 @@ void search_cpu(const SearchArgs& args, const ParallelFor& parallel_for) {
   }
 }
 
-}  // namespace surface
+}  // namespace closest_triangles
 }  // namespace head4d

@@ -14,7 +14,7 @@
 
 #include "../host_utils.h"
 #include "../ops.h"
-#include "surface.h"
+#include "closest_triangles.h"
 
 namespace head4d {
 namespace {
@@ -57,45 +57,45 @@ Prepared prepare(const at::Tensor& verts, const at::Tensor& faces, Dtype dtype) 
   Prepared out;
   const bool cuda = verts.is_cuda();
   const int64_t N = verts.size(0), V = verts.size(1), F = faces.size(0);
-  out.tile = cuda ? surface::kTileCuda : surface::kTileCpu;
+  out.tile = cuda ? closest_triangles::kTileCuda : closest_triangles::kTileCpu;
   out.T = (F + out.tile - 1) / out.tile;
   out.faces = faces.to(at::kInt).contiguous();
   const auto bytes = verts.options().dtype(at::kByte);
   at::Tensor keys = at::empty({F}, verts.options().dtype(at::kLong));
-  const surface::KeysArgs kargs{verts.data_ptr(), out.faces.data_ptr<int32_t>(), keys.data_ptr<int64_t>(), V, F,
+  const closest_triangles::KeysArgs kargs{verts.data_ptr(), out.faces.data_ptr<int32_t>(), keys.data_ptr<int64_t>(), V, F,
                                 dtype};
-  out.records = at::empty({N * F * static_cast<int64_t>(surface::record_bytes(dtype))}, bytes);
-  out.spheres = at::empty({N * F * static_cast<int64_t>(surface::sphere_bytes(dtype))}, bytes);
-  out.tiles = at::empty({N * out.T * static_cast<int64_t>(surface::tile_bytes(dtype))}, bytes);
+  out.records = at::empty({N * F * static_cast<int64_t>(closest_triangles::record_bytes(dtype))}, bytes);
+  out.spheres = at::empty({N * F * static_cast<int64_t>(closest_triangles::sphere_bytes(dtype))}, bytes);
+  out.tiles = at::empty({N * out.T * static_cast<int64_t>(closest_triangles::tile_bytes(dtype))}, bytes);
   if (cuda) {
 #ifdef HEAD4D_WITH_CUDA
-    surface::keys_cuda(kargs, c10::cuda::getCurrentCUDAStream().stream());
+    closest_triangles::keys_cuda(kargs, c10::cuda::getCurrentCUDAStream().stream());
 #endif
   } else {
-    surface::keys_cpu(kargs);
+    closest_triangles::keys_cpu(kargs);
   }
   // keys are distinct (the face index is their low half): any sort gives this order
   const at::Tensor order = std::get<1>(at::sort(keys)).to(at::kInt).contiguous();
-  const surface::PrepareArgs pargs{verts.data_ptr(), out.faces.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
+  const closest_triangles::PrepareArgs pargs{verts.data_ptr(), out.faces.data_ptr<int32_t>(), order.data_ptr<int32_t>(),
                                    out.records.data_ptr(), out.spheres.data_ptr(), out.tiles.data_ptr(),
                                    N, V, F, out.T, out.tile, dtype};
   if (cuda) {
 #ifdef HEAD4D_WITH_CUDA
-    surface::prepare_cuda(pargs, c10::cuda::getCurrentCUDAStream().stream());
+    closest_triangles::prepare_cuda(pargs, c10::cuda::getCurrentCUDAStream().stream());
 #endif
   } else {
-    surface::prepare_cpu(pargs, host_parallel_for());
+    closest_triangles::prepare_cpu(pargs, host_parallel_for());
   }
   return out;
 }
 
-void search(const at::Tensor& like, const surface::SearchArgs& args) {
+void search(const at::Tensor& like, const closest_triangles::SearchArgs& args) {
   if (like.is_cuda()) {
 #ifdef HEAD4D_WITH_CUDA
-    surface::search_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
+    closest_triangles::search_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
 #endif
   } else {
-    surface::search_cpu(args, host_parallel_for());
+    closest_triangles::search_cpu(args, host_parallel_for());
   }
 }
 
@@ -137,7 +137,7 @@ std::vector<at::Tensor> closest_triangles_forward(const at::Tensor& points, cons
     const at::Tensor vts = verts.to(acc).contiguous();
     const Dtype kd = kernel_dtype(pts, op, "points");
     const Prepared prep = prepare(vts, faces, kd);
-    surface::SearchArgs args{pts.data_ptr(),
+    closest_triangles::SearchArgs args{pts.data_ptr(),
                              nullptr,
                              0,
                              prep.records.data_ptr(),
@@ -193,7 +193,7 @@ std::vector<at::Tensor> surface_field_grid_forward(const at::Tensor& verts_obs,
     if (field) vc = verts_canon->to(acc).contiguous();
     const Dtype kd = kernel_dtype(vo, op, "verts_obs");
     const Prepared prep = prepare(vo, faces, kd);
-    surface::SearchArgs args{nullptr,
+    closest_triangles::SearchArgs args{nullptr,
                              grid.data_ptr(),
                              R,
                              prep.records.data_ptr(),

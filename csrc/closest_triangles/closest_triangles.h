@@ -1,6 +1,6 @@
 // Launchers of the closest-triangle search (closest_triangles, surface_field_grid):
 // raw pointers in, no torch types, so the kernel files compile without torch headers.
-// Inputs are checked, converted and outputs / scratch allocated by surface_host.cpp.
+// Inputs are checked, converted and outputs / scratch allocated by closest_triangles_host.cpp.
 //
 // Every floating array is in the accumulation type `dtype` (float32, or float64 for
 // float64 inputs): the host converts half-precision inputs (small next to the work).
@@ -14,7 +14,7 @@
 //      tile of `tile` consecutive faces a bounding box.
 //   3. search: per block of query points, the tiles in order of their lower-bound
 //      distance to the block's bounding box; per point the exact distance to every face
-//      that the lower bounds cannot exclude (surface_math.h). Optionally the values of
+//      that the lower bounds cannot exclude (closest_triangles_math.h). Optionally the values of
 //      the chosen face (barycentrics, signed distance) and the surface field.
 // The result does not depend on the order (ties are broken by face index), only the
 // speed does.
@@ -27,15 +27,15 @@
 #include "../common.h"
 
 namespace head4d {
-namespace surface {
+namespace closest_triangles {
 
 // Faces per tile: the CPU's tiles are smaller (a finer culling for one point at a time),
 // the GPU's tiles amortize a block-wide synchronization.
 constexpr int kTileCpu = 32;
 constexpr int kTileCuda = 64;
 
-// Sizes in bytes of the scratch records (TriRecord, Sphere, TileBox of surface_math.h)
-// in the accumulation type `dtype`; defined in surface_cpu.cpp.
+// Sizes in bytes of the scratch records (TriRecord, Sphere, TileBox of closest_triangles_math.h)
+// in the accumulation type `dtype`; defined in closest_triangles_cpu.cpp.
 size_t record_bytes(Dtype dtype);
 size_t sphere_bytes(Dtype dtype);
 size_t tile_bytes(Dtype dtype);
@@ -91,5 +91,5 @@ void prepare_cuda(const PrepareArgs& args, void* stream);
 void search_cuda(const SearchArgs& args, void* stream);
 #endif
 
-}  // namespace surface
+}  // namespace closest_triangles
 }  // namespace head4d

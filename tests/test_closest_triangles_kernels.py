@@ -1,5 +1,5 @@
 """The compiled backends (``cpu``, ``cuda``) of ``closest_triangles`` and
-``surface_field_grid`` (csrc/surface/) against the reference
+``surface_field_grid`` (csrc/closest_triangles/) against the reference
 (head4d/reference/deformation.py) on fresh random inputs: triangle soups with shared and
 repeated vertices, a jittered icosphere with points near its centre (many near-ties),
 exactly on its vertices, edges and faces and far outside, degenerate triangles (collinear,

@@ -28,7 +28,7 @@
 #include "../scalar_math.h"
 
 namespace head4d {
-namespace surface {
+namespace closest_triangles {
 
 // ---------------------------------------------------------------------------------
 // correctly rounded arithmetic that nvcc may not fuse: mul_rn, add_rn, sub_rn, div_rn
@@ -416,5 +416,5 @@ HEAD4D_HD bool centroid(const A* verts, const int32_t* faces, int64_t f, int64_t
   return finite3(out);
 }
 
-}  // namespace surface
+}  // namespace closest_triangles
 }  // namespace head4d

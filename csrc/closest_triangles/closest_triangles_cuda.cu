@@ -1,5 +1,5 @@
 // CUDA kernels of the closest-triangle search. The per-(point, triangle) math is
-// surface_math.h, the same functions the CPU kernels call; this file owns the memory
+// closest_triangles_math.h, the same functions the CPU kernels call; this file owns the memory
 // traffic and the block-level culling.
 //
 // keys:    one block; the box of the face centroids, then a Morton key per face.
@@ -20,7 +20,7 @@
 //             the bits of a non-negative float) for the next bound test.
 //          With more than kMaxSortedTiles tiles the tiles go in index order, each
 //          tested against the block's reach, without the early stop.
-// The skips are exact (surface_math.h): the result is the brute force's, ties included.
+// The skips are exact (closest_triangles_math.h): the result is the brute force's, ties included.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -28,11 +28,11 @@
 #include <stdexcept>
 #include <string>
 
-#include "surface.h"
-#include "surface_math.h"
+#include "closest_triangles.h"
+#include "closest_triangles_math.h"
 
 namespace head4d {
-namespace surface {
+namespace closest_triangles {
 namespace {
 
 constexpr int kThreads = 128;         // search: points per block (8 x 4 x 4 on a grid)
@@ -489,5 +489,5 @@ void search_cuda(const SearchArgs& args, void* stream) {
   else launch_search<float>(args, static_cast<cudaStream_t>(stream));
 }
 
-}  // namespace surface
+}  // namespace closest_triangles
 }  // namespace head4d
