@@ -3,11 +3,28 @@
 // files include ATen alone and the kernel files no torch header at all.
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
 #include "ops.h"
+
+#ifdef HEAD4D_CUDA_EMULATION
+namespace head4d {
+namespace emulation_selftest {
+std::vector<float> run(const std::string& kernel, const std::vector<float>& input, int threads);
+}  // namespace emulation_selftest
+}  // namespace head4d
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "head4d's compiled CPU and CUDA kernels (see head4d.ops for the public API)";
   m.def("with_cuda", &head4d::with_cuda, "Whether this build contains the CUDA kernels.");
+  m.def("cuda_emulated", &head4d::cuda_emulated,
+        "Whether this is the emulated build: the CUDA kernels compiled as host code, run on CPU tensors.");
+#ifdef HEAD4D_CUDA_EMULATION
+  m.def("emulation_selftest", &head4d::emulation_selftest::run, py::arg("kernel"), py::arg("input"),
+        py::arg("threads"), "Runs one of the emulation's own test kernels (csrc/cuda_emulation/selftest_kernels.cu).");
+#endif
   m.def("sample_triplanes_forward", &head4d::sample_triplanes_forward, py::arg("planes"), py::arg("points"),
         py::arg("scale"), py::arg("layout"), py::arg("reduce"),
         "planes [N,3,C,H,W], points [N,M,3] -> features [N,M,C] or [N,3,M,C] (reduce none).");

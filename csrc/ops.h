@@ -104,5 +104,6 @@ std::vector<at::Tensor> surface_field_grid_forward(const at::Tensor& verts_obs,
                                                    const at::Tensor& faces, int64_t resolution, double bound);
 
 bool with_cuda();
+bool cuda_emulated();
 
 }  // namespace head4d

@@ -12,6 +12,15 @@ Every op in :mod:`head4d.ops` runs on one of four backends:
     Triton kernels in :mod:`head4d.kernels` (CUDA tensors, or CPU tensors when
     ``TRITON_INTERPRET=1`` is set, which is how the tests exercise them).
 
+For tests there is ``cuda_emulated`` (:data:`TEST_BACKENDS`): the CUDA kernels, host
+launchers included, compiled as host C++ against head4d's CPU emulation of CUDA's
+execution model (``csrc/cuda_emulation/``) and run on CPU tensors. It lives in a second
+module, ``head4d._C_emulated`` (``HEAD4D_EMULATION=1`` at build time), built with
+AddressSanitizer; a process opts in with ``HEAD4D_CUDA_EMULATION=1`` (and the ASan
+runtime preloaded, as ``scripts/test.sh`` does), and then the compiled ops run the
+emulated CUDA kernels instead of the CPU ones: ``cuda_emulated`` takes the ``cpu`` code
+path with the emulated module, and ``cpu`` is unavailable in such a process.
+
 An op may have a peer too (:data:`PEER_BACKENDS`): ``attention`` has ``sdpa``,
 PyTorch's ``scaled_dot_product_attention``, the implementation it is measured against.
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
@@ -42,6 +52,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
+
+#: Backends for tests only, never chosen by default: ``cuda_emulated`` (see above).
+TEST_BACKENDS: Tuple[str, ...] = ("cuda_emulated",)
 
 #: Backends that only some ops have, each op naming its own in ``resolve(extra=...)``:
 #: ``sdpa`` is PyTorch's ``scaled_dot_product_attention`` (``attention``'s peer).
@@ -63,16 +76,39 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def emulating() -> bool:
+    """Whether this process runs the CUDA emulation (``HEAD4D_CUDA_EMULATION=1``)."""
+    return os.environ.get("HEAD4D_CUDA_EMULATION", "0") not in ("", "0")
+
+
+def _asan_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libasan" in maps.read()
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def _load_extension():
+    name = "head4d._C_emulated" if emulating() else "head4d._C"
+    if emulating() and importlib.util.find_spec(name) is not None and not _asan_loaded():
+        # importing an ASan-built module without the runtime would abort the process
+        return None, ImportError(
+            f"{name} is built with AddressSanitizer and the ASan runtime is not loaded: run with "
+            "LD_PRELOAD=\"$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)\" "
+            "ASAN_OPTIONS=detect_leaks=0 (scripts/test.sh does)")
     try:
-        return importlib.import_module("head4d._C"), None
+        return importlib.import_module(name), None
     except ImportError as exc:  # not built, or built against another torch
+        if emulating():
+            exc = ImportError(f"{exc}; build it with HEAD4D_EMULATION=1 (scripts/setup.sh does in CI)")
         return None, exc
 
 
 def extension():
-    """The compiled extension module ``head4d._C``, or ``None`` if it is not importable."""
+    """The compiled extension module ``head4d._C`` (``head4d._C_emulated`` in an emulating
+    process), or ``None`` if it is not importable."""
     return _load_extension()[0]
 
 
@@ -104,7 +140,19 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """``None`` if ``backend`` can run on tensors of ``device``, else why not."""
     if backend == "torch":
         return None
+    if backend == "cuda_emulated":
+        if not emulating():
+            return ("backend 'cuda_emulated' runs in a process started with HEAD4D_CUDA_EMULATION=1 and the ASan "
+                    "runtime preloaded (scripts/test.sh runs the emulated tests so)")
+        if device.type != "cpu":
+            return f"backend 'cuda_emulated' runs on CPU tensors, got tensors on {device}"
+        if extension() is None:
+            return f"the emulated extension head4d._C_emulated is not loadable ({extension_error()})"
+        return None
     if backend == "cpu":
+        if emulating():
+            return ("this process runs the CUDA emulation (HEAD4D_CUDA_EMULATION=1): its compiled extension is "
+                    "head4d._C_emulated, which has no CPU kernels; use backend 'cuda_emulated'")
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
         if extension() is None:
@@ -130,14 +178,14 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
             return "this torch has no torch.nn.functional.scaled_dot_product_attention (torch >= 2.1 needed)"
         return None
-    return f"unknown backend {backend!r}; expected one of {BACKENDS + PEER_BACKENDS}"
+    return f"unknown backend {backend!r}; expected one of {BACKENDS + PEER_BACKENDS + TEST_BACKENDS}"
 
 
 def resolve(op: str, device: torch.device, requested: Optional[str],
             preferences: Dict[str, Sequence[str]], extra: Sequence[str] = ()) -> str:
     """Pick the backend for one call of ``op`` on tensors living on ``device``;
     ``extra`` names the op's backends beyond :data:`BACKENDS` (from :data:`PEER_BACKENDS`)."""
-    known = BACKENDS + tuple(extra)
+    known = BACKENDS + TEST_BACKENDS + tuple(extra)
     choice = requested
     source = "backend="
     if choice is None or choice == "auto":
@@ -155,6 +203,8 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
         reason = unavailable_reason(choice, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")
+        if choice == "cuda_emulated":
+            return "cpu"  # the cpu code path, whose extension is the emulated one in this process
         return choice
 
     prefs = preferences.get(device.type, ("torch",))

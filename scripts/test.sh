@@ -1,9 +1,34 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the test suite. Without a GPU, Triton kernels
-# run in the interpreter and `gpu`-marked tests are skipped; HEAD4D_TEST_STRICT=1
-# makes a missing extension or Triton a failure rather than a skip.
-# Extra arguments go to pytest (e.g. scripts/test.sh -k triplanes -x).
+# Sets up (scripts/setup.sh) and runs the test suite in two processes:
+#   1. every test but the emulated ones: the reference, the CPU kernels, the Triton
+#      kernels (in the interpreter without a GPU), and the `gpu`-marked tests when a GPU
+#      is present (skipped otherwise);
+#   2. the `emulated` tests: the CUDA kernels, host launchers included, run on the CPU
+#      through head4d's emulation of CUDA (backend `cuda_emulated`, head4d._C_emulated,
+#      built with AddressSanitizer, whose runtime must be preloaded).
+# HEAD4D_TEST_STRICT=1: a missing extension, Triton or emulated module fails a test
+# instead of skipping it. Extra arguments go to both pytest runs
+# (e.g. scripts/test.sh -k triplanes -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-HEAD4D_TEST_STRICT=1 exec .venv/bin/python -m pytest tests "$@"
+export HEAD4D_TEST_STRICT=1
+
+# pytest's exit code 5 (nothing collected) is an error unless the caller filtered tests
+run_pytest() {
+  local rc=0
+  "$@" || rc=$?
+  if [ "$rc" = 5 ] && [ "$FILTERED" = 1 ]; then rc=0; fi
+  return "$rc"
+}
+FILTERED=0; [ $# -gt 0 ] && FILTERED=1
+
+echo "== tests (CPU kernels, Triton, GPU tests when a GPU is present)"
+run_pytest .venv/bin/python -m pytest tests -m "not emulated" "$@"
+
+echo "== emulated CUDA kernels (HEAD4D_CUDA_EMULATION=1, AddressSanitizer)"
+# the ASan runtime first, and the C++ runtime beside it so that ASan's exception
+# interceptors find it (the interpreter itself does not link it)
+preload="$(${CC:-gcc} -print-file-name=libasan.so) $(${CC:-gcc} -print-file-name=libstdc++.so)"
+HEAD4D_CUDA_EMULATION=1 LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+  run_pytest .venv/bin/python -m pytest tests -m emulated "$@"

@@ -21,9 +21,9 @@ from head4d import _backend, ops
 from head4d.ops import deformation as D
 from head4d.reference import deformation as R
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 F64 = torch.float64
 F32 = torch.float32
 
@@ -41,7 +41,7 @@ def _one_thread():
 
 def extension():
     """head4d._C; skips without it (fails in strict mode, as CI runs)."""
-    require_backend("cpu")
+    require_backend("cuda_emulated" if _backend.emulating() else "cpu")
     return _backend.extension()
 
 

@@ -8,9 +8,9 @@ import torch
 from head4d.ops import compositing
 from head4d.ops.compositing import composite_rays
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 
 # (atol, rtol) per dtype, for outputs and gradients
 TOL = {
@@ -145,7 +145,7 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fn_white, inputs[:3], eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b is not CUDA_EMULATED])  # a test-only backend
 def test_auto_dispatch_prefers_compiled(backend, monkeypatch):
     device = require_backend(backend)
     monkeypatch.delenv("HEAD4D_BACKEND", raising=False)

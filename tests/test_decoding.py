@@ -19,14 +19,14 @@ from head4d.reference import decode_triplanes as reference_decode
 from head4d.reference import sample_triplanes as reference_sample
 from head4d.render import TriplaneDecoder, TriplaneRenderer
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
 # Relative-norm error bounds ||out - ref|| / ||ref|| per dtype (as tests/test_triplanes.py).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Gradients of half-precision planes are rounded once more (the planes' gradient).
 GRAD_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 F64 = torch.float64
 

@@ -11,9 +11,9 @@ from head4d import _backend
 from head4d.ops import deformation as D
 from head4d.ops.deformation import one_ring_deform, sample_grid3d
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 F64 = torch.float64
 
@@ -42,7 +42,7 @@ def leaves(*tensors):
 
 def extension():
     """head4d._C; skips without it (fails in strict mode, as CI runs)."""
-    require_backend("cpu")
+    require_backend("cuda_emulated" if _backend.emulating() else "cpu")
     return _backend.extension()
 
 

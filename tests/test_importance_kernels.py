@@ -11,9 +11,9 @@ from head4d.ops import sampling
 from head4d.ops.sampling import sample_importance, stratified_depths
 from head4d.reference import sampling as reference
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -342,7 +342,7 @@ def test_no_gradient(backend):
 # Dispatch and errors
 # ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b is not CUDA_EMULATED])  # a test-only backend
 def test_auto_dispatch_prefers_compiled(backend, monkeypatch):
     device = require_backend(backend)
     monkeypatch.delenv("HEAD4D_BACKEND", raising=False)

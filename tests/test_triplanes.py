@@ -13,7 +13,7 @@ import head4d
 from head4d import _backend
 from head4d.reference import sample_triplanes as reference_sample
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
 # Relative-norm error bounds ||out - ref|| / ||ref|| per dtype (METHOD.md).
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -94,7 +94,7 @@ def test_layouts_differ_only_in_plane_one():
     assert not torch.allclose(a[:, 1], b[:, 1])
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED])
 def test_hand_computed_values(backend):
     """Texel centres give texel values; the cube's border (u = +-1) is half a texel
     from the edge texel centre, so zero padding halves it."""

@@ -21,19 +21,21 @@
 //          With more than kMaxSortedTiles tiles the tiles go in index order, each
 //          tested against the block's reach, without the early stop.
 // The skips are exact (closest_triangles_math.h): the result is the brute force's, ties included.
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "../cuda_launch.cuh"
 #include "closest_triangles.h"
 #include "closest_triangles_math.h"
 
 namespace head4d {
 namespace closest_triangles {
 namespace {
+
+constexpr const char* kOp = "closest_triangles";
 
 constexpr int kThreads = 128;         // search: points per block (8 x 4 x 4 on a grid)
 constexpr int kKeysThreads = 1024;    // keys: one block
@@ -213,7 +215,7 @@ __device__ __forceinline__ void copy16(void* dst, const void* src, int words) {
 
 template <typename A, bool kGrid>
 __global__ void __launch_bounds__(kThreads) search_kernel(const SearchParams<A> P) {
-  extern __shared__ float s_dyn[];  // ranked mode: lb [T] floats, then order [T] ints
+  HEAD4D_DYNAMIC_SHARED(float, s_dyn);  // ranked mode: lb [T] floats, then order [T] ints
   __shared__ TriRecord<A> s_rec[kTileCuda];
   __shared__ Sphere<A> s_sph[kTileCuda];
   __shared__ TileBox<A> s_tile;
@@ -398,17 +400,6 @@ __global__ void __launch_bounds__(kThreads) search_kernel(const SearchParams<A> 
 // launchers
 // ---------------------------------------------------------------------------------
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("closest_triangles: ") + what + " launch failed: " + cudaGetErrorString(err));
-}
-
-unsigned int checked_blocks(int64_t blocks) {
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("closest_triangles: input too large for one launch");
-  return static_cast<unsigned int>(blocks);
-}
-
 void check_dtype(Dtype dtype) {
   if (dtype != Dtype::kFloat32 && dtype != Dtype::kFloat64)
     throw std::invalid_argument("closest_triangles: the kernels compute in float32 or float64");
@@ -439,13 +430,13 @@ void launch_search(const SearchArgs& a, cudaStream_t stream) {
     P.nb_w = (a.R + 7) / 8;
     P.nb_h = (a.R + 3) / 4;
     P.per_item = P.nb_w * P.nb_h * ((a.R + 3) / 4);
-    search_kernel<A, true><<<checked_blocks(a.N * P.per_item), kThreads, shared, stream>>>(P);
+    HEAD4D_LAUNCH(checked_grid(a.N * P.per_item, kOp), kThreads, shared, stream, search_kernel<A, true>)(P);
   } else {
     P.nb_w = P.nb_h = 0;
     P.per_item = (a.M + kThreads - 1) / kThreads;
-    search_kernel<A, false><<<checked_blocks(a.N * P.per_item), kThreads, shared, stream>>>(P);
+    HEAD4D_LAUNCH(checked_grid(a.N * P.per_item, kOp), kThreads, shared, stream, search_kernel<A, false>)(P);
   }
-  check_launch("search");
+  check_launch(kOp, "search");
 }
 
 }  // namespace
@@ -455,12 +446,12 @@ void keys_cuda(const KeysArgs& args, void* stream) {
   if (args.F == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   if (args.dtype == Dtype::kFloat64)
-    keys_kernel<double><<<1, kKeysThreads, 0, s>>>(static_cast<const double*>(args.verts), args.faces, args.keys,
+    HEAD4D_LAUNCH(1, kKeysThreads, 0, s, keys_kernel<double>)(static_cast<const double*>(args.verts), args.faces, args.keys,
                                                    args.V, args.F);
   else
-    keys_kernel<float><<<1, kKeysThreads, 0, s>>>(static_cast<const float*>(args.verts), args.faces, args.keys,
+    HEAD4D_LAUNCH(1, kKeysThreads, 0, s, keys_kernel<float>)(static_cast<const float*>(args.verts), args.faces, args.keys,
                                                   args.V, args.F);
-  check_launch("keys");
+  check_launch(kOp, "keys");
 }
 
 void prepare_cuda(const PrepareArgs& args, void* stream) {
@@ -468,17 +459,17 @@ void prepare_cuda(const PrepareArgs& args, void* stream) {
   if (args.tile != kTileCuda) throw std::invalid_argument("closest_triangles: the CUDA tiles hold kTileCuda faces");
   if (args.N * args.F == 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
-  const unsigned int blocks = checked_blocks(args.N * args.T);
+  const unsigned int blocks = checked_grid(args.N * args.T, kOp);
   if (args.dtype == Dtype::kFloat64)
-    prepare_kernel<double><<<blocks, kTileCuda, 0, s>>>(
+    HEAD4D_LAUNCH(blocks, kTileCuda, 0, s, prepare_kernel<double>)(
         static_cast<const double*>(args.verts), args.faces, args.order, static_cast<TriRecord<double>*>(args.records),
         static_cast<Sphere<double>*>(args.spheres), static_cast<TileBox<double>*>(args.tiles), args.V, args.F,
         args.T);
   else
-    prepare_kernel<float><<<blocks, kTileCuda, 0, s>>>(
+    HEAD4D_LAUNCH(blocks, kTileCuda, 0, s, prepare_kernel<float>)(
         static_cast<const float*>(args.verts), args.faces, args.order, static_cast<TriRecord<float>*>(args.records),
         static_cast<Sphere<float>*>(args.spheres), static_cast<TileBox<float>*>(args.tiles), args.V, args.F, args.T);
-  check_launch("prepare");
+  check_launch(kOp, "prepare");
 }
 
 void search_cuda(const SearchArgs& args, void* stream) {

@@ -7,11 +7,6 @@
 
 #include <ATen/ATen.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "closest_triangles.h"
@@ -35,15 +30,6 @@ void check_mesh(const char* op, const char* name, const at::Tensor& verts, const
                     verts.device(), " and ", faces.device());
 }
 
-void check_device(const char* op, const at::Tensor& t) {
-#ifdef HEAD4D_WITH_CUDA
-  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": unsupported device ", t.device());
-#else
-  TORCH_CHECK_VALUE(t.is_cpu(), op, ": head4d._C was built without CUDA; rebuild with nvcc available (got ",
-                    t.device(), ")");
-#endif
-}
-
 // The scratch of one call: per-face records and spheres in the search order, tile boxes.
 struct Prepared {
   at::Tensor faces;  // [F, 3] int32
@@ -55,7 +41,7 @@ struct Prepared {
 // verts: [N, V, 3] contiguous, accumulation type, N >= 1.
 Prepared prepare(const at::Tensor& verts, const at::Tensor& faces, Dtype dtype) {
   Prepared out;
-  const bool cuda = verts.is_cuda();
+  const bool cuda = uses_cuda_kernels(verts);
   const int64_t N = verts.size(0), V = verts.size(1), F = faces.size(0);
   out.tile = cuda ? closest_triangles::kTileCuda : closest_triangles::kTileCpu;
   out.T = (F + out.tile - 1) / out.tile;
@@ -68,11 +54,9 @@ Prepared prepare(const at::Tensor& verts, const at::Tensor& faces, Dtype dtype) 
   out.spheres = at::empty({N * F * static_cast<int64_t>(closest_triangles::sphere_bytes(dtype))}, bytes);
   out.tiles = at::empty({N * out.T * static_cast<int64_t>(closest_triangles::tile_bytes(dtype))}, bytes);
   if (cuda) {
-#ifdef HEAD4D_WITH_CUDA
-    closest_triangles::keys_cuda(kargs, c10::cuda::getCurrentCUDAStream().stream());
-#endif
+    HEAD4D_ON_CUDA(verts, "closest_triangles", closest_triangles::keys_cuda(kargs, stream));
   } else {
-    closest_triangles::keys_cpu(kargs);
+    HEAD4D_ON_CPU(verts, "closest_triangles", closest_triangles::keys_cpu(kargs));
   }
   // keys are distinct (the face index is their low half): any sort gives this order
   const at::Tensor order = std::get<1>(at::sort(keys)).to(at::kInt).contiguous();
@@ -80,28 +64,20 @@ Prepared prepare(const at::Tensor& verts, const at::Tensor& faces, Dtype dtype) 
                                    out.records.data_ptr(), out.spheres.data_ptr(), out.tiles.data_ptr(),
                                    N, V, F, out.T, out.tile, dtype};
   if (cuda) {
-#ifdef HEAD4D_WITH_CUDA
-    closest_triangles::prepare_cuda(pargs, c10::cuda::getCurrentCUDAStream().stream());
-#endif
+    HEAD4D_ON_CUDA(verts, "closest_triangles", closest_triangles::prepare_cuda(pargs, stream));
   } else {
-    closest_triangles::prepare_cpu(pargs, host_parallel_for());
+    HEAD4D_ON_CPU(verts, "closest_triangles", closest_triangles::prepare_cpu(pargs, host_parallel_for()));
   }
   return out;
 }
 
 void search(const at::Tensor& like, const closest_triangles::SearchArgs& args) {
-  if (like.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    closest_triangles::search_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#endif
+  if (uses_cuda_kernels(like)) {
+    HEAD4D_ON_CUDA(like, "closest_triangles", closest_triangles::search_cuda(args, stream));
   } else {
-    closest_triangles::search_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(like, "closest_triangles", closest_triangles::search_cpu(args, host_parallel_for()));
   }
 }
-
-#ifdef HEAD4D_WITH_CUDA
-using Guard = c10::cuda::OptionalCUDAGuard;
-#endif
 
 }  // namespace
 
@@ -117,10 +93,7 @@ std::vector<at::Tensor> closest_triangles_forward(const at::Tensor& points, cons
                    points.scalar_type(), " and ", verts.scalar_type());
   TORCH_CHECK_VALUE(points.device() == verts.device(), op, ": all tensors must be on one device, got ",
                     points.device(), " and ", verts.device());
-  check_device(op, points);
-#ifdef HEAD4D_WITH_CUDA
-  const Guard guard(points.is_cuda() ? std::optional<c10::Device>(points.device()) : std::nullopt);
-#endif
+  check_kernel_device(points, op);
   const int64_t N = points.size(0), M = points.size(1), V = verts.size(1), F = faces.size(0);
   const auto dtype = points.scalar_type();
   const auto acc = accumulate_type(points);
@@ -172,10 +145,7 @@ std::vector<at::Tensor> surface_field_grid_forward(const at::Tensor& verts_obs,
   }
   TORCH_CHECK_VALUE(resolution >= 1 && resolution <= 1290, op, ": resolution must lie in [1, 1290], got ",
                     resolution);
-  check_device(op, verts_obs);
-#ifdef HEAD4D_WITH_CUDA
-  const Guard guard(verts_obs.is_cuda() ? std::optional<c10::Device>(verts_obs.device()) : std::nullopt);
-#endif
+  check_kernel_device(verts_obs, op);
   const int64_t N = verts_obs.size(0), V = verts_obs.size(1), F = faces.size(0), R = resolution;
   const int64_t M = R * R * R;
   const auto dtype = verts_obs.scalar_type();

@@ -9,14 +9,12 @@
 // Backward: one thread per ray, the reverse scan of compositing_math.h from the final
 // transmittance the forward saved; no per-channel array at
 // all (dot products with grad_rgb are running sums, grad_rgb is re-read from L1).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "../cuda_launch.cuh"
 #include "../cuda_storage.cuh"
 #include "compositing.h"
 #include "compositing_math.h"
@@ -24,6 +22,8 @@
 namespace head4d {
 namespace compositing {
 namespace {
+
+constexpr const char* kOp = "composite_rays";
 
 constexpr int kThreads = 128;
 
@@ -177,65 +177,42 @@ backward_kernel(const typename Storage<T>::acc* __restrict__ grad_rgb,
   for (int64_t c = 0; c < C; ++c) gcol[c] = w_next * __ldg(g + c);
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("composite_rays: ") + what + " launch failed: " + cudaGetErrorString(err));
-}
-
-unsigned int blocks_for(int64_t threads) {
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("composite_rays: input too large for one launch");
-  return static_cast<unsigned int>(blocks);
-}
-
 template <typename T>
 void launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   using A = typename Storage<T>::acc;
   constexpr int kChunk = static_cast<int>(32 / sizeof(T));
-  forward_kernel<T, kChunk><<<blocks_for(a.rays), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(blocks_for(a.rays, kThreads, kOp), kThreads, 0, stream, forward_kernel<T, kChunk>)(
       static_cast<const T*>(a.colors), static_cast<const T*>(a.densities), static_cast<const T*>(a.depths),
       static_cast<const T*>(a.background), static_cast<const A*>(a.depth_min), static_cast<const A*>(a.depth_max),
       static_cast<T*>(a.rgb), static_cast<T*>(a.depth), static_cast<T*>(a.weights), static_cast<A*>(a.aux), a.rays,
       a.S, a.C, a.background_mode);
-  check_launch("forward");
+  check_launch(kOp, "forward");
 }
 
 template <typename T>
 void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   using A = typename Storage<T>::acc;
-  backward_kernel<T><<<blocks_for(a.rays), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(blocks_for(a.rays, kThreads, kOp), kThreads, 0, stream, backward_kernel<T>)(
       static_cast<const A*>(a.grad_rgb), static_cast<const A*>(a.grad_depth), static_cast<const A*>(a.grad_weights),
       static_cast<const T*>(a.colors), static_cast<const T*>(a.densities), static_cast<const T*>(a.depths),
       static_cast<const T*>(a.background), static_cast<const A*>(a.depth_min), static_cast<const A*>(a.depth_max),
       static_cast<const A*>(a.aux), static_cast<A*>(a.grad_colors), static_cast<A*>(a.grad_densities),
       static_cast<A*>(a.grad_depths), static_cast<A*>(a.grad_background), a.rays, a.S, a.C, a.background_mode);
-  check_launch("backward");
-}
-
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{});
-    case Dtype::kFloat64: return fn(double{});
-    case Dtype::kFloat16: return fn(__half{});
-    case Dtype::kBFloat16: return fn(__nv_bfloat16{});
-  }
-  throw std::invalid_argument("composite_rays: unsupported dtype");
+  check_launch(kOp, "backward");
 }
 
 }  // namespace
 
 void forward_cuda(const ForwardArgs& args, void* stream) {
   if (args.rays == 0) return;
-  with_dtype(args.dtype, [&](auto tag) {
+  with_storage_type(args.dtype, kOp, [&](auto tag) {
     launch_forward<decltype(tag)>(args, static_cast<cudaStream_t>(stream));
   });
 }
 
 void backward_cuda(const BackwardArgs& args, void* stream) {
   if (args.rays == 0) return;
-  with_dtype(args.dtype, [&](auto tag) {
+  with_storage_type(args.dtype, kOp, [&](auto tag) {
     launch_backward<decltype(tag)>(args, static_cast<cudaStream_t>(stream));
   });
 }

@@ -9,11 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "compositing.h"
@@ -81,17 +76,11 @@ std::vector<at::Tensor> composite_rays_forward(const at::Tensor& colors, const a
                                 bg.defined() ? bg.data_ptr() : nullptr, lo.data_ptr(), hi.data_ptr(),
                                 rgb.data_ptr(), depth.data_ptr(), weights.data_ptr(), aux.data_ptr(),
                                 N * R, S, C, background_mode(background, white_back), kernel_dtype(colors, "composite_rays", "inputs")};
-  if (colors.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(colors.device());
-    compositing::forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "composite_rays: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(colors)) {
+    HEAD4D_ON_CUDA(colors, "composite_rays", compositing::forward_cuda(args, stream));
   } else {
-    TORCH_CHECK_VALUE(colors.is_cpu(), "composite_rays: unsupported device ", colors.device());
     // the range was computed on the CPU: the kernel reads it directly
-    compositing::forward_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(colors, "composite_rays", compositing::forward_cpu(args, host_parallel_for()));
   }
   return {rgb, depth, weights, aux};
 }
@@ -147,16 +136,10 @@ std::vector<at::Tensor> composite_rays_backward(const at::Tensor& grad_rgb,
                                    grad_colors.data_ptr(), grad_densities.data_ptr(), grad_depths.data_ptr(),
                                    bg.defined() ? grad_background.data_ptr() : nullptr,
                                    N * R, S, C, background_mode(background, white_back), kernel_dtype(colors, "composite_rays", "inputs")};
-    if (colors.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(colors.device());
-      compositing::backward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-      TORCH_CHECK(false, "composite_rays: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+    if (uses_cuda_kernels(colors)) {
+      HEAD4D_ON_CUDA(colors, "composite_rays", compositing::backward_cuda(args, stream));
     } else {
-      TORCH_CHECK_VALUE(colors.is_cpu(), "composite_rays: unsupported device ", colors.device());
-      compositing::backward_cpu(args, host_parallel_for());
+      HEAD4D_ON_CPU(colors, "composite_rays", compositing::backward_cpu(args, host_parallel_for()));
     }
 
     if (g_depth.defined()) {

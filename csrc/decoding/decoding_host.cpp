@@ -8,11 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "../triplanes/triplanes.h"
@@ -23,11 +18,9 @@ namespace {
 
 constexpr const char* kOp = "decode_triplanes";
 
-#ifdef HEAD4D_WITH_CUDA
 // Points per CUDA backward chunk: bounds the buffers of per-point vectors (f, h, dL/dz,
 // dL/do: 193 floats per point at C 32, Hd 64, O 33, so about 50 MB).
 constexpr int64_t kChunkPoints = int64_t(1) << 16;
-#endif
 
 struct Sizes {
   int64_t N, M, C, H, W, hidden, outputs;
@@ -72,7 +65,6 @@ Sizes check_inputs(const at::Tensor& planes, const at::Tensor& points, const at:
   return {planes.size(0), points.size(1), C, planes.size(3), planes.size(4), hidden, outputs};
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 // [N, 3, C, H, W] -> a contiguous [N, 3, H, W, Cs] (channels Cs > C zero-filled);
 // free when the planes are channels-last already (and, on CUDA, 16-byte aligned).
@@ -81,7 +73,7 @@ at::Tensor relayout(const at::Tensor& planes, int64_t Cs) {
   const at::Tensor permuted = planes.permute({0, 1, 3, 4, 2});
   if (Cs == C) {
     if (permuted.is_contiguous()) {
-      if (planes.is_cpu() || aligned16(permuted.data_ptr())) return permuted;
+      if (!uses_cuda_kernels(planes) || is_aligned16(permuted.data_ptr())) return permuted;
       return permuted.clone(at::MemoryFormat::Contiguous);
     }
     if (planes.is_cpu() && planes.is_contiguous()) {
@@ -109,7 +101,7 @@ Prepared prepare(const at::Tensor& planes, const at::Tensor& points, const at::T
   TORCH_CHECK_VALUE(planes.is_cpu() || planes.is_cuda(), kOp, ": unsupported device ", planes.device());
   Prepared p;
   p.dtype = kernel_dtype(planes, kOp, "planes");
-  p.Cs = planes.is_cuda() ? decoding::cuda_channel_stride(s.C, p.dtype) : s.C;
+  p.Cs = uses_cuda_kernels(planes) ? decoding::cuda_channel_stride(s.C, p.dtype) : s.C;
   const auto acc = accumulate_type(planes);
   p.planes = relayout(planes, p.Cs);
   p.points = points.to(acc).contiguous();
@@ -119,6 +111,40 @@ Prepared prepare(const at::Tensor& planes, const at::Tensor& points, const at::T
   p.b2 = b2.to(acc).contiguous();
   return p;
 }
+
+#ifdef HEAD4D_WITH_CUDA
+// The CUDA backward: the kernels write the planes' and points' gradients; the weight
+// gradients (those of gw1, gb1, gw2, gb2 that are defined) are sums over points of
+// per-point vectors, which the kernels write a chunk of points at a time for matrix
+// products to reduce.
+void backward_cuda_with_weight_grads(decoding::BackwardArgs args, int64_t total, const at::TensorOptions& acc_opts,
+                                     at::Tensor& gw1, at::Tensor& gb1, at::Tensor& gw2, at::Tensor& gb2,
+                                     void* stream) {
+  const bool need_w1 = gw1.defined(), need_b1 = gb1.defined(), need_w2 = gw2.defined(), need_b2 = gb2.defined();
+  args.grad_w1 = args.grad_b1 = args.grad_w2 = args.grad_b2 = nullptr;
+  if (!(need_w1 || need_b1 || need_w2 || need_b2)) {
+    decoding::backward_cuda(args, decoding::ChunkBuffers{nullptr, nullptr, nullptr, nullptr, 0}, 0, total, stream);
+    return;
+  }
+  auto ptr = [](const at::Tensor& t) -> void* { return t.defined() ? t.data_ptr() : nullptr; };
+  const int64_t P = std::min(total, kChunkPoints);
+  at::Tensor buf_f, buf_h, buf_gz, buf_go;
+  if (need_w1) buf_f = at::empty({gw1.size(1), P}, acc_opts);
+  if (need_w2) buf_h = at::empty({gw2.size(1), P}, acc_opts);
+  if (need_w1 || need_b1) buf_gz = at::empty({args.hidden, P}, acc_opts);
+  if (need_w2 || need_b2) buf_go = at::empty({args.outputs, P}, acc_opts);
+  const decoding::ChunkBuffers chunk{ptr(buf_f), ptr(buf_h), ptr(buf_gz), ptr(buf_go), P};
+  for (int64_t begin = 0; begin < total; begin += P) {
+    const int64_t len = std::min(P, total - begin);
+    decoding::backward_cuda(args, chunk, begin, begin + len, stream);
+    // sums over the chunk's points: grad W1 += dL/dz f^T, grad W2 += dL/do h^T
+    if (need_w1) gw1.addmm_(buf_gz.narrow(1, 0, len), buf_f.narrow(1, 0, len).t());
+    if (need_b1) gb1.add_(buf_gz.narrow(1, 0, len).sum(1));
+    if (need_w2) gw2.addmm_(buf_go.narrow(1, 0, len), buf_h.narrow(1, 0, len).t());
+    if (need_b2) gb2.add_(buf_go.narrow(1, 0, len).sum(1));
+  }
+}
+#endif
 
 }  // namespace
 
@@ -134,15 +160,10 @@ std::vector<at::Tensor> decode_triplanes_forward(const at::Tensor& planes, const
   decoding::ForwardArgs args{p.planes.data_ptr(), p.points.data_ptr(), p.weights(), rgb.data_ptr(),
                              sigma.data_ptr(), s.N, s.M, s.C, s.H, s.W, s.hidden, s.outputs,
                              scale, static_cast<int>(layout), p.dtype};
-  if (planes.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(planes.device());
-    decoding::forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, kOp, ": head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(planes)) {
+    HEAD4D_ON_CUDA(planes, kOp, decoding::forward_cuda(args, stream));
   } else {
-    decoding::forward_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(planes, kOp, decoding::forward_cpu(args, host_parallel_for()));
   }
   return {rgb, sigma};
 }
@@ -170,7 +191,7 @@ std::vector<at::Tensor> decode_triplanes_backward(const std::optional<at::Tensor
   }
   const bool need_any = need_planes || need_points || need_w1 || need_b1 || need_w2 || need_b2;
   const bool run = need_any && s.N * s.M > 0 && (g_rgb.defined() || g_sigma.defined());
-  const int64_t Cs = planes.is_cuda() ? decoding::cuda_channel_stride(s.C, kernel_dtype(planes, kOp, "planes"))
+  const int64_t Cs = uses_cuda_kernels(planes) ? decoding::cuda_channel_stride(s.C, kernel_dtype(planes, kOp, "planes"))
                                       : s.C;
 
   at::Tensor grad_planes_cl, grad_points, gw1, gb1, gw2, gb2;
@@ -188,39 +209,11 @@ std::vector<at::Tensor> decode_triplanes_backward(const std::optional<at::Tensor
                                 ptr(grad_planes_cl), ptr(grad_points), ptr(gw1), ptr(gb1), ptr(gw2), ptr(gb2),
                                 s.N, s.M, s.C, s.H, s.W, s.hidden, s.outputs, scale, static_cast<int>(layout),
                                 p.dtype};
-    if (planes.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(planes.device());
-      const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-      // the kernels leave the weight gradients to the matrix products below
-      args.grad_w1 = args.grad_b1 = args.grad_w2 = args.grad_b2 = nullptr;
-      const int64_t total = s.N * s.M;
-      if (!(need_w1 || need_b1 || need_w2 || need_b2)) {
-        decoding::backward_cuda(args, decoding::ChunkBuffers{nullptr, nullptr, nullptr, nullptr, 0}, 0, total,
-                                stream);
-      } else {
-        const int64_t P = std::min(total, kChunkPoints);
-        at::Tensor buf_f, buf_h, buf_gz, buf_go;
-        if (need_w1) buf_f = at::empty({s.C, P}, acc_opts);
-        if (need_w2) buf_h = at::empty({s.hidden, P}, acc_opts);
-        if (need_w1 || need_b1) buf_gz = at::empty({s.hidden, P}, acc_opts);
-        if (need_w2 || need_b2) buf_go = at::empty({s.outputs, P}, acc_opts);
-        const decoding::ChunkBuffers chunk{ptr(buf_f), ptr(buf_h), ptr(buf_gz), ptr(buf_go), P};
-        for (int64_t begin = 0; begin < total; begin += P) {
-          const int64_t len = std::min(P, total - begin);
-          decoding::backward_cuda(args, chunk, begin, begin + len, stream);
-          // sums over the chunk's points: grad W1 += dL/dz f^T, grad W2 += dL/do h^T
-          if (need_w1) gw1.addmm_(buf_gz.narrow(1, 0, len), buf_f.narrow(1, 0, len).t());
-          if (need_b1) gb1.add_(buf_gz.narrow(1, 0, len).sum(1));
-          if (need_w2) gw2.addmm_(buf_go.narrow(1, 0, len), buf_h.narrow(1, 0, len).t());
-          if (need_b2) gb2.add_(buf_go.narrow(1, 0, len).sum(1));
-        }
-      }
-#else
-      TORCH_CHECK(false, kOp, ": head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+    if (uses_cuda_kernels(planes)) {
+      HEAD4D_ON_CUDA(planes, kOp,
+                     backward_cuda_with_weight_grads(args, s.N * s.M, acc_opts, gw1, gb1, gw2, gb2, stream));
     } else {
-      decoding::backward_cpu(args, host_parallel_for(), at::get_num_threads());
+      HEAD4D_ON_CPU(planes, kOp, decoding::backward_cpu(args, host_parallel_for(), at::get_num_threads()));
     }
   }
 

@@ -9,15 +9,10 @@
 // Backward: one kernel for both gradients. grad_points: per thread, written directly.
 // grad_grid: float32 (float64) atomics into a channels-last buffer that the host turns
 // back into the grid's layout and dtype.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 #include <type_traits>
 
+#include "../cuda_launch.cuh"
 #include "../cuda_storage.cuh"
 #include "grid3d.h"
 #include "grid3d_math.h"
@@ -26,6 +21,7 @@ namespace head4d {
 namespace grid3d {
 namespace {
 
+constexpr const char* kOp = "sample_grid3d";
 constexpr int kThreads = 256;
 constexpr int kChunk = 4;  // channels per register pass when C is not known at compile time
 
@@ -132,18 +128,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sample_grid3d: ") + what + " launch failed: " + cudaGetErrorString(err));
-}
-
-unsigned int blocks_for(int64_t threads) {
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("sample_grid3d: input too large for one launch");
-  return static_cast<unsigned int>(blocks);
-}
-
 template <typename Fn>
 void with_channels(int64_t C, Fn&& fn) {
   if (C == 1) return fn(std::integral_constant<int, 1>{});
@@ -151,46 +135,37 @@ void with_channels(int64_t C, Fn&& fn) {
   return fn(std::integral_constant<int, 0>{});
 }
 
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{});
-    case Dtype::kFloat64: return fn(double{});
-    case Dtype::kFloat16: return fn(__half{});
-    case Dtype::kBFloat16: return fn(__nv_bfloat16{});
-  }
-  throw std::invalid_argument("sample_grid3d: unsupported dtype");
-}
-
 }  // namespace
 
 void forward_cuda(const ForwardArgs& a, void* stream) {
   if (a.N * a.M * a.C == 0) return;
-  with_dtype(a.dtype, [&](auto tag) {
+  with_storage_type(a.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Storage<T>::acc;
     with_channels(a.C, [&](auto cc) {
-      forward_kernel<T, decltype(cc)::value><<<blocks_for(a.N * a.M), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      HEAD4D_LAUNCH(blocks_for(a.N * a.M, kThreads, kOp), kThreads, 0, static_cast<cudaStream_t>(stream),
+                    forward_kernel<T, decltype(cc)::value>)(
           static_cast<const T*>(a.grid), static_cast<const A*>(a.points), static_cast<T*>(a.out), a.N, a.M, a.C, a.D,
           a.H, a.W, static_cast<A>(a.bound), a.padding);
     });
   });
-  check_launch("forward");
+  check_launch(kOp, "forward");
 }
 
 void backward_cuda(const BackwardArgs& a, void* stream) {
   if (a.N * a.M == 0) return;
-  with_dtype(a.dtype, [&](auto tag) {
+  with_storage_type(a.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     using A = typename Storage<T>::acc;
     with_channels(a.C, [&](auto cc) {
-      backward_kernel<T, decltype(cc)::value><<<blocks_for(a.N * a.M), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      HEAD4D_LAUNCH(blocks_for(a.N * a.M, kThreads, kOp), kThreads, 0, static_cast<cudaStream_t>(stream),
+                    backward_kernel<T, decltype(cc)::value>)(
           static_cast<const A*>(a.grad_out), static_cast<const T*>(a.grid), static_cast<const A*>(a.points),
           static_cast<A*>(a.grad_grid), static_cast<A*>(a.grad_points), a.N, a.M, a.C, a.D, a.H, a.W,
           static_cast<A>(a.bound), a.padding);
     });
   });
-  check_launch("backward");
+  check_launch(kOp, "backward");
 }
 
 }  // namespace grid3d

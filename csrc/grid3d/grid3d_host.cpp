@@ -6,11 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "grid3d.h"
@@ -59,16 +54,10 @@ at::Tensor sample_grid3d_forward(const at::Tensor& grid, const at::Tensor& point
 
   grid3d::ForwardArgs args{grid_cl.data_ptr(), pts.data_ptr(), out.data_ptr(), N, M, C, D, H, W, bound,
                            static_cast<int>(padding), kernel_dtype(grid, kOp, "grid")};
-  if (grid.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(grid.device());
-    grid3d::forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "sample_grid3d: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(grid)) {
+    HEAD4D_ON_CUDA(grid, "sample_grid3d", grid3d::forward_cuda(args, stream));
   } else {
-    TORCH_CHECK_VALUE(grid.is_cpu(), "sample_grid3d: unsupported device ", grid.device());
-    grid3d::forward_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(grid, "sample_grid3d", grid3d::forward_cpu(args, host_parallel_for()));
   }
   return out;
 }
@@ -97,16 +86,10 @@ std::tuple<at::Tensor, at::Tensor> sample_grid3d_backward(const at::Tensor& grad
                               need_grad_grid ? grad_grid_cl.data_ptr() : nullptr,
                               need_grad_points ? grad_points_acc.data_ptr() : nullptr,
                               N, M, C, D, H, W, bound, static_cast<int>(padding), kernel_dtype(grid, kOp, "grid")};
-    if (grid.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(grid.device());
-      grid3d::backward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-      TORCH_CHECK(false, "sample_grid3d: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+    if (uses_cuda_kernels(grid)) {
+      HEAD4D_ON_CUDA(grid, "sample_grid3d", grid3d::backward_cuda(args, stream));
     } else {
-      TORCH_CHECK_VALUE(grid.is_cpu(), "sample_grid3d: unsupported device ", grid.device());
-      grid3d::backward_cpu(args, host_parallel_for(), at::get_num_threads());
+      HEAD4D_ON_CPU(grid, "sample_grid3d", grid3d::backward_cpu(args, host_parallel_for(), at::get_num_threads()));
     }
   }
 

@@ -15,15 +15,13 @@
 // warp) when even one warp's rows would not fit in 48 KB (S beyond ~380 in float32,
 // ~190 in float64). A warp only synchronizes with itself (__syncwarp), so warps past
 // the last ray simply return.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "../cuda_launch.cuh"
 #include "../cuda_storage.cuh"
 #include "importance.h"
 #include "importance_math.h"
@@ -31,6 +29,8 @@
 namespace head4d {
 namespace importance {
 namespace {
+
+constexpr const char* kOp = "sample_importance";
 
 constexpr int kWarpSize = 32;                 // also the rays per warp
 constexpr int kMaxWarps = 4;                  // warps per block
@@ -47,7 +47,7 @@ sample_kernel(const T* __restrict__ depths, const T* __restrict__ weights,
               typename Storage<T>::acc* __restrict__ scratch, int64_t rays, int64_t S, int64_t n,
               int64_t u_stride, int64_t row_stride) {
   using A = typename Storage<T>::acc;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  HEAD4D_DYNAMIC_SHARED(unsigned char, shared_raw);
   const int lane = static_cast<int>(threadIdx.x) & (kWarpSize - 1);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
@@ -115,26 +115,11 @@ void launch(const Args& a, cudaStream_t stream) {
   const int warps = use_scratch ? kMaxWarps : fit;
   const size_t shared = use_scratch ? 0 : static_cast<size_t>(warps) * warp_bytes(a.S, sizeof(A));
   const int64_t blocks = (warps_for(a.rays) + warps - 1) / warps;
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("sample_importance: input too large for one launch");
-  sample_kernel<T><<<static_cast<unsigned int>(blocks), warps * kWarpSize, shared, stream>>>(
+  HEAD4D_LAUNCH(checked_grid(blocks, kOp), warps * kWarpSize, shared, stream, sample_kernel<T>)(
       static_cast<const T*>(a.depths), static_cast<const T*>(a.weights), static_cast<const A*>(a.u),
       static_cast<T*>(a.out), use_scratch ? static_cast<A*>(a.scratch) : nullptr, a.rays, a.S, a.n,
       a.u_ray_stride, row_stride_of(a.S));
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("sample_importance: launch failed: ") + cudaGetErrorString(err));
-  }
-}
-
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{});
-    case Dtype::kFloat64: return fn(double{});
-    case Dtype::kFloat16: return fn(__half{});
-    case Dtype::kBFloat16: return fn(__nv_bfloat16{});
-  }
-  throw std::invalid_argument("sample_importance: unsupported dtype");
+  check_launch(kOp, "sample");
 }
 
 }  // namespace
@@ -147,7 +132,7 @@ int64_t cuda_scratch_elements(const Args& args) {
 void sample_cuda(const Args& args, void* stream) {
   if (args.rays == 0 || args.n == 0) return;
   if (args.S < 4) throw std::invalid_argument("sample_importance: needs S >= 4 samples per ray");
-  with_dtype(args.dtype, [&](auto tag) { launch<decltype(tag)>(args, static_cast<cudaStream_t>(stream)); });
+  with_storage_type(args.dtype, kOp, [&](auto tag) { launch<decltype(tag)>(args, static_cast<cudaStream_t>(stream)); });
 }
 
 }  // namespace importance

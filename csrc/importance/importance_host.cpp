@@ -5,16 +5,28 @@
 
 #include <ATen/ATen.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "importance.h"
 
 namespace head4d {
+namespace {
+
+#ifdef HEAD4D_WITH_CUDA
+// The CUDA kernel keeps each warp's rays in shared memory, or in a global scratch
+// buffer when they do not fit.
+void sample_on_cuda(importance::Args args, const at::TensorOptions& scratch_options, void* stream) {
+  at::Tensor scratch;
+  const int64_t elements = importance::cuda_scratch_elements(args);
+  if (elements > 0) {
+    scratch = at::empty({elements}, scratch_options);
+    args.scratch = scratch.data_ptr();
+  }
+  importance::sample_cuda(args, stream);
+}
+#endif
+
+}  // namespace
 
 at::Tensor sample_importance(const at::Tensor& depths, const at::Tensor& weights, const at::Tensor& u) {
   constexpr const char* op = "sample_importance";
@@ -48,22 +60,10 @@ at::Tensor sample_importance(const at::Tensor& depths, const at::Tensor& weights
 
   importance::Args args{dep.data_ptr(), wts.data_ptr(), uc.data_ptr(), out.data_ptr(), nullptr,
                         N * R, S, n, u.dim() == 1 ? 0 : n, dtype};
-  if (depths.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(depths.device());
-    at::Tensor scratch;
-    const int64_t scratch_elements = importance::cuda_scratch_elements(args);
-    if (scratch_elements > 0) {
-      scratch = at::empty({scratch_elements}, depths.options().dtype(acc));
-      args.scratch = scratch.data_ptr();
-    }
-    importance::sample_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, op, ": head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(depths)) {
+    HEAD4D_ON_CUDA(depths, "sample_importance", sample_on_cuda(args, depths.options().dtype(acc), stream));
   } else {
-    TORCH_CHECK_VALUE(depths.is_cpu(), op, ": unsupported device ", depths.device());
-    importance::sample_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(depths, "sample_importance", importance::sample_cpu(args, host_parallel_for()));
   }
   return out;
 }

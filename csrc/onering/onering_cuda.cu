@@ -10,19 +10,21 @@
 // from shared memory. The chosen vertex is saved (int32) for the backward.
 // Backward: one thread per point, from the saved vertex; the vertex gradients are
 // float32 (float64) atomics into [N, V, 3].
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "../cuda_launch.cuh"
 #include "onering.h"
 #include "onering_math.h"
 
 namespace head4d {
 namespace onering {
 namespace {
+
+constexpr const char* kOp = "one_ring_deform";
 
 constexpr int kThreads = 256;
 constexpr int kTile = 256;
@@ -143,33 +145,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("one_ring_deform: ") + what + " launch failed: " + cudaGetErrorString(err));
-}
-
-unsigned int checked_blocks(int64_t blocks) {
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("one_ring_deform: input too large for one launch");
-  return static_cast<unsigned int>(blocks);
-}
-
 template <typename A>
 void launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   const int64_t per_item = (a.M + kThreads - 1) / kThreads;
-  forward_kernel<A><<<checked_blocks(a.N * per_item), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(checked_grid(a.N * per_item, kOp), kThreads, 0, stream, forward_kernel<A>)(
       static_cast<const A*>(a.points), static_cast<const A*>(a.verts_obs), static_cast<const A*>(a.verts_canon),
       a.neighbours, a.subset, static_cast<A*>(a.out), a.nearest, a.M, a.V, a.K, a.S, per_item);
-  check_launch("forward");
+  check_launch(kOp, "forward");
 }
 
 template <typename A>
 void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
-  backward_kernel<A><<<checked_blocks((a.N * a.M + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(checked_grid((a.N * a.M + kThreads - 1) / kThreads, kOp), kThreads, 0, stream, backward_kernel<A>)(
       static_cast<const A*>(a.grad_out), static_cast<const A*>(a.points), static_cast<const A*>(a.verts_obs),
       static_cast<const A*>(a.verts_canon), a.neighbours, a.nearest, static_cast<A*>(a.grad_points),
       static_cast<A*>(a.grad_verts_obs), static_cast<A*>(a.grad_verts_canon), a.N, a.M, a.V, a.K);
-  check_launch("backward");
+  check_launch(kOp, "backward");
 }
 
 }  // namespace

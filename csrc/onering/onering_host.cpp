@@ -7,11 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "onering.h"
@@ -81,16 +76,10 @@ std::vector<at::Tensor> one_ring_deform_forward(const at::Tensor& points, const 
                             subset.defined() ? subset.data_ptr<int32_t>() : nullptr,
                             out.data_ptr(),  nearest.data_ptr<int32_t>(),
                             N, M, V, K, S,   kernel_dtype(pts, kOp, "points")};
-  if (points.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(points.device());
-    onering::forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-    TORCH_CHECK(false, "one_ring_deform: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(points)) {
+    HEAD4D_ON_CUDA(points, "one_ring_deform", onering::forward_cuda(args, stream));
   } else {
-    TORCH_CHECK_VALUE(points.is_cpu(), "one_ring_deform: unsupported device ", points.device());
-    onering::forward_cpu(args, host_parallel_for());
+    HEAD4D_ON_CPU(points, "one_ring_deform", onering::forward_cpu(args, host_parallel_for()));
   }
   return {out.to(points.scalar_type()), nearest};
 }
@@ -130,16 +119,10 @@ std::vector<at::Tensor> one_ring_deform_backward(const at::Tensor& grad_out, con
                                need_verts_obs ? grad_obs.data_ptr() : nullptr,
                                need_verts_canon ? grad_canon.data_ptr() : nullptr,
                                N, M, V, K, kernel_dtype(pts, kOp, "points")};
-    if (points.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(points.device());
-      onering::backward_cuda(args, c10::cuda::getCurrentCUDAStream().stream());
-#else
-      TORCH_CHECK(false, "one_ring_deform: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+    if (uses_cuda_kernels(points)) {
+      HEAD4D_ON_CUDA(points, "one_ring_deform", onering::backward_cuda(args, stream));
     } else {
-      TORCH_CHECK_VALUE(points.is_cpu(), "one_ring_deform: unsupported device ", points.device());
-      onering::backward_cpu(args, host_parallel_for(), at::get_num_threads());
+      HEAD4D_ON_CPU(points, "one_ring_deform", onering::backward_cpu(args, host_parallel_for(), at::get_num_threads()));
     }
   }
 

@@ -14,15 +14,13 @@
 //    with 3 atomics per thread.
 //  - grad_planes: atomics into a float32 (float64) channels-last buffer; on sm_90 one
 //    16-byte vector atomic per (point, texel, 4 channels) instead of one per channel.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "../cuda_launch.cuh"
 #include "../cuda_storage.cuh"
 #include "triplanes.h"
 #include "triplanes_math.h"
@@ -30,6 +28,8 @@
 namespace head4d {
 namespace triplanes {
 namespace {
+
+constexpr const char* kOp = "sample_triplanes";
 
 constexpr int kThreads = 256;
 
@@ -176,26 +176,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("sample_triplanes: ") + what + " launch failed: " + cudaGetErrorString(err));
-}
-
-unsigned int blocks_for(int64_t threads) {
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffffLL) throw std::runtime_error("sample_triplanes: input too large for one launch");
-  return static_cast<unsigned int>(blocks);
-}
-
 template <typename T, int VEC>
 void launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   using acc_t = typename Storage<T>::acc;
   const int64_t threads = a.N * a.M * ((a.C + VEC - 1) / VEC);
-  forward_kernel<T, VEC><<<blocks_for(threads), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(blocks_for(threads, kThreads, kOp), kThreads, 0, stream, forward_kernel<T, VEC>)(
       static_cast<const T*>(a.planes), static_cast<const acc_t*>(a.points), static_cast<T*>(a.out), a.N, a.M, a.C,
       static_cast<int>(a.H), static_cast<int>(a.W), static_cast<acc_t>(a.scale), a.layout, a.reduce);
-  check_launch("forward");
+  check_launch(kOp, "forward");
 }
 
 template <typename T, int VEC>
@@ -203,12 +191,12 @@ void launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   using acc_t = typename Storage<T>::acc;
   const int64_t groups = (a.C + VEC - 1) / VEC;
   const bool shuffle_reduce = groups <= 32 && (groups & (groups - 1)) == 0;
-  backward_kernel<T, VEC><<<blocks_for(a.N * a.M * groups), kThreads, 0, stream>>>(
+  HEAD4D_LAUNCH(blocks_for(a.N * a.M * groups, kThreads, kOp), kThreads, 0, stream, backward_kernel<T, VEC>)(
       static_cast<const T*>(a.grad_out), static_cast<const T*>(a.planes), static_cast<const acc_t*>(a.points),
       static_cast<acc_t*>(a.grad_planes), static_cast<acc_t*>(a.grad_points), a.N, a.M, a.C,
       static_cast<int>(a.H), static_cast<int>(a.W), static_cast<acc_t>(a.scale), a.layout, a.reduce,
       shuffle_reduce);
-  check_launch("backward");
+  check_launch(kOp, "backward");
 }
 
 // Picks the 16-byte vector width when allowed, else one channel per thread.
@@ -222,22 +210,11 @@ void with_width(bool vector_loads, Fn&& fn) {
   }
 }
 
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{});
-    case Dtype::kFloat64: return fn(double{});
-    case Dtype::kFloat16: return fn(__half{});
-    case Dtype::kBFloat16: return fn(__nv_bfloat16{});
-  }
-  throw std::invalid_argument("sample_triplanes: unsupported dtype");
-}
-
 }  // namespace
 
 void forward_cuda(const ForwardArgs& args, void* stream, bool vector_loads) {
   if (args.N * args.M * args.C == 0) return;
-  with_dtype(args.dtype, [&](auto tag) {
+  with_storage_type(args.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     with_width<T>(vector_loads, [&](auto width) {
       launch_forward<T, decltype(width)::value>(args, static_cast<cudaStream_t>(stream));
@@ -247,7 +224,7 @@ void forward_cuda(const ForwardArgs& args, void* stream, bool vector_loads) {
 
 void backward_cuda(const BackwardArgs& args, void* stream, bool vector_loads) {
   if (args.N * args.M * args.C == 0) return;
-  with_dtype(args.dtype, [&](auto tag) {
+  with_storage_type(args.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     with_width<T>(vector_loads, [&](auto width) {
       launch_backward<T, decltype(width)::value>(args, static_cast<cudaStream_t>(stream));

@@ -4,11 +4,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#ifdef HEAD4D_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
-
 #include "../host_utils.h"
 #include "../ops.h"
 #include "triplanes.h"
@@ -51,9 +46,6 @@ at::Tensor channels_last(const at::Tensor& planes) {
   return permuted.contiguous();
 }
 
-#ifdef HEAD4D_WITH_CUDA
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-#endif
 
 }  // namespace
 
@@ -70,17 +62,11 @@ at::Tensor sample_triplanes_forward(const at::Tensor& planes, const at::Tensor& 
 
   triplanes::ForwardArgs args{planes_cl.data_ptr(), pts.data_ptr(), out.data_ptr(), N, M, C, H, W,
                               scale, static_cast<int>(layout), static_cast<int>(reduce), kernel_dtype(planes, "sample_triplanes", "planes")};
-  if (planes.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(planes.device());
-    const bool vec = (C * planes.element_size()) % 16 == 0 && aligned16(args.planes) && aligned16(args.out);
-    triplanes::forward_cuda(args, c10::cuda::getCurrentCUDAStream().stream(), vec);
-#else
-    TORCH_CHECK(false, "sample_triplanes: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+  if (uses_cuda_kernels(planes)) {
+    const bool vec = (C * planes.element_size()) % 16 == 0 && is_aligned16(args.planes) && is_aligned16(args.out);
+    HEAD4D_ON_CUDA(planes, "sample_triplanes", triplanes::forward_cuda(args, stream, vec));
   } else {
-    TORCH_CHECK_VALUE(planes.is_cpu(), "sample_triplanes: unsupported device ", planes.device());
-    triplanes::forward_cpu(args, host_parallel_for(), at::get_num_threads());
+    HEAD4D_ON_CPU(planes, "sample_triplanes", triplanes::forward_cpu(args, host_parallel_for(), at::get_num_threads()));
   }
   return out;
 }
@@ -114,16 +100,13 @@ std::tuple<at::Tensor, at::Tensor> sample_triplanes_backward(const at::Tensor& g
                                  need_grad_points ? grad_points_acc.data_ptr() : nullptr,
                                  N, M, C, H, W, scale, static_cast<int>(layout), static_cast<int>(reduce),
                                  kernel_dtype(planes, "sample_triplanes", "planes")};
-    if (planes.is_cuda()) {
-#ifdef HEAD4D_WITH_CUDA
-      const c10::cuda::CUDAGuard guard(planes.device());
-      const bool vec = (C * planes.element_size()) % 16 == 0 && aligned16(args.planes) && aligned16(args.grad_out);
-      triplanes::backward_cuda(args, c10::cuda::getCurrentCUDAStream().stream(), vec);
-#else
-      TORCH_CHECK(false, "sample_triplanes: head4d._C was built without CUDA; rebuild with nvcc available");
-#endif
+    if (uses_cuda_kernels(planes)) {
+      const bool vec =
+          (C * planes.element_size()) % 16 == 0 && is_aligned16(args.planes) && is_aligned16(args.grad_out);
+      HEAD4D_ON_CUDA(planes, "sample_triplanes", triplanes::backward_cuda(args, stream, vec));
     } else {
-      triplanes::backward_cpu(args, host_parallel_for(), at::get_num_threads());
+      HEAD4D_ON_CPU(planes, "sample_triplanes",
+          triplanes::backward_cpu(args, host_parallel_for(), at::get_num_threads()));
     }
   }
 
@@ -135,6 +118,14 @@ std::tuple<at::Tensor, at::Tensor> sample_triplanes_backward(const at::Tensor& g
 
 bool with_cuda() {
 #ifdef HEAD4D_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool cuda_emulated() {
+#ifdef HEAD4D_CUDA_EMULATION
   return true;
 #else
   return false;

@@ -1,0 +1,10 @@
+// The fused triplane decoder's kernels for __half storage (see decoding_kernels.cuh).
+#include "decoding_kernels.cuh"
+
+namespace head4d {
+namespace decoding {
+namespace kernels {
+HEAD4D_DECODING_INSTANTIATE(, __half)
+}  // namespace kernels
+}  // namespace decoding
+}  // namespace head4d
