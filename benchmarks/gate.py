@@ -18,8 +18,9 @@ Exit code 1 when a speedup is below its floor, a correctness check failed or a b
 raised; and on the CPU when the floors name the ``cpu`` backend but the compiled
 extension is not importable (CI must build it). A floor for a backend that cannot run
 here (``cuda`` on a CPU machine) or for a shape this run did not measure is skipped.
-With no baseline file for the device, the gate says so, prints a baseline built from
-this run and exits 0 (1 if a correctness check failed).
+With no baseline file for the device the gate fails (exit code 1): it still runs the
+cases, checks correctness and prints a baseline built from this run to start one from,
+but an ungated run must not read as a pass.
 """
 from __future__ import annotations
 
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     data = bench.report(results, device, gate={
         "device_key": key, "baseline": baseline_path if baseline else None,
         "quick": args.quick, "elapsed_s": elapsed,
-        "verdict": "fail" if failed else ("no baseline" if baseline is None else "pass"),
+        "verdict": "fail: no baseline" if baseline is None else ("fail" if failed else "pass"),
         "checks": checks, "suggested_floors": suggested, "suggested_margin": MARGIN})
     with open(report_path, "w") as f:
         json.dump(data, f, indent=1)
@@ -176,14 +177,17 @@ def main(argv=None) -> int:
         example = {"device": bench.device_name(device),
                    "note": f"floors = min(1.0, {MARGIN} x speedup measured on <date>, commit <sha>)",
                    "floors": suggested}
-        print(f"\nNo baseline for device key '{key}': {baseline_path} does not exist, so no "
-              f"speedup was gated. A baseline from this run would be:\n{json.dumps(example, indent=1)}")
+        print(f"\nA baseline from this run would be:\n{json.dumps(example, indent=1)}")
+        print(f"\nGATE FAILED: no baseline for device key '{key}' ({baseline_path} does not exist), so no "
+              f"speedup was gated; commit one (see benchmarks/baselines/README.md) or pass --device-key"
+              + (f"; and {len(failed)} of {len(checks)} checks failed" if failed else ""))
+        return 1
     if failed:
         print(f"\nGATE FAILED: {len(failed)} of {len(checks)} checks")
         return 1
     passed = sum(c["status"] == "pass" for c in checks)
     skipped = sum(c["status"] == "skip" for c in checks)
-    print(f"\ngate {'passed' if baseline else 'not applied'}: {passed} passed, {skipped} skipped")
+    print(f"\ngate passed: {passed} passed, {skipped} skipped")
     return 0
 
 
