@@ -382,26 +382,56 @@ def test_backend_selection(monkeypatch):
         decoding_op.resolve_backend(cpu)
 
 
-def test_triton_listed_only_when_its_kernels_import(monkeypatch):
-    monkeypatch.setattr(decoding_op, "_triton_module", None)
-    monkeypatch.setattr(decoding_op, "_triton_error", ImportError("no kernels/decoding.py"))
-    assert "triton" not in decoding_op.implemented()
+# Inputs the op accepts but the triton backend has no kernel for: (what, make_inputs
+# arguments, dtype, a word of the reason).
+TRITON_UNSUPPORTED = [
+    ("float64", dict(c=32, hidden=64, outputs=33), torch.float64, "float64"),
+    ("C=4", dict(c=4, hidden=64, outputs=33), torch.float32, "C"),
+    ("hidden=8", dict(c=32, hidden=8, outputs=33), torch.float32, "hidden"),
+]
+
+
+@pytest.mark.parametrize("what,sizes,dtype,word", TRITON_UNSUPPORTED, ids=[t[0] for t in TRITON_UNSUPPORTED])
+def test_forced_triton_raises_the_reason(what, sizes, dtype, word, monkeypatch):
+    """Forcing ``triton`` (argument, per-op or process-wide variable) on inputs it cannot
+    run raises RuntimeError naming the backend and why, before any kernel runs."""
+    device = require_backend("triton")
+    monkeypatch.delenv("HEAD4D_BACKEND", raising=False)
     monkeypatch.delenv("HEAD4D_BACKEND_DECODE_TRIPLANES", raising=False)
-    monkeypatch.setenv("HEAD4D_BACKEND", "triton")  # process-wide: ops without it run something else
-    if _backend.unavailable_reason("triton", torch.device("cpu")) is None:
-        inputs = cast(make_inputs(m=5, c=4, hidden=4, outputs=2), "cpu", torch.float32)
-        out = decode_triplanes(*inputs)
-        assert torch.allclose(out[0], reference_decode(*inputs, 1.0, "portrait4d")[0], atol=1e-6)
-        with pytest.raises(RuntimeError, match="not implemented"):
-            decode_triplanes(*inputs, backend="triton")
+    inputs = cast(make_inputs(m=5, **sizes), device, dtype)
+    with pytest.raises(RuntimeError, match=f"backend 'triton' \\(from backend=\\) does not support.*{word}"):
+        decode_triplanes(*inputs, backend="triton")
+    for variable in ("HEAD4D_BACKEND_DECODE_TRIPLANES", "HEAD4D_BACKEND"):
+        monkeypatch.setenv(variable, "triton")
+        with pytest.raises(RuntimeError, match=f"backend 'triton' \\(from {variable}\\) does not support"):
+            decode_triplanes(*inputs)
+        monkeypatch.delenv(variable)
+
+
+@pytest.mark.parametrize("what,sizes,dtype,word", TRITON_UNSUPPORTED, ids=[t[0] for t in TRITON_UNSUPPORTED])
+def test_default_skips_triton_for_inputs_it_cannot_run(what, sizes, dtype, word, monkeypatch):
+    """On CUDA without the extension the default order reaches ``triton``; for inputs it
+    has no kernel for, the default must take the next backend (the reference), not crash.
+    Emulated here with CUDA's preference order on CPU tensors (``cuda`` cannot run
+    them, ``triton`` runs in the interpreter)."""
+    device = require_backend("triton")
+    monkeypatch.delenv("HEAD4D_BACKEND", raising=False)
+    monkeypatch.delenv("HEAD4D_BACKEND_DECODE_TRIPLANES", raising=False)
+    monkeypatch.setitem(decoding_op.PREFERENCES, device.type, ("cuda", "triton", "torch"))
+    inputs = cast(make_inputs(m=7, **sizes, seed=3), device, dtype)
+    assert decoding_op.resolve_backend(device, None, inputs) == "torch"
+    assert decoding_op.resolve_backend(device, None) == "triton"  # without inputs, no predicate is asked
+    supported = cast(make_inputs(m=7, c=32, hidden=64, outputs=33, seed=3), device, torch.float32)
+    assert decoding_op.resolve_backend(device, None, supported) == "triton"
+    out = decode_triplanes(*inputs)
+    ref = reference_decode(*inputs, 1.0, "portrait4d")
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)  # the reference itself ran
 
 
 def test_triton_smoke():
-    """One small case through head4d.kernels.decoding (written separately); skipped
-    until that module exists and Triton runs here."""
+    """One small case through head4d.kernels.decoding; an error in that module fails."""
     device = require_backend("triton")
-    if decoding_op._triton_kernels() is None:
-        pytest.skip(f"head4d.kernels.decoding does not import: {decoding_op._triton_error}")
     inputs = cast(make_inputs(m=64, c=32, hidden=64, outputs=33, seed=9), device, torch.float32)
     x, ref_x = leaves(inputs), leaves(inputs)
     out = decode_triplanes(*x, backend="triton")

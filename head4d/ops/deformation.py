@@ -45,6 +45,8 @@ IMPLEMENTED = {
     "mesh_one_ring": ("torch",),
     "one_ring_deform": ("cpu", "cuda", "torch"),
 }
+for _op, _implemented in IMPLEMENTED.items():  # every backend runs every input the op accepts
+    _backend.declare(_op, _implemented, PREFERENCES)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 PADDINGS = ("zeros", "border")
