@@ -18,6 +18,7 @@ from head4d.ops import decoding as decoding_op
 from head4d.reference import decode_triplanes as reference_decode
 from head4d.reference import sample_triplanes as reference_sample
 from head4d.render import TriplaneDecoder, TriplaneRenderer
+from head4d.render import renderer as renderer_module
 
 from conftest import require_backend
 
@@ -535,7 +536,13 @@ def test_renderer_fused_choice(monkeypatch):
     cpu = torch.device("cpu")
     decoder = TriplaneDecoder(n_features=8, out_features=3)
     auto = TriplaneRenderer()
-    assert auto.fused is None and auto.uses_fused(decoder, cpu)
+    # the default per device type: unfused on the CPU (measured faster there), fused on CUDA
+    assert renderer_module.FUSED_BY_DEFAULT == {"cpu": False, "cuda": True}
+    assert auto.fused is None and not auto.uses_fused(decoder, cpu)
+    assert TriplaneRenderer(fused=True).uses_fused(decoder, cpu)  # the fused path's memory, when asked
+    # the other conditions of the automatic choice, on a device type whose default is fused
+    monkeypatch.setitem(renderer_module.FUSED_BY_DEFAULT, "cpu", True)
+    assert auto.uses_fused(decoder, cpu)
     assert not auto.uses_fused(lambda f, dirs: {"rgb": f, "sigma": f[..., :1]}, cpu)
     assert not auto.uses_fused(decoder, cpu, fused=False)  # options["fused"] overrides
 
