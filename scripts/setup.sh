@@ -42,7 +42,18 @@ fi
 
 echo "[setup] building head4d._C (incremental)"
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VPY" setup.py -q build_ext --inplace 2>&1 \
-  | grep -vE "^\[[0-9]+/[0-9]+\] |^(copying|running|creating)|Wc\+\+20|SetuptoolsDeprecationWarning|^\s*!!|^\s*\*+$" || true
+# The whole compiler output goes to a log; its noise (progress lines, setuptools chatter)
+# is filtered from what is shown. A failed compile stops here with the log's tail, so a
+# stale head4d._C from an earlier build is never the one tested.
+build_log="$VENV/head4d-build.log"
+build_rc=0
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$VPY" setup.py -q build_ext --inplace > "$build_log" 2>&1 || build_rc=$?
+if [ "$build_rc" -ne 0 ]; then
+  echo "[setup] ERROR: building head4d._C failed (exit code $build_rc); last 60 lines of $build_log:" >&2
+  tail -n 60 "$build_log" >&2
+  exit "$build_rc"
+fi
+grep -vE "^\[[0-9]+/[0-9]+\] |^(copying|running|creating)|Wc\+\+20|SetuptoolsDeprecationWarning|^\s*!!|^\s*\*+$" \
+  "$build_log" || true  # exit code 1: nothing left to show
 "$VPY" -c "import head4d._C as c; print('[setup] head4d._C ready, CUDA kernels:', c.with_cuda())"
 echo "[setup] build step took $(( $(date +%s) - start )) s"
