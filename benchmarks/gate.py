@@ -140,13 +140,16 @@ def main(argv=None) -> int:
     device = bench.default_device()
     key = args.device_key or bench.device_key(device)
     baseline_path = os.path.join(args.baselines, f"{key}.json")
+    shown_path = baseline_path  # printed and recorded: relative to the checkout when inside it
+    if os.path.abspath(baseline_path).startswith(ROOT + os.sep):
+        shown_path = os.path.relpath(os.path.abspath(baseline_path), ROOT)
     report_path = args.report or os.path.join(ROOT, "benchmarks", "reports", f"gate-{key}.json")
     baseline = None
     if os.path.exists(baseline_path):
         with open(baseline_path) as f:
             baseline = json.load(f)
 
-    print(f"gate   : {bench.device_name(device)}; baseline {baseline_path}"
+    print(f"gate   : {bench.device_name(device)}; baseline {shown_path}"
           f"{'' if baseline else ' (MISSING)'}; {'quick' if args.quick else 'full'} mode")
     print(bench.table_header(), flush=True)
     start = time.perf_counter()
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
 
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     data = bench.report(results, device, gate={
-        "device_key": key, "baseline": baseline_path if baseline else None,
+        "device_key": key, "baseline": shown_path if baseline else None,
         "quick": args.quick, "elapsed_s": elapsed,
         "verdict": "fail: no baseline" if baseline is None else ("fail" if failed else "pass"),
         "checks": checks, "suggested_floors": suggested, "suggested_margin": MARGIN})
@@ -178,7 +181,7 @@ def main(argv=None) -> int:
                    "note": f"floors = min(1.0, {MARGIN} x speedup measured on <date>, commit <sha>)",
                    "floors": suggested}
         print(f"\nA baseline from this run would be:\n{json.dumps(example, indent=1)}")
-        print(f"\nGATE FAILED: no baseline for device key '{key}' ({baseline_path} does not exist), so no "
+        print(f"\nGATE FAILED: no baseline for device key '{key}' ({shown_path} does not exist), so no "
               f"speedup was gated; commit one (see benchmarks/baselines/README.md) or pass --device-key"
               + (f"; and {len(failed)} of {len(checks)} checks failed" if failed else ""))
         return 1

@@ -1,7 +1,7 @@
 """``attention``: exact softmax attention, fused (FlashAttention-2 style) on the GPU.
 
-The reconstructor's transformer blocks (Portrait4D; ``../shared/design/portrait4d.md``,
-section C) attend with 4 heads of 256 (self-attention over 1,024 tokens, cross-attention
+The reconstructor's transformer blocks (Portrait4D; ``docs/design.md``, "The
+reconstructor's transformer") attend with 4 heads of 256 (self-attention over 1,024 tokens, cross-attention
 to 64 motion tokens) and the triplane decoder with 2 heads of 512 (16,384 queries over
 4,096 spatially reduced keys), hence the large head dims.
 
