@@ -468,11 +468,22 @@ def test_procedural_sizes(head):
 
 
 def test_procedural_is_deterministic(head):
+    """Two builds at one thread count give the same bits. The cached arrays may have been
+    built at another (test modules that set one thread build heads too): torch's float64
+    reductions then sum in another order, so the orthonormalized blendshapes agree to
+    float64 rounding of sums over the 3 x 5,044 coordinates, not bit for bit."""
     a = procedural_mod.build_arrays()
+    again = procedural_mod.build_arrays()
     b = procedural_mod._cached_arrays()
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() == again.keys()
     for k in a:
-        assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
+        x, y, z = np.asarray(a[k]), np.asarray(again[k]), np.asarray(b[k])
+        assert np.array_equal(x, y), k
+        if x.dtype.kind == "f":
+            bound = 3 * 5044 * np.finfo(np.float64).eps / 2 * np.abs(x).max()
+            np.testing.assert_allclose(z, x, rtol=0, atol=bound, err_msg=k)
+        else:
+            assert np.array_equal(x, z), k
     assert torch.equal(ProceduralHead().v_template, head.v_template)
 
 
