@@ -1,6 +1,8 @@
 """Backend selection (head4d/_backend.py): what each op declares (its backends, its
 preference order, its per-backend support predicates) and how the default and a
 forced backend use it, on a throwaway op and on every declared op; and `head4d info`."""
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -99,3 +101,20 @@ def test_info_lists_every_op_with_its_backends_peers_included():
         assert set(listed) == set(_backend.available_for(op, CPU)), (op, listed)
     assert "sdpa" in lines["attention"]
     assert "  sdpa    available" in out
+
+
+def test_gpu_tests_fail_without_cuda_under_require_gpu():
+    """HEAD4D_REQUIRE_GPU=1 (benchmarks/run_gpu.sh): a `gpu`-marked test fails when torch
+    sees no CUDA device, instead of skipping; without it, it skips."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+               "tests/test_importance_kernels.py::test_cuda_bit_exact_with_cpu[False-4-dtype0]"]
+    env = dict(os.environ, HEAD4D_REQUIRE_GPU="1")
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    if torch.cuda.is_available():
+        assert run.returncode == 0, run.stdout[-2000:]
+        return
+    assert run.returncode == 1 and "HEAD4D_REQUIRE_GPU=1 but no CUDA device" in run.stdout, run.stdout[-2000:]
+    env.pop("HEAD4D_REQUIRE_GPU")
+    run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "needs a CUDA device" in run.stdout, run.stdout[-2000:]
