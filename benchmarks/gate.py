@@ -18,8 +18,9 @@ Exit code 1 when a speedup is below its floor, a correctness check failed or a b
 raised; and on the CPU when the floors name the ``cpu`` backend but the compiled
 extension is not importable (CI must build it). A floor for a backend that cannot run
 here (``cuda`` on a CPU machine) or for a shape this run did not measure is skipped.
-With no baseline file for the device, the gate says so, prints a baseline built from
-this run and exits 0 (1 if a correctness check failed).
+With no baseline file for the device the gate fails (exit code 1): it still runs the
+cases, checks correctness and prints a baseline built from this run to start one from,
+but an ungated run must not read as a pass.
 """
 from __future__ import annotations
 
@@ -139,13 +140,16 @@ def main(argv=None) -> int:
     device = bench.default_device()
     key = args.device_key or bench.device_key(device)
     baseline_path = os.path.join(args.baselines, f"{key}.json")
+    shown_path = baseline_path  # printed and recorded: relative to the checkout when inside it
+    if os.path.abspath(baseline_path).startswith(ROOT + os.sep):
+        shown_path = os.path.relpath(os.path.abspath(baseline_path), ROOT)
     report_path = args.report or os.path.join(ROOT, "benchmarks", "reports", f"gate-{key}.json")
     baseline = None
     if os.path.exists(baseline_path):
         with open(baseline_path) as f:
             baseline = json.load(f)
 
-    print(f"gate   : {bench.device_name(device)}; baseline {baseline_path}"
+    print(f"gate   : {bench.device_name(device)}; baseline {shown_path}"
           f"{'' if baseline else ' (MISSING)'}; {'quick' if args.quick else 'full'} mode")
     print(bench.table_header(), flush=True)
     start = time.perf_counter()
@@ -164,9 +168,9 @@ def main(argv=None) -> int:
 
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     data = bench.report(results, device, gate={
-        "device_key": key, "baseline": baseline_path if baseline else None,
+        "device_key": key, "baseline": shown_path if baseline else None,
         "quick": args.quick, "elapsed_s": elapsed,
-        "verdict": "fail" if failed else ("no baseline" if baseline is None else "pass"),
+        "verdict": "fail: no baseline" if baseline is None else ("fail" if failed else "pass"),
         "checks": checks, "suggested_floors": suggested, "suggested_margin": MARGIN})
     with open(report_path, "w") as f:
         json.dump(data, f, indent=1)
@@ -176,14 +180,17 @@ def main(argv=None) -> int:
         example = {"device": bench.device_name(device),
                    "note": f"floors = min(1.0, {MARGIN} x speedup measured on <date>, commit <sha>)",
                    "floors": suggested}
-        print(f"\nNo baseline for device key '{key}': {baseline_path} does not exist, so no "
-              f"speedup was gated. A baseline from this run would be:\n{json.dumps(example, indent=1)}")
+        print(f"\nA baseline from this run would be:\n{json.dumps(example, indent=1)}")
+        print(f"\nGATE FAILED: no baseline for device key '{key}' ({shown_path} does not exist), so no "
+              f"speedup was gated; commit one (see benchmarks/baselines/README.md) or pass --device-key"
+              + (f"; and {len(failed)} of {len(checks)} checks failed" if failed else ""))
+        return 1
     if failed:
         print(f"\nGATE FAILED: {len(failed)} of {len(checks)} checks")
         return 1
     passed = sum(c["status"] == "pass" for c in checks)
     skipped = sum(c["status"] == "skip" for c in checks)
-    print(f"\ngate {'passed' if baseline else 'not applied'}: {passed} passed, {skipped} skipped")
+    print(f"\ngate passed: {passed} passed, {skipped} skipped")
     return 0
 
 

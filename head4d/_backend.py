@@ -37,6 +37,18 @@ A forced backend that cannot run (extension not built, Triton missing, Triton
 on a CPU tensor without the interpreter) raises ``RuntimeError`` saying why;
 ``auto`` in the argument or the variable means "use the preference list".
 
+What each op declares (:func:`declare`, once, in its module):
+
+* ``implemented``: the backends the op has. A backend named for this op (``backend=``
+  or ``HEAD4D_BACKEND_<OP>``) that it lacks raises ``RuntimeError``; the process-wide
+  ``HEAD4D_BACKEND`` naming one it lacks leaves the op's default.
+* ``support``: per backend, a predicate over the call's inputs that returns ``None``
+  when the backend can run them, else the reason (a dtype, a channel count, a head
+  dim it has no kernel for). The default choice skips a backend whose predicate
+  gives a reason and takes the next in the preference list; a forced backend raises
+  ``RuntimeError`` naming the backend and the reason. A backend without a predicate
+  runs every input the op itself accepts.
+
 Importing this module never compiles anything. If ``head4d._C`` is missing, the
 first op that would have used it warns once and falls back to the reference.
 """
@@ -47,7 +59,7 @@ import importlib
 import importlib.util
 import os
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -102,7 +114,7 @@ def _load_extension():
         return importlib.import_module(name), None
     except ImportError as exc:  # not built, or built against another torch
         if emulating():
-            exc = ImportError(f"{exc}; build it with HEAD4D_EMULATION=1 (scripts/setup.sh does in CI)")
+            exc = ImportError(f"{exc}; build it with HEAD4D_EMULATION=1 (scripts/setup.sh does)")
         return None, exc
 
 
@@ -123,13 +135,19 @@ def extension_has_cuda() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> Optional[ImportError]:
+    """Imports Triton once; the ImportError if it is not installed (any other error,
+    a broken installation, propagates)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    except ImportError as exc:
+        return exc
+    return None
+
+
+def triton_available() -> bool:
+    return _import_triton() is None
 
 
 def triton_interpreting() -> bool:
@@ -168,7 +186,7 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         return None
     if backend == "triton":
         if not triton_available():
-            return "Triton is not installed (pip install triton)"
+            return f"Triton does not import ({_import_triton()}); pip install triton"
         if device.type == "cpu" and not triton_interpreting():
             return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
@@ -181,46 +199,138 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}; expected one of {BACKENDS + PEER_BACKENDS + TEST_BACKENDS}"
 
 
-def resolve(op: str, device: torch.device, requested: Optional[str],
-            preferences: Dict[str, Sequence[str]], extra: Sequence[str] = ()) -> str:
-    """Pick the backend for one call of ``op`` on tensors living on ``device``;
-    ``extra`` names the op's backends beyond :data:`BACKENDS` (from :data:`PEER_BACKENDS`)."""
-    known = BACKENDS + TEST_BACKENDS + tuple(extra)
-    choice = requested
-    source = "backend="
-    if choice is None or choice == "auto":
-        env_key = "HEAD4D_BACKEND_" + op.upper()
-        choice = os.environ.get(env_key) or None
-        source = env_key
-        if choice is None or choice == "auto":
-            choice = os.environ.get("HEAD4D_BACKEND") or None
-            source = "HEAD4D_BACKEND"
-            if choice in PEER_BACKENDS and choice not in known:
-                choice = None  # another op's peer: this op keeps its default
+#: A support predicate: called with an op's inputs (in the order the op documents at
+#: its :func:`declare`), returns ``None`` when a backend can run them, else the reason.
+Predicate = Callable[..., Optional[str]]
+
+
+class OpBackends(NamedTuple):
+    """What one op declares about its backends (see :func:`declare`)."""
+    implemented: Tuple[str, ...]
+    preferences: Mapping[str, Sequence[str]]
+    support: Mapping[str, Predicate]
+
+
+#: Every declared op, by name: filled as the op modules are imported.
+DECLARED: Dict[str, OpBackends] = {}
+
+
+def declare(op: str, implemented: Sequence[str], preferences: Mapping[str, Sequence[str]],
+            support: Optional[Mapping[str, Predicate]] = None) -> OpBackends:
+    """Records the backends ``op`` has, its preference list per device type (fastest
+    first) and its per-backend support predicates; :func:`resolve` uses them."""
+    implemented = tuple(implemented)
+    unknown = [b for b in implemented if b not in BACKENDS + PEER_BACKENDS]
+    if unknown or "torch" not in implemented:
+        raise ValueError(f"declare({op!r}): implemented must hold 'torch' and only backends of "
+                         f"{BACKENDS + PEER_BACKENDS}, got {implemented}")
+    support = dict(support or {})
+    stray = [b for b in support if b not in implemented]
+    if stray:
+        raise ValueError(f"declare({op!r}): support predicates for backends the op lacks: {stray}")
+    entry = OpBackends(implemented, preferences, support)
+    DECLARED[op] = entry
+    return entry
+
+
+def unsupported_reason(op: str, backend: str, inputs: Optional[Sequence] = None) -> Optional[str]:
+    """``None`` if ``op``'s ``backend`` can run ``inputs`` (as far as its support predicate
+    says; ``inputs=None`` asks about no inputs in particular), else why not."""
+    entry = DECLARED.get(op)
+    if entry is None or inputs is None:
+        return None
+    predicate = entry.support.get(backend)
+    return None if predicate is None else predicate(*inputs)
+
+
+def _requested(op: str, requested: Optional[str], known: Sequence[str]) -> Tuple[Optional[str], str]:
+    """The backend asked for (None: the default) and where it was asked for."""
+    if requested is not None and requested != "auto":
+        return requested, "backend="
+    env_key = "HEAD4D_BACKEND_" + op.upper()
+    choice = os.environ.get(env_key) or None
     if choice is not None and choice != "auto":
-        if choice not in known:
-            raise ValueError(f"{op}: {source} must be one of {known} or 'auto', got {choice!r}")
+        return choice, env_key
+    choice = os.environ.get("HEAD4D_BACKEND") or None
+    if choice is None or choice == "auto":
+        return None, "default"
+    if choice in BACKENDS + PEER_BACKENDS and choice not in known:
+        return None, "default"  # a backend this op lacks (another op's peer, say): keep the default
+    if choice == "cuda_emulated" and "cpu" not in known:
+        return None, "default"  # an op without compiled kernels
+    return choice, "HEAD4D_BACKEND"
+
+
+def resolve(op: str, device: torch.device, requested: Optional[str],
+            preferences: Optional[Mapping[str, Sequence[str]]] = None, extra: Sequence[str] = (),
+            inputs: Optional[Sequence] = None) -> str:
+    """Pick the backend for one call of ``op`` on tensors living on ``device``.
+
+    ``preferences`` defaults to the op's declared list; ``extra`` names peers from
+    :data:`PEER_BACKENDS` for an op that was not declared; ``inputs`` (the op's
+    inputs, in its declared order) are checked with its support predicates: the
+    default skips a backend that cannot run them, a forced one raises ``RuntimeError``
+    with the reason. Without ``inputs`` no predicate is asked.
+    """
+    entry = DECLARED.get(op)
+    if entry is not None:
+        known = entry.implemented
+        if preferences is None:
+            preferences = entry.preferences
+    else:
+        known = BACKENDS + tuple(extra)
+    choice, source = _requested(op, requested, known)
+    if choice == "cuda_emulated":
+        # a test backend: the CUDA kernels through the cpu code path, whose extension is
+        # head4d._C_emulated in an emulating process
         reason = unavailable_reason(choice, device)
         if reason is not None:
             raise RuntimeError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")
-        if choice == "cuda_emulated":
-            return "cpu"  # the cpu code path, whose extension is the emulated one in this process
+        if "cpu" not in known:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) needs compiled kernels; this op has {known}")
+        reason = unsupported_reason(op, "cpu", inputs)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) does not support these inputs: {reason}")
+        return "cpu"
+    if choice is not None:
+        if choice not in BACKENDS + PEER_BACKENDS or (entry is None and choice not in known):
+            raise ValueError(f"{op}: {source} must be one of {known} or 'auto', got {choice!r}")
+        if choice not in known:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) is not implemented for this op; "
+                               f"it has {known}")
+        reason = unavailable_reason(choice, device)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) cannot run: {reason}")
+        reason = unsupported_reason(op, choice, inputs)
+        if reason is not None:
+            raise RuntimeError(f"{op}: backend {choice!r} (from {source}) does not support these inputs: "
+                               f"{reason}")
         return choice
 
-    prefs = preferences.get(device.type, ("torch",))
-    for candidate in prefs:
-        if unavailable_reason(candidate, device) is None:
-            if candidate == "torch" and device.type in ("cpu", "cuda") and extension() is None:
-                _warn_once(
-                    "extension",
-                    f"head4d: the compiled extension head4d._C is not available "
-                    f"({extension_error()}); ops fall back to the plain-PyTorch reference, "
-                    f"which is correct but slow. {BUILD_HINT}",
-                )
-            return candidate
+    for candidate in (preferences or {}).get(device.type, ("torch",)):
+        if candidate not in known or unavailable_reason(candidate, device) is not None:
+            continue
+        if unsupported_reason(op, candidate, inputs) is not None:
+            continue
+        if candidate == "torch" and device.type in ("cpu", "cuda") and extension() is None:
+            _warn_once(
+                "extension",
+                f"head4d: the compiled extension head4d._C is not available "
+                f"({extension_error()}); ops fall back to the plain-PyTorch reference, "
+                f"which is correct but slow. {BUILD_HINT}",
+            )
+        return candidate
     return "torch"
 
 
 def available_backends(device: torch.device) -> Tuple[str, ...]:
     """The backends that can run on ``device`` in this process."""
     return tuple(b for b in BACKENDS if unavailable_reason(b, device) is None)
+
+
+def available_for(op: str, device: torch.device) -> Tuple[str, ...]:
+    """The backends of the declared ``op`` (peers included) that can run on ``device``
+    in this process, in the order of :data:`BACKENDS` then :data:`PEER_BACKENDS`."""
+    implemented = DECLARED[op].implemented
+    return tuple(b for b in BACKENDS + PEER_BACKENDS
+                 if b in implemented and unavailable_reason(b, device) is None)

@@ -79,12 +79,22 @@ def _bench(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from . import _backend, bench
 
+    from . import ops  # noqa: F401  (declares every op's backends)
+
     for device in [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else []):
         env = bench.environment(device)
         print(f"{device.type:5s}: {env['device']}")
-        for backend in _backend.BACKENDS:
+        for backend in _backend.BACKENDS + _backend.PEER_BACKENDS:
             reason = _backend.unavailable_reason(backend, device)
             print(f"  {backend:7s} {'available' if reason is None else 'unavailable: ' + reason}")
+        print("  per op, its backends available here, the default first (a default that cannot run "
+              "some input, such as decode_triplanes' triton for float64, passes it to the next):")
+        width = max(len(op) for op in _backend.DECLARED)
+        for op, entry in sorted(_backend.DECLARED.items()):
+            available = _backend.available_for(op, device)
+            preferred = [b for b in entry.preferences.get(device.type, ("torch",)) if b in available]
+            listed = preferred[:1] + [b for b in available if b not in preferred[:1]]
+            print(f"    {op:{width}s}  {', '.join(listed)}")
     print(f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, head4d {env['head4d']}, "
           f"commit {env['git_commit'] or '?'}")
     return 0
@@ -111,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write every row and the environment here")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("info", help="versions and which backends are available")
+    p = sub.add_parser("info", help="versions, which backends are available, and per op which it has")
     p.set_defaults(func=_info)
     return parser
 

@@ -142,15 +142,34 @@ def test_composite_gradcheck_float64():
                                     (colors, dens, depths))
 
 
-def test_composite_half_precision_and_dtypes():
+def within_arithmetic(got, truth, same_arithmetic, dtype):
+    """Frobenius norms: ``got`` (in ``dtype``) against ``truth`` (float64, same input values)
+    errs by at most its final rounding to ``dtype`` plus SAFETY times what the same
+    computation in float32 by the reference (``same_arithmetic``) errs: the error of the
+    arithmetic on these very inputs, conditioning included."""
+    got, truth, same = (t.detach().double() for t in (got, truth, same_arithmetic))
+    err = (got - truth).norm().item()
+    bound = torch.finfo(dtype).eps / 2 * truth.norm().item() + 4.0 * (same - truth).norm().item()
+    assert err <= bound, (err, bound)
+
+
+def test_composite_half_precision_and_dtypes(monkeypatch):
+    """The default backend in float32 and in bfloat16, each against the reference in
+    float64 on the same (rounded) values."""
+    monkeypatch.delenv("HEAD4D_BACKEND", raising=False)
+    monkeypatch.delenv("HEAD4D_BACKEND_COMPOSITE_RAYS", raising=False)
     g = torch.Generator().manual_seed(3)
     colors = torch.rand(1, 4, 6, 3, generator=g)
     dens = torch.randn(1, 4, 6, 1, generator=g)
     depths = torch.linspace(2, 3, 6).reshape(1, 1, 6, 1).repeat(1, 4, 1, 1)
-    ref = composite_rays(colors, dens, depths)
-    out = composite_rays(colors.bfloat16(), dens.bfloat16(), depths.bfloat16())
-    assert all(o.dtype == torch.bfloat16 for o in out)
-    assert torch.allclose(out[0].float(), ref[0], atol=0.05)
+    for dtype in (torch.float32, torch.bfloat16):
+        inputs = [t.to(dtype) for t in (colors, dens, depths)]
+        out = composite_rays(*inputs)
+        assert all(o.dtype == dtype for o in out)
+        truth = composite_rays(*[t.double() for t in inputs], backend="torch")
+        in_float32 = composite_rays(*[t.float() for t in inputs], backend="torch")
+        for a, b, c in zip(out, truth, in_float32):
+            within_arithmetic(a, b, c, dtype)
 
 
 def test_composite_errors():
@@ -781,18 +800,37 @@ def test_renderer_matches_upstream_pipeline(case):
         assert not torch.allclose(again[0], out[0])  # the seed matters
 
 
-def test_renderer_float32_gradients_and_coarse_only():
+def test_renderer_float32_gradients_and_coarse_only(monkeypatch):
+    """The default path in float32, outputs and gradients (planes and every decoder
+    parameter), against the same render in float64 by the references."""
+    import copy
+
+    monkeypatch.delenv("HEAD4D_BACKEND", raising=False)
     torch.manual_seed(3)
     planes = torch.randn(2, 3, 32, 16, 16, requires_grad=True)
     decoder = TriplaneDecoder()
     c2w = orbit_cameras([(0.1, 0.0), (-0.2, 0.1)], 2.7, "opencv", dtype=torch.float32)
     o, d = generate_rays(c2w, intrinsics(2, dtype=torch.float32), 6)
-    opts = dict(ray_start=2.25, ray_end=3.3, box_warp=1.0, depth_resolution=8, depth_resolution_importance=8)
-    rgb, depth, opacity = TriplaneRenderer()(planes, decoder, o, d, opts)
-    assert rgb.dtype == torch.float32 and rgb.shape == (2, 36, 32)
-    (rgb.sum() + depth.sum()).backward()
-    assert planes.grad is not None and planes.grad.abs().sum() > 0
-    assert decoder.net[0].weight.grad is not None
+    opts = dict(ray_start=2.25, ray_end=3.3, box_warp=1.0, depth_resolution=8, depth_resolution_importance=8,
+                jitter="none", det_importance=True)
+
+    def render(planes, decoder, o, d):
+        planes = planes.detach().requires_grad_(True)
+        decoder.zero_grad(set_to_none=True)
+        rgb, depth, opacity = TriplaneRenderer()(planes, decoder, o, d, opts)
+        (rgb.sum() + depth.sum()).backward()
+        grads = [planes.grad] + [p.grad for p in decoder.parameters()]
+        assert all(gr is not None for gr in grads)
+        return [rgb, depth, opacity] + grads
+
+    got = render(planes, decoder, o, d)
+    assert got[0].dtype == torch.float32 and got[0].shape == (2, 36, 32)
+    monkeypatch.setenv("HEAD4D_BACKEND", "torch")
+    in_float32 = render(planes, decoder, o, d)
+    truth = render(planes.double(), copy.deepcopy(decoder).double(), o.double(), d.double())
+    monkeypatch.delenv("HEAD4D_BACKEND")
+    for a, b, c in zip(got, truth, in_float32):
+        within_arithmetic(a, b, c, torch.float32)
     # coarse only: one composite of the stratified samples
     opts0 = dict(opts, depth_resolution_importance=0, jitter="none")
     rgb0, _, _ = TriplaneRenderer()(planes, decoder, o, d, opts0)

@@ -350,4 +350,6 @@ def test_default_backend_on_cpu_is_compiled(monkeypatch):
     monkeypatch.delenv("HEAD4D_BACKEND_SAMPLE_TRIPLANES", raising=False)
     assert _backend.resolve("sample_triplanes", torch.device("cpu"), None,
                             head4d.ops.triplanes.PREFERENCES) == "cpu"
-    assert math.isfinite(head4d.sample_triplanes(torch.randn(1, 3, 2, 4, 4), torch.zeros(1, 1, 3)).sum().item())
+    planes, points = torch.randn(1, 3, 2, 4, 4, dtype=torch.float64), torch.rand(1, 7, 3, dtype=torch.float64) - 0.5
+    out = head4d.sample_triplanes(planes, points)
+    torch.testing.assert_close(out, reference_sample(planes, points), rtol=0, atol=1e-12)

@@ -14,7 +14,9 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
+from conftest import require_triton_module  # noqa: E402
+
+require_triton_module()
 
 from head4d.reference.decoding import decode_triplanes as reference  # noqa: E402
 

@@ -1,8 +1,8 @@
 """Portrait4D's part-wise deformation field, composed from head4d's deformation ops.
 
 :class:`PartwiseDeformation` warps observation-space sample points into the canonical
-spaces of Portrait4D's two triplanes (``../shared/design/portrait4d.md``, section B,
-"Deformation" and "Part rendering"; the paper's appendix B.1):
+spaces of Portrait4D's two triplanes (``docs/design.md``, "The deformation of sample
+points"; the paper's appendix B.1):
 
 >>> from head4d.head import ProceduralHead
 >>> deformation = PartwiseDeformation(ProceduralHead())

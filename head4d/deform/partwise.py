@@ -1,7 +1,7 @@
 """``PartwiseDeformation``: Portrait4D's observation-to-canonical warp of sample points.
 
-What it computes (``../shared/design/portrait4d.md``, section B, "Deformation" and "Part
-rendering"; Portrait4D appendix B.1), for an image with FLAME-style codes
+What it computes (``docs/design.md``, "The deformation of sample points"; Portrait4D
+appendix B.1), for an image with FLAME-style codes
 ``(shape, expression, neck_pose, jaw_pose, eye_pose)`` and a sample point x:
 
 **Stage 1, the neck** (GNARF's surface field on voxel grids). On the head model's simplified

@@ -55,10 +55,8 @@ def one_ring(faces: np.ndarray, num_verts: int, size: int = ONE_RING_SIZE) -> np
 
     import torch
 
-    try:
-        from ..ops.deformation import mesh_one_ring
-    except Exception:  # pragma: no cover - the op lives in another part of head4d
-        return one_ring_table(faces, num_verts, size)
+    from ..ops.deformation import mesh_one_ring
+
     try:
         table = mesh_one_ring(torch.from_numpy(np.array(faces, dtype=np.int64)), int(num_verts), int(size))
     except ValueError as exc:

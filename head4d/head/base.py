@@ -12,7 +12,7 @@ jaw, left eye, right eye; parents -1, 0, 1, 1, 1). Evaluation (the FLAME paper, 
    each 3 x 3 block flattened row-major);
 4. forward kinematics along the tree and linear blend skinning with ``weights``.
 
-Portrait4D's use (``../shared/design/portrait4d.md``, section B, "FLAME"): the global
+Portrait4D's use (``docs/design.md``, "The head model"): the global
 rotation is fixed at 0; the pose is the neck (3) and jaw (3) axis-angles plus the eye poses
 (6: left then right); the template, shape, expression and pose blendshapes are multiplied
 by 3 (EG3D's scale), and the template is moved so that the neck joint of the canonical mesh

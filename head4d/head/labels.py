@@ -1,7 +1,7 @@
 """Portrait4D's 437-number per-image label layout, parsed into camera and FLAME codes.
 
-Layout (``../shared/design/portrait4d.md``, section B, "Label layout (437 floats per
-image)"; the same order in Portrait4D's datasets and its generator conditioning)::
+Layout (``docs/design.md``, "The per-image label"; the same order in Portrait4D's
+datasets and its generator conditioning)::
 
     [0:16]    cam2world      4 x 4, row-major (``labels[:, :16].view(-1, 4, 4)``)
     [16:25]   intrinsics     3 x 3 normalized intrinsics, row-major

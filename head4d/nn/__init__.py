@@ -1,5 +1,5 @@
 """``head4d.nn``: the transformer blocks of Portrait4D's reconstructor, built on
-:func:`head4d.ops.attention` (facts: ``../shared/design/portrait4d.md``, section C).
+:func:`head4d.ops.attention` (facts: ``docs/design.md``, "The reconstructor's transformer").
 
 - :class:`PatchEmbed`: 3x3 stride-2 conv + LayerNorm, a feature map to tokens
   ``[B, h*w, dim]`` and the grid ``(h, w)``.

@@ -1,7 +1,7 @@
 """Self-attention (with optional spatial reduction) and cross-attention to motion tokens,
 both through :func:`head4d.ops.attention`.
 
-Portrait4D (``../shared/design/portrait4d.md``, section C): the canonicalization and
+Portrait4D (``docs/design.md``, "The reconstructor's transformer"): the canonicalization and
 re-enactment blocks use 4 heads of 256 over 1,024-dim tokens (self-attention over the
 32 x 32 grid, cross-attention to 64 motion tokens); the triplane decoder's block 2 heads
 of 512 with spatial reduction 2 (16,384 queries over 4,096 keys).

@@ -1,6 +1,6 @@
 """Mix-FFN and the transformer block of Portrait4D's reconstructor.
 
-Block (``../shared/design/portrait4d.md``, section C; the same order in the released code)::
+Block (``docs/design.md``, "The reconstructor's transformer"; the order of the released code)::
 
     x = x + scale * CrossAttention(LN_cross(x), motion)    # only with context_dim
     x = x + Attention(LN_attn(x), h, w)                     # self-attention, optional spatial reduction

@@ -1,5 +1,6 @@
 """Patch embedding (feature map -> tokens) and the motion-token MLP (motion vector ->
-motion tokens) of Portrait4D's reconstructor (``../shared/design/portrait4d.md``, section C)."""
+motion tokens) of Portrait4D's reconstructor (``docs/design.md``, "The reconstructor's
+transformer")."""
 from __future__ import annotations
 
 from typing import Tuple

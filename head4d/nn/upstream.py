@@ -1,6 +1,6 @@
 """Renaming the released Portrait4D reconstructor's parameters to :mod:`head4d.nn`'s.
 
-The released code (``../shared/design/portrait4d.md``, section D) names the parts of
+The released Portrait4D code names the parts of
 its transformer as follows; :class:`~head4d.nn.PatchEmbed` and the attentions keep the
 upstream names (``proj``, ``norm``; ``q``, ``kv``, ``proj``, ``sr``, ``norm``), the rest
 is renamed:

@@ -3,7 +3,6 @@ the reference, and checks of integer and boolean arguments."""
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -13,28 +12,19 @@ from .. import _backend
 
 def resolve_implemented(op: str, device: torch.device, requested: Optional[str],
                         preferences: Dict[str, Sequence[str]],
-                        implemented: Sequence[str] = ("torch",)) -> str:
-    """:func:`head4d._backend.resolve` for an op that implements only ``implemented``.
+                        implemented: Sequence[str] = ("torch",), inputs: Optional[Sequence] = None) -> str:
+    """:func:`head4d._backend.resolve` for ``op``, declared with ``implemented`` and
+    ``preferences`` unless its module declared it (:func:`head4d._backend.declare`).
 
     A backend asked for by name for this op (its ``backend=`` argument or its
     ``HEAD4D_BACKEND_<OP>`` variable) that the op does not have raises
     ``RuntimeError``. The process-wide ``HEAD4D_BACKEND`` names a backend for every
-    op; an op that lacks it runs its reference instead (``sample_triplanes`` may
-    still use it), so ``HEAD4D_BACKEND=cuda`` can drive a whole renderer.
+    op; an op that lacks it keeps its default, so ``HEAD4D_BACKEND=cuda`` can drive a
+    whole renderer. ``inputs`` go to the op's support predicates.
     """
-    chosen = _backend.resolve(op, device, requested, preferences)
-    if chosen in implemented:
-        return chosen
-    env_key = "HEAD4D_BACKEND_" + op.upper()
-    env_value = os.environ.get(env_key) or None
-    if requested is not None and requested != "auto":
-        source = "backend="
-    elif env_value is not None and env_value != "auto":
-        source = env_key
-    else:
-        return "torch"
-    raise RuntimeError(f"{op}: backend {chosen!r} (from {source}) is not implemented for this op yet; "
-                       f"it has {tuple(implemented)}")
+    if op not in _backend.DECLARED:
+        _backend.declare(op, implemented, preferences)
+    return _backend.resolve(op, device, requested, preferences, inputs=inputs)
 
 
 def check_int(op: str, name: str, value, minimum: int) -> int:

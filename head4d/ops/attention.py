@@ -1,7 +1,7 @@
 """``attention``: exact softmax attention, fused (FlashAttention-2 style) on the GPU.
 
-The reconstructor's transformer blocks (Portrait4D; ``../shared/design/portrait4d.md``,
-section C) attend with 4 heads of 256 (self-attention over 1,024 tokens, cross-attention
+The reconstructor's transformer blocks (Portrait4D; ``docs/design.md``, "The
+reconstructor's transformer") attend with 4 heads of 256 (self-attention over 1,024 tokens, cross-attention
 to 64 motion tokens) and the triplane decoder with 2 heads of 512 (16,384 queries over
 4,096 spatially reduced keys), hence the large head dims.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
@@ -49,8 +48,10 @@ PREFERENCES = {
     "cpu": ("torch",),
     "cuda": ("triton", "sdpa", "torch"),
 }
-#: The backends this op has.
+#: The backends this op has; each runs every input the op accepts (all of HEAD_DIMS and
+#: DTYPES), so none has a support predicate.
 IMPLEMENTED = ("triton", "sdpa", "torch")
+_backend.declare(OP, IMPLEMENTED, PREFERENCES)
 
 
 def _triton_kernels():
@@ -116,22 +117,8 @@ def check_attention_inputs(q, k, v, scale) -> float:
     return scale
 
 
-def _resolve(device: torch.device, backend: Optional[str]) -> str:
-    chosen = _backend.resolve(OP, device, backend, PREFERENCES, extra=("sdpa",))
-    if chosen in IMPLEMENTED:
-        return chosen
-    env_key = "HEAD4D_BACKEND_" + OP.upper()
-    if backend not in (None, "auto"):
-        source = "backend="
-    elif os.environ.get(env_key) not in (None, "", "auto"):
-        source = env_key
-    else:  # the process-wide HEAD4D_BACKEND names a backend this op lacks: keep the default
-        for candidate in PREFERENCES.get(device.type, ("torch",)):
-            if _backend.unavailable_reason(candidate, device) is None:
-                return candidate
-        return "torch"
-    raise RuntimeError(f"{OP}: backend {chosen!r} (from {source}) is not implemented for this op; "
-                       f"it has {IMPLEMENTED}")
+def _resolve(device: torch.device, backend: Optional[str], inputs=None) -> str:
+    return _backend.resolve(OP, device, backend, PREFERENCES, inputs=inputs)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
@@ -163,7 +150,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
             unsupported head dim, tensors on different devices, no keys, a non-finite scale.
     """
     scale = check_attention_inputs(q, k, v, scale)
-    chosen = _resolve(q.device, backend)
+    chosen = _resolve(q.device, backend, (q, k, v))
     with nvtx_range("head4d.attention"):
         if chosen == "triton":
             return _TritonAttention.apply(q, k, v, scale)

@@ -24,10 +24,11 @@ PREFERENCES = {
     "cuda": ("cuda", "torch"),
 }
 
-#: The backends this op has.
+#: The backends this op has; each runs every input the op accepts (no support predicate).
 IMPLEMENTED = ("cpu", "cuda", "torch")
 
 OP = "composite_rays"
+_backend.declare(OP, IMPLEMENTED, PREFERENCES)
 
 
 class _CompositeRays(torch.autograd.Function):

@@ -11,7 +11,7 @@ Where things live:
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -19,7 +19,6 @@ from .. import _backend
 from .._checks import check_choice, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import decoding as _reference
-from ._common import resolve_implemented
 from .triplanes import LAYOUTS
 
 OP = "decode_triplanes"
@@ -30,37 +29,40 @@ PREFERENCES = {
     "cuda": ("cuda", "triton", "torch"),
 }
 
-#: The backends this op always has; ``triton`` is added at call time when
-#: ``head4d.kernels.decoding`` imports (see :func:`implemented`).
-IMPLEMENTED = ("cpu", "cuda", "torch")
+#: The backends this op has.
+IMPLEMENTED = ("cpu", "cuda", "triton", "torch")
 
-#: Largest sizes the compiled kernels take: features C, hidden units, outputs 1 + Co.
+#: Largest sizes the op (and its C++/CUDA kernels) takes: features C, hidden units, outputs 1 + Co.
 MAX_FEATURES = 64
 MAX_HIDDEN = 128
 MAX_OUTPUTS = 64
 
-_triton_module = None
-_triton_error: Optional[BaseException] = None
-
 
 def _triton_kernels():
-    """``head4d.kernels.decoding``, imported once on first use; None when it cannot be."""
-    global _triton_module, _triton_error
-    if _triton_module is None and _triton_error is None:
-        try:
-            from ..kernels import decoding as module
-            _triton_module = module
-        except Exception as exc:  # Triton missing, or the module not written yet
-            _triton_error = exc
-    return _triton_module
+    """``head4d.kernels.decoding`` (imports Triton: an error in that module propagates)."""
+    from ..kernels import decoding as module
+    return module
 
 
-def implemented() -> Tuple[str, ...]:
-    """The backends this op has in this process: :data:`IMPLEMENTED`, plus ``triton``
-    when its kernels import."""
-    if _backend.triton_available() and _triton_kernels() is not None:
-        return IMPLEMENTED + ("triton",)
-    return IMPLEMENTED
+def _triton_supports(planes, points, weight1, bias1, weight2, bias2) -> Optional[str]:
+    """Support predicate of the ``triton`` backend: its kernels run float16, bfloat16
+    and float32 planes (``tl.dot`` has no float64 path to rely on) and sizes within
+    their ``C_RANGE``, ``HIDDEN_RANGE`` and ``OUT_RANGE`` (blocks padded to >= 16)."""
+    if planes.dtype == torch.float64:
+        return "no float64 kernel (tl.dot); it runs float16, bfloat16 and float32 planes"
+    kernels = _triton_kernels()
+    for name, value, (lo, hi) in (("planes' C (channels)", planes.shape[2], kernels.C_RANGE),
+                                  ("weight1's rows (hidden units)", weight1.shape[0], kernels.HIDDEN_RANGE),
+                                  ("weight2's rows (1 + Co outputs)", weight2.shape[0], kernels.OUT_RANGE)):
+        if not lo <= value <= hi:
+            return f"{name} = {value}, its kernels take {lo} to {hi}"
+    return None
+
+
+#: Per-backend support predicates over (planes, points, weight1, bias1, weight2, bias2);
+#: ``cpu`` and ``cuda`` run every input the op accepts.
+SUPPORT = {"triton": _triton_supports}
+_backend.declare(OP, IMPLEMENTED, PREFERENCES, SUPPORT)
 
 
 class _ExtensionKernels:
@@ -158,9 +160,11 @@ def check_decode_inputs(planes, points, weight1, bias1, weight2, bias2, box_warp
     return check_positive_finite(OP, "box_warp", box_warp)
 
 
-def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend :func:`decode_triplanes` would use for tensors on ``device``."""
-    return resolve_implemented(OP, device, backend, PREFERENCES, implemented())
+def resolve_backend(device: torch.device, backend: Optional[str] = None,
+                    inputs: Optional[Sequence[torch.Tensor]] = None) -> str:
+    """The backend :func:`decode_triplanes` would use for tensors on ``device``; with
+    ``inputs`` ``(planes, points, weight1, bias1, weight2, bias2)``, for those inputs."""
+    return _backend.resolve(OP, device, backend, PREFERENCES, inputs=inputs)
 
 
 def decode_triplanes(planes: torch.Tensor, points: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
@@ -188,7 +192,10 @@ def decode_triplanes(planes: torch.Tensor, points: torch.Tensor, weight1: torch.
             layer, density first.
         box_warp: side of the cube, centred at the origin, that the planes span.
         plane_layout: ``"portrait4d"`` or ``"eg3d"`` (see :func:`~head4d.ops.sample_triplanes`).
-        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``None``/``"auto"``.
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``None``/``"auto"``
+            (the fastest available backend that runs these inputs: ``triton`` runs
+            neither float64 planes nor C < 16, so the default skips it for them, and
+            forcing it on them raises ``RuntimeError`` with the reason).
 
     Returns:
         ``(rgb [N, M, Co], sigma [N, M, 1])`` in ``planes.dtype``, computed in float32
@@ -196,7 +203,7 @@ def decode_triplanes(planes: torch.Tensor, points: torch.Tensor, weight1: torch.
         respect to planes, points and the four weight tensors.
     """
     box_warp = check_decode_inputs(planes, points, weight1, bias1, weight2, bias2, box_warp, plane_layout)
-    chosen = resolve_backend(planes.device, backend)
+    chosen = resolve_backend(planes.device, backend, (planes, points, weight1, bias1, weight2, bias2))
     with nvtx_range("head4d.decode_triplanes"):
         if chosen == "torch":
             return _reference.decode_triplanes(planes, points, weight1, bias1, weight2, bias2, box_warp,

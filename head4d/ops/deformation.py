@@ -2,7 +2,7 @@
 ``surface_field_grid``, ``sample_grid3d``, ``smooth_grid3d``, ``mesh_one_ring``,
 ``one_ring_deform``, and ``cell_centre_bound`` for Portrait4D's grid bounds.
 
-How Portrait4D composes them (``../shared/design/portrait4d.md``, "Deformation"):
+How Portrait4D composes them (``docs/design.md``, "The deformation of sample points"):
 the neck field is ``surface_field_grid`` on the simplified mesh at resolution 24 with
 ``bound = PORTRAIT4D_FINE_BOUND`` (cell centres of the 1.3 box), plus a second grid at
 resolution 8 (``bound = PORTRAIT4D_COARSE_BOUND``) passed through
@@ -45,6 +45,8 @@ IMPLEMENTED = {
     "mesh_one_ring": ("torch",),
     "one_ring_deform": ("cpu", "cuda", "torch"),
 }
+for _op, _implemented in IMPLEMENTED.items():  # every backend runs every input the op accepts
+    _backend.declare(_op, _implemented, PREFERENCES)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 PADDINGS = ("zeros", "border")

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _backend
 from .._checks import check_choice, check_dim, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import rays as _reference
@@ -20,6 +21,9 @@ PREFERENCES = {
     "cpu": ("torch",),
     "cuda": ("torch",),
 }
+
+for _op in ("generate_rays", "ray_box_limits", "auto_plane_limits"):
+    _backend.declare(_op, ("torch",), PREFERENCES)
 
 CONVENTIONS = ("opencv", "opengl")
 INVALID_END = ("max_start", "max_end")

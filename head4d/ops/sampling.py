@@ -33,6 +33,9 @@ PREFERENCES = {
 #: The backends of ``sample_importance`` (``stratified_depths`` and ``merge_samples``
 #: have only ``torch``).
 IMPLEMENTED = ("cpu", "cuda", "torch")
+_backend.declare("sample_importance", IMPLEMENTED, PREFERENCES)  # all inputs on every backend
+_backend.declare("stratified_depths", ("torch",), PREFERENCES)
+_backend.declare("merge_samples", ("torch",), PREFERENCES)
 
 JITTERS = ("per_sample", "per_image", "none")
 

@@ -29,6 +29,10 @@ PREFERENCES = {
     "cuda": ("cuda", "triton", "torch"),
 }
 
+#: The backends this op has; each runs every input the op accepts (no support predicate).
+IMPLEMENTED = ("cuda", "triton", "cpu", "torch")
+_backend.declare(OP, IMPLEMENTED, PREFERENCES)
+
 LAYOUTS = {"portrait4d": 0, "eg3d": 1}
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 

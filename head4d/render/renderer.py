@@ -3,13 +3,15 @@ composed from head4d's ops, every stage one op call.
 
 Two ways to decode the sample points (step 2 below), with the same results:
 
-* fused (the default when the decoder is a :class:`~head4d.render.TriplaneDecoder` and a
-  compiled :func:`~head4d.ops.decode_triplanes` backend runs on the device): one op
-  samples the planes and runs the decoder MLP per point, writing only colors and
-  densities and keeping only its inputs for the backward;
-* unfused (the reference, and the fallback for any other decoder):
-  :func:`~head4d.ops.sample_triplanes` -> ``decoder``, which materializes the
-  per-sample features and the MLP's activations (and autograd keeps them).
+* fused: one op (:func:`~head4d.ops.decode_triplanes`) samples the planes and runs the
+  decoder MLP per point, writing only colors and densities and keeping only its inputs
+  for the backward (far less memory);
+* unfused: :func:`~head4d.ops.sample_triplanes` (compiled where built) -> ``decoder``,
+  which materializes the per-sample features and the MLP's activations (and autograd
+  keeps them); the reference, and the only way for any other decoder.
+
+The default (``fused=None``) is the faster one per device type (:data:`FUSED_BY_DEFAULT`):
+unfused on the CPU, fused on CUDA; ``fused=True`` asks for the fused path's memory.
 
 Pipeline per call (the random numbers are drawn in this order, all from
 ``generator`` when one is given):
@@ -40,6 +42,16 @@ from ..ops.triplanes import LAYOUTS
 from .decoder import TriplaneDecoder
 
 NAME = "TriplaneRenderer"
+
+#: What ``fused=None`` does per device type (when the decoder can be fused and a compiled
+#: ``decode_triplanes`` backend runs there), by the speed of the whole render's forward +
+#: backward. CPU: unfused, with the compiled ``sample_triplanes``; the fused C++ decode
+#: ran at 0.44-0.56x its speed at every shape tried (251 ms against 112 ms at 32x32 rays,
+#: 48 + 48 samples, 256x256 planes; 0.80x in a rerun on a loaded machine), since torch's
+#: MKL matrix products beat the per-point MLP. CUDA: fused, the expected winner, not yet
+#: measured (no GPU run so far): a GPU run should confirm or flip it. Other device types:
+#: unfused.
+FUSED_BY_DEFAULT = {"cpu": False, "cuda": True}
 
 
 def _check_fused(name: str, value) -> None:
@@ -108,14 +120,17 @@ class TriplaneRenderer(nn.Module):
             checkpoints) or ``"portrait4d"`` ((x, y), (y, z), (z, x)); ``options["plane_layout"]``
             overrides it per call.
         fused: how the sample points are decoded; ``options["fused"]`` overrides it per call.
-            ``None`` (auto): fused (:func:`~head4d.ops.decode_triplanes`) when the decoder
-            is a plain :class:`~head4d.render.TriplaneDecoder` and a compiled
-            ``decode_triplanes`` backend (not the reference) runs on the planes' device,
-            else unfused. ``True``: fused (the decoder must be a ``TriplaneDecoder``).
+            ``None`` (auto): the faster path for the planes' device type
+            (:data:`FUSED_BY_DEFAULT`): on CUDA fused (:func:`~head4d.ops.decode_triplanes`)
+            when the decoder is a plain :class:`~head4d.render.TriplaneDecoder` and a
+            compiled ``decode_triplanes`` backend (not the reference) runs there; on the
+            CPU unfused, where the compiled ``sample_triplanes`` and torch's matrix
+            products beat the fused decode (about 2x, forward + backward). ``True``:
+            fused (the decoder must be a ``TriplaneDecoder``), for its memory.
             ``False``: unfused, ``sample_triplanes`` then ``decoder`` (the reference).
             Both give the same results to rounding; fused keeps far less memory for the
             backward (only its inputs per pass instead of per-sample features and
-            activations).
+            activations: 5-6x less for the whole render).
 
     ``options`` (EG3D's ``rendering_kwargs``; unknown keys are ignored):
 
@@ -176,7 +191,8 @@ class TriplaneRenderer(nn.Module):
         if fused is None:
             fused = self.fused
         if fused is None:
-            return _fusable(decoder) and _decoding.resolve_backend(device) != "torch"
+            return (FUSED_BY_DEFAULT.get(device.type, False) and _fusable(decoder)
+                    and _decoding.resolve_backend(device) != "torch")
         if fused and not isinstance(decoder, TriplaneDecoder):
             raise TypeError(f"{NAME}: fused decoding needs a TriplaneDecoder (its MLP runs inside "
                             f"decode_triplanes), got {type(decoder).__name__}; use fused=False or None")
