@@ -1,7 +1,7 @@
 """The benchmark gate: each op's fast backends must keep their speedup over the reference.
 
     python benchmarks/gate.py [--device-key KEY] [--baselines benchmarks/baselines]
-                              [--report PATH] [--quick | --full]
+                              [--report PATH] [--quick]
 
 Runs every op's cases through :mod:`head4d.bench` (correctness checks first, then the
 reference and the fast backends timed in this one process) and compares each speedup
@@ -21,10 +21,9 @@ here (``cuda`` on a CPU machine) or for a shape this run did not measure is skip
 With no baseline file for the device, the gate says so, prints a baseline built from
 this run and exits 0 (1 if a correctness check failed).
 
-Which cases and how long: the gate runs the benchmarks' default shapes (``--quick``: the
-quick ones; ``--full``: every shape) with its own budget per (case, pass, backend), the
-long one of ``head4d bench --full`` (2 s on the CPU, 1 s on CUDA; quick: 0.5 / 0.25),
-which its floors were measured with.
+The gate runs the benchmarks' full mode (``head4d bench --full``: every shape, the long
+budget), which its floors were measured in; ``--quick`` the quick mode. The default
+``head4d bench`` runs smaller shapes on the CPU, with labels of their own.
 """
 from __future__ import annotations
 
@@ -138,9 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baselines", default=os.path.join(ROOT, "benchmarks", "baselines"),
                         help="folder of <device key>.json baselines")
     parser.add_argument("--report", help="JSON report path (default: benchmarks/reports/gate-<key>.json)")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the benchmarks' quick mode")
-    mode.add_argument("--full", action="store_true", help="every shape of the benchmarks' full mode")
+    parser.add_argument("--quick", action="store_true", help="the benchmarks' quick mode (default: full)")
     args = parser.parse_args(argv)
 
     device = bench.default_device()
@@ -152,15 +149,12 @@ def main(argv=None) -> int:
         with open(baseline_path) as f:
             baseline = json.load(f)
 
-    mode_name = "quick" if args.quick else "full" if args.full else "default"
     print(f"gate   : {bench.device_name(device)}; baseline {baseline_path}"
-          f"{'' if baseline else ' (MISSING)'}; {mode_name} mode")
+          f"{'' if baseline else ' (MISSING)'}; {'quick' if args.quick else 'full'} mode")
     print(bench.table_header(), flush=True)
     start = time.perf_counter()
-    settings = bench.Settings(device=device, quick=args.quick, full=args.full)
-    budget = bench.default_budget(device, full=not args.quick)
-    results = bench.run(settings, budget_s=budget,
-                        on_result=lambda r: print(bench.table_row(r), flush=True))
+    settings = bench.Settings(device=device, quick=args.quick, full=not args.quick)
+    results = bench.run(settings, on_result=lambda r: print(bench.table_row(r), flush=True))
     elapsed = time.perf_counter() - start
     print(f"({len(results)} rows in {elapsed:.1f} s)\n")
 
@@ -175,7 +169,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
     data = bench.report(results, device, gate={
         "device_key": key, "baseline": baseline_path if baseline else None,
-        "quick": args.quick, "full": args.full, "budget_s": budget, "elapsed_s": elapsed,
+        "quick": args.quick, "elapsed_s": elapsed,
         "verdict": "fail" if failed else ("no baseline" if baseline is None else "pass"),
         "checks": checks, "suggested_floors": suggested, "suggested_margin": MARGIN})
     with open(report_path, "w") as f:

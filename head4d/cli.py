@@ -7,8 +7,8 @@
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
-(op, pass, shape, backend). The default run takes a few minutes on 2 CPU cores; ``--full``
-runs every shape with longer budgets. ``--write-order`` derives each op's default backend
+(op, pass, shape, backend). The default run takes a few minutes on 2 CPU cores (the small
+shapes there); ``--full`` runs every shape with longer budgets, as the gate does. ``--write-order`` derives each op's default backend
 order from the run (or from a saved JSON, ``--from-json``) into an order file
 (:mod:`head4d.bench.order`). Exit code 0 when every check passed, 1 otherwise.
 """
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer, smaller cases (their own shape labels)")
     mode.add_argument("--full", action="store_true",
-                      help="every shape of every op on this device, the gate's longer budget (the long run)")
+                      help="every shape of every op on this device with longer budgets (the gate's mode)")
     p.add_argument("--budget", type=float, metavar="SECONDS",
                    help="timed seconds per (case, pass, backend) (default and quick: 0.25 on CUDA, "
                         "0.5 on CPU; --full: 1 / 2)")

@@ -33,9 +33,10 @@ How a number is taken:
    bandwidth is known (:data:`COPY_BANDWIDTH`), the time a pure copy of those bytes
    would take.
 
-Modes: the default runs the shapes the gate holds floors for, with a short budget (a
-few minutes on 2 CPU cores); ``full`` every shape an op defines for the device with the
-gate's longer budget; ``quick`` smaller shapes (their own labels).
+Modes (:class:`Settings`): ``full``, the gate's, runs every shape an op defines for the
+device with the long budget; ``quick`` small shapes (labels of their own) with a short
+budget; the default, a few minutes on 2 CPU cores, the quick shapes on the CPU and the
+full shapes at N = 1 (part of the attention sweep) on CUDA, with the short budget.
 
 Adding an op: a module in :mod:`.op_cases` with a function ``(Settings) -> list[Case]``
 decorated with ``@register("op_name")``; the CLI, the gate and the suites pick it up.

@@ -77,8 +77,9 @@ class Settings:
     :func:`default_batches`).
     ``quick``: fewer and smaller cases (their own shape labels, so their own gate floors).
     ``full``: every shape an op defines for the device (on CUDA: N = 1 and 4, the whole
-    attention sweep). Neither: the default mode, the shapes the gate holds floors for
-    (on the CPU the same shapes as ``full``). ``quick`` and ``full`` exclude each other.
+    attention sweep); the gate's mode. Neither: the default mode, a few minutes on 2 CPU
+    cores: on the CPU the quick shapes (:attr:`small`), on CUDA the full shapes at N = 1
+    with part of the attention sweep. ``quick`` and ``full`` exclude each other.
     """
 
     device: torch.device
@@ -91,6 +92,12 @@ class Settings:
             raise ValueError("Settings: quick and full exclude each other; set at most one")
         if self.batches is not None and (not self.batches or any(int(n) < 1 for n in self.batches)):
             raise ValueError(f"Settings: batches must be positive batch sizes, got {self.batches}")
+
+    @property
+    def small(self) -> bool:
+        """Whether ops build their small shapes: in the quick mode, and in the default mode
+        on the CPU (where the references of the full shapes take minutes on 2 shared cores)."""
+        return self.quick or (not self.full and self.device.type != "cuda")
 
 
 def default_batches(settings: Settings) -> Tuple[int, ...]:

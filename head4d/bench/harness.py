@@ -336,9 +336,8 @@ def default_device() -> torch.device:
 
 
 def default_budget(device: torch.device, quick: bool = False, full: bool = False) -> float:
-    """Seconds of timed calls per (case, pass, backend): 2 on the CPU and 1 on CUDA for
-    ``full`` (and for the gate, which asks for that budget on its own shapes), 0.5 and
-    0.25 otherwise (the default and the quick mode)."""
+    """Seconds of timed calls per (case, pass, backend): 2 on the CPU and 1 on CUDA in the
+    full mode (the gate's), 0.5 and 0.25 in the default and the quick mode."""
     if device.type == "cuda":
         return 1.0 if full else 0.25
     return 2.0 if full else 0.5

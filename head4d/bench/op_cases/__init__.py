@@ -1,6 +1,10 @@
 """Each op family's benchmark cases, one module per family; importing this package
 registers them all (:func:`head4d.bench.register`).
 
+"quick" in the case docstrings means the small shapes (:attr:`Settings.small
+<head4d.bench.case.Settings.small>`): built in the quick mode and, on the CPU, in the
+default mode.
+
 A new op's cases go in a new module here: a function ``(Settings) -> list[Case]``
 decorated with ``@register("op_name")``, and one import line below.
 """

@@ -26,11 +26,11 @@ def _attention_cases(settings: Settings) -> List[Case]:
     device = settings.device
     if device.type != "cuda":
         return [_attention_case("cross", 1, 4, 1024, 64, 256, torch.float32, ("sdpa",)),
-                _attention_case("self", 1, 4, 1024, 1024, 256, torch.float32, ("sdpa",))][: 1 if settings.quick else 2]
+                _attention_case("self", 1, 4, 1024, 1024, 256, torch.float32, ("sdpa",))][: 1 if settings.small else 2]
     backends = ("triton", "sdpa")
     b = (settings.batches or (4,))[0]
     shapes = [("cross", b, 4, 1024, 64, 256), ("self", b, 4, 1024, 1024, 256)]
-    if settings.quick:
+    if settings.small:
         shapes.append(("sweep", b, 16, 4096, 4096, 64))
     else:
         shapes.append(("decoder", b, 2, 16384, 4096, 512))

@@ -25,8 +25,8 @@ def _composite_rays_cases(settings: Settings) -> List[Case]:
     if cuda:
         rays, samples = 128 * 128, 96
     else:
-        rays, samples = (32 * 32 if settings.quick else 64 * 64), 48
-    dtypes = (torch.float32,) if settings.quick or not cuda else (torch.float32, torch.bfloat16)
+        rays, samples = (32 * 32 if settings.small else 64 * 64), 48
+    dtypes = (torch.float32,) if settings.small or not cuda else (torch.float32, torch.bfloat16)
     backends = fast_backends(compositing.PREFERENCES, device)
     return [_composite_case(n, rays, samples, 32, dtype, backends) for dtype in dtypes for n in batches]
 

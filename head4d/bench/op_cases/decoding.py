@@ -25,10 +25,10 @@ def _decode_triplanes_cases(settings: Settings) -> List[Case]:
     cuda = device.type == "cuda"
     batches = default_batches(settings)
     if cuda:
-        points = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+        points = (64 * 64 * 96,) if settings.small else (64 * 64 * 96, 128 * 128 * 96)
     else:
-        points = (32 * 32 * 16,) if settings.quick else (64 * 64 * 24,)
-    dtypes = (torch.float32,) if settings.quick or not cuda else (torch.float32, torch.bfloat16)
+        points = (32 * 32 * 16,) if settings.small else (64 * 64 * 24,)
+    dtypes = (torch.float32,) if settings.small or not cuda else (torch.float32, torch.bfloat16)
     backends = fast_backends(decoding.PREFERENCES, device)
     return [_decode_case(n, 32, 256, 256, m, 64, 33, dtype, backends)
             for dtype in dtypes for n in batches for m in points]

@@ -52,9 +52,9 @@ def _sample_grid3d_cases(settings: Settings) -> List[Case]:
     cuda = device.type == "cuda"
     batches = default_batches(settings)
     if cuda:
-        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+        counts = (64 * 64 * 96,) if settings.small else (64 * 64 * 96, 128 * 128 * 96)
     else:
-        counts = (65536,) if settings.quick else (64 * 64 * 96,)
+        counts = (65536,) if settings.small else (64 * 64 * 96,)
     backends = fast_backends(deformation.PREFERENCES, device)
     return [_grid3d_case(n, 3, 24, m, backends) for n in batches for m in counts]
 
@@ -94,9 +94,9 @@ def _one_ring_cases(settings: Settings) -> List[Case]:
     cuda = device.type == "cuda"
     batches = default_batches(settings)
     if cuda:
-        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+        counts = (64 * 64 * 96,) if settings.small else (64 * 64 * 96, 128 * 128 * 96)
     else:
-        counts = (8192,) if settings.quick else (65536,)
+        counts = (8192,) if settings.small else (65536,)
     backends = fast_backends(deformation.PREFERENCES, device)
     return [_one_ring_case(n, m, backends) for n in batches for m in counts]
 
@@ -138,7 +138,7 @@ def _surface_field_cases(settings: Settings) -> List[Case]:
     device = settings.device
     backends = fast_backends(deformation.PREFERENCES, device)
     out = [_surface_case("companion", 24, backends)]
-    if device.type == "cuda" and not settings.quick:
+    if device.type == "cuda" and not settings.small:
         out.append(_surface_case("full", 64, backends))
     return out
 
@@ -184,10 +184,10 @@ def _deform_cases(settings: Settings) -> List[Case]:
     cuda = device.type == "cuda"
     batches = default_batches(settings)
     if cuda:
-        counts = (64 * 64 * 96,) if settings.quick else (64 * 64 * 96, 128 * 128 * 96)
+        counts = (64 * 64 * 96,) if settings.small else (64 * 64 * 96, 128 * 128 * 96)
         passes = PASSES
     else:
-        counts, passes = ((4096,) if settings.quick else (16384,)), ("fwd",)
+        counts, passes = ((4096,) if settings.small else (16384,)), ("fwd",)
     backends = fast_backends(deformation.PREFERENCES, device)
     return [_deform_case(n, m, backends, passes) for n in batches for m in counts]
 

@@ -23,7 +23,7 @@ def _sample_importance_cases(settings: Settings) -> List[Case]:
     device = settings.device
     cuda = device.type == "cuda"
     batches = default_batches(settings)
-    resolutions = (32,) if settings.quick and not cuda else (64,) if settings.quick else (64, 128)
+    resolutions = (32,) if settings.small and not cuda else (64,) if settings.small else (64, 128)
     backends = fast_backends(sampling.PREFERENCES, device)
     return [_importance_case(n, res * res, 48, 48, backends) for n in batches for res in resolutions]
 

@@ -33,9 +33,9 @@ def _render_cases(settings: Settings) -> List[Case]:
     cuda = device.type == "cuda"
     batches = default_batches(settings)
     if cuda:
-        resolutions = (64,) if settings.quick else (64, 128)
+        resolutions = (64,) if settings.small else (64, 128)
     else:
-        resolutions = (16,) if settings.quick else (32,)
+        resolutions = (16,) if settings.small else (32,)
     backends = fast_backends(decoding.PREFERENCES, device)
     return [_render_case(n, res, 48, 48, backends) for n in batches for res in resolutions]
 

@@ -27,8 +27,8 @@ def _sample_triplanes_cases(settings: Settings) -> List[Case]:
     if cuda:
         per_image = 128 * 128 * 96
     else:
-        per_image = 32 * 32 * 16 if settings.quick else 64 * 64 * 24
-    dtypes = (torch.float32,) if settings.quick else (torch.float32, torch.bfloat16)
+        per_image = 32 * 32 * 16 if settings.small else 64 * 64 * 24
+    dtypes = (torch.float32,) if settings.small else (torch.float32, torch.bfloat16)
     backends = fast_backends(triplanes.PREFERENCES, device)
     return [_triplanes_case(n, 32, 256, 256, per_image, dtype, backends)
             for dtype in dtypes for n in batches]
