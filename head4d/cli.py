@@ -8,9 +8,10 @@
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
 (op, pass, shape, backend). The default run takes a few minutes on 2 CPU cores (the small
-shapes there); ``--full`` runs every shape with longer budgets, as the gate does. ``--write-order`` derives each op's default backend
-order from the run (or from a saved JSON, ``--from-json``) into an order file
-(:mod:`head4d.bench.order`). Exit code 0 when every check passed, 1 otherwise.
+shapes there); ``--full`` runs every shape with longer budgets, as the gate does.
+``--write-order`` derives each op's default backend order from the run (or from a saved
+JSON, ``--from-json``) into an order file (:mod:`head4d.bench.order`). Exit code 0 when
+every check passed, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
         return 0
 
+    if args.write_order and args.backends:
+        print("head4d bench: --write-order ranks every backend of an op, so it cannot be combined "
+              "with --backends (a backend left out would lose its place)", file=sys.stderr)
+        return 2
     device = torch.device(args.device) if args.device else bench.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         print("head4d bench: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -99,7 +104,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"\n{len(results)} rows in {elapsed:.1f} s; "
           + (f"{len(failed)} FAILED: " + ", ".join(r.key for r in failed) if failed
              else "all checks passed"))
-    print("seconds per case: " + ", ".join(f"{c.op}/{c.shape} {s:.1f}" for c, s in case_seconds))
+    print("seconds per case (checks, warm-up and timing, all backends):")
+    for case, seconds in case_seconds:
+        print(f"  {seconds:7.1f}  {case.op}/{case.shape}")
     if args.json:
         data = bench.report(results, device, settings={
             "ops": [c.op for c in cases], "quick": args.quick, "full": args.full,

@@ -44,6 +44,12 @@ def test_default_mode_on_the_cpu_runs_the_small_shapes():
                                          case_keys(bench.Settings(device=CPU, quick=True)))
 
 
+def test_the_small_cpu_shapes_leave_out_the_whole_deformation():
+    """Its reference rebuilds the 24^3 surface field on every call, minutes on a busy CPU."""
+    assert "deform" not in {c.op for c in bench.cases(bench.Settings(device=CPU))}
+    assert "deform" in {c.op for c in bench.cases(bench.Settings(device=CPU, full=True))}
+
+
 def test_full_mode_on_cuda_adds_batch_four_and_keeps_the_default_cases():
     cuda = torch.device("cuda")  # building cases allocates nothing on the device
     default = bench.cases(bench.Settings(device=cuda))
