@@ -21,7 +21,6 @@ DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp1
 Inputs = Dict[str, torch.Tensor]
 
 
-
 @dataclass(frozen=True)
 class Case:
     """One op on one shape.
@@ -145,7 +144,6 @@ def cases(settings: Settings, names: Optional[Iterable[str]] = None) -> List[Cas
 def fast_backends(preferences: Dict[str, Sequence[str]], device: torch.device) -> Tuple[str, ...]:
     """An op's non-reference backends for ``device`` from its preference table."""
     return tuple(b for b in preferences.get(device.type, ()) if b != REFERENCE)
-
 
 
 class process_backend:

@@ -8,7 +8,6 @@ import torch
 from ..case import DTYPE_NAMES, Case, Inputs, Settings, default_batches, fast_backends, register
 
 
-
 @register("sample_triplanes")
 def _sample_triplanes_cases(settings: Settings) -> List[Case]:
     """Planes ``[N, 3, 32, 256, 256]`` (25 MB per image in fp32), reduce ``mean``.
