@@ -35,6 +35,7 @@ setup_kwargs = dict(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"head4d": ["backend_order.json"]},  # read by head4d/_preferences.py
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -21,6 +21,10 @@ here (``cuda`` on a CPU machine) or for a shape this run did not measure is skip
 With no baseline file for the device the gate fails (exit code 1): it still runs the
 cases, checks correctness and prints a baseline built from this run to start one from,
 but an ungated run must not read as a pass.
+
+The gate runs the benchmarks' full mode (``head4d bench --full``: every shape, the long
+budget), which its floors were measured in; ``--quick`` the quick mode. The default
+``head4d bench`` runs smaller shapes on the CPU, with labels of their own.
 """
 from __future__ import annotations
 
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--baselines", default=os.path.join(ROOT, "benchmarks", "baselines"),
                         help="folder of <device key>.json baselines")
     parser.add_argument("--report", help="JSON report path (default: benchmarks/reports/gate-<key>.json)")
-    parser.add_argument("--quick", action="store_true", help="the benchmarks' quick mode")
+    parser.add_argument("--quick", action="store_true", help="the benchmarks' quick mode (default: full)")
     args = parser.parse_args(argv)
 
     device = bench.default_device()
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
           f"{'' if baseline else ' (MISSING)'}; {'quick' if args.quick else 'full'} mode")
     print(bench.table_header(), flush=True)
     start = time.perf_counter()
-    settings = bench.Settings(device=device, quick=args.quick)
+    settings = bench.Settings(device=device, quick=args.quick, full=not args.quick)
     results = bench.run(settings, on_result=lambda r: print(bench.table_row(r), flush=True))
     elapsed = time.perf_counter() - start
     print(f"({len(results)} rows in {elapsed:.1f} s)\n")

@@ -277,6 +277,10 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
         known = entry.implemented
         if preferences is None:
             preferences = entry.preferences
+    if preferences is not None:
+        # the measured order committed in head4d/backend_order.json, where it has one
+        from ._preferences import backend_order
+        preferences = backend_order(op, preferences)
     else:
         known = BACKENDS + tuple(extra)
     choice, source = _requested(op, requested, known)

@@ -1,12 +1,17 @@
 """The ``head4d`` command.
 
-    head4d bench [--ops NAME ...] [--backends NAME ...] [--batch N ...] [--quick]
-                 [--budget SECONDS] [--json PATH]
+    head4d bench [--ops NAME ...] [--backends NAME ...] [--batch N ...] [--quick | --full]
+                 [--budget SECONDS] [--json PATH] [--write-order FILE]
+    head4d bench --from-json BENCH_JSON --write-order FILE
     head4d info
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
-(op, pass, shape, backend). Exit code 0 when every check passed, 1 otherwise.
+(op, pass, shape, backend). The default run takes a few minutes on 2 CPU cores (the small
+shapes there); ``--full`` runs every shape with longer budgets, as the gate does.
+``--write-order`` derives each op's default backend order from the run (or from a saved
+JSON, ``--from-json``) into an order file (:mod:`head4d.bench.order`). Exit code 0 when
+every check passed, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -20,16 +25,47 @@ from typing import List, Optional
 import torch
 
 
+def _mode(args: argparse.Namespace) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def _write_order(path: str, rows, environment) -> None:
+    from .bench import order
+
+    data, notes = order.write_orders(path, rows, environment)
+    print(f"\nbackend order ({environment['device_type']}) written to {path}:")
+    print(order.format_orders(data["orders"], environment["device_type"]) or "(no op measured)")
+    for line in notes:
+        print(f"note: {line}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.from_json:
+        if not args.write_order:
+            print("head4d bench: --from-json needs --write-order FILE (it only derives an order)",
+                  file=sys.stderr)
+            return 2
+        try:
+            rows, environment = bench.order.read_bench_json(args.from_json)
+            _write_order(args.write_order, rows, environment)
+        except (OSError, ValueError) as exc:
+            print(f"head4d bench: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    if args.write_order and args.backends:
+        print("head4d bench: --write-order ranks every backend of an op, so it cannot be combined "
+              "with --backends (a backend left out would lose its place)", file=sys.stderr)
+        return 2
     device = torch.device(args.device) if args.device else bench.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         print("head4d bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    settings = bench.Settings(device=device, batches=tuple(args.batch) if args.batch else None,
-                              quick=args.quick)
     try:
+        settings = bench.Settings(device=device, batches=tuple(args.batch) if args.batch else None,
+                                  quick=args.quick, full=args.full)
         cases = bench.cases(settings, args.ops)
     except ValueError as exc:
         print(f"head4d bench: {exc}", file=sys.stderr)
@@ -49,30 +85,40 @@ def _bench(args: argparse.Namespace) -> int:
           f"{' (dirty)' if env['git_dirty'] else ''}; {env['date']}")
     if env["copy_bandwidth_gbps"]:
         print(f"floor  : bytes / {env['copy_bandwidth_gbps']:.0f} GB/s (measured copy bandwidth)")
-    print(f"cases  : {len(cases)} ({'quick' if args.quick else 'full'}); "
+    print(f"cases  : {len(cases)} ({_mode(args)}); "
           f"speedup = reference ('torch') median / backend median, same process, same inputs\n")
     print(bench.table_header(), flush=True)
 
     start = time.perf_counter()
     results: List[bench.Result] = []
-    budget = bench.default_budget(device, args.quick) if args.budget is None else args.budget
+    budget = bench.default_budget(device, args.quick, args.full) if args.budget is None else args.budget
+    case_seconds = []
     for case in cases:
+        case_start = time.perf_counter()
         results += bench.run_case(case, device, budget, args.backends,
                                   on_result=lambda r: print(bench.table_row(r), flush=True))
+        case_seconds.append((case, time.perf_counter() - case_start))
     elapsed = time.perf_counter() - start
 
     failed = [r for r in results if r.failed]
     print(f"\n{len(results)} rows in {elapsed:.1f} s; "
           + (f"{len(failed)} FAILED: " + ", ".join(r.key for r in failed) if failed
              else "all checks passed"))
+    print("seconds per case (checks, warm-up and timing, all backends):")
+    for case, seconds in case_seconds:
+        print(f"  {seconds:7.1f}  {case.op}/{case.shape}")
     if args.json:
         data = bench.report(results, device, settings={
-            "ops": [c.op for c in cases], "quick": args.quick, "batches": args.batch,
-            "backends": args.backends, "budget_s": budget, "elapsed_s": elapsed})
+            "ops": [c.op for c in cases], "quick": args.quick, "full": args.full,
+            "batches": args.batch, "backends": args.backends, "budget_s": budget,
+            "elapsed_s": elapsed,
+            "case_seconds": {f"{c.op}/{c.shape}": round(s, 2) for c, s in case_seconds}})
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(data, f, indent=1)
         print(f"wrote {args.json}")
+    if args.write_order:
+        _write_order(args.write_order, [r.to_json() for r in results], env)
     return 1 if failed else 0
 
 
@@ -112,13 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", metavar="NAME",
                    help="fast backends to time (default: all available; the reference always runs)")
     p.add_argument("--batch", nargs="+", type=int, metavar="N",
-                   help="batch sizes (default: 1 4 on CUDA, 1 on CPU)")
-    p.add_argument("--quick", action="store_true", help="fewer, smaller cases and a shorter budget")
+                   help="batch sizes (default: 1; --full on CUDA: 1 4)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer, smaller cases (their own shape labels)")
+    mode.add_argument("--full", action="store_true",
+                      help="every shape of every op on this device with longer budgets (the gate's mode)")
     p.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="timed seconds per (case, pass, backend) (default: 1 on CUDA, 2 on CPU; "
-                        "quick: 0.25 / 0.5)")
+                   help="timed seconds per (case, pass, backend) (default and quick: 0.25 on CUDA, "
+                        "0.5 on CPU; --full: 1 / 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--json", metavar="PATH", help="also write every row and the environment here")
+    p.add_argument("--write-order", metavar="FILE",
+                   help="derive each op's default backend order (fastest correct first) from the run "
+                        "and write it into this order file (entries of other device types are kept); "
+                        "the committed one is head4d/backend_order.json")
+    p.add_argument("--from-json", metavar="BENCH_JSON",
+                   help="with --write-order: derive the order from this saved bench (or gate) JSON "
+                        "instead of running")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("info", help="versions, which backends are available, and per op which it has")

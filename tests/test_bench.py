@@ -1,0 +1,212 @@
+"""The benchmark library (head4d.bench), the backend order derived from a run
+(head4d.bench.order) and the order file's reader (head4d._preferences)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from head4d import _preferences, bench
+from head4d.bench import order
+from head4d.cli import main as cli_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def case_keys(settings):
+    return {case.key(pass_, backend) for case in bench.cases(settings)
+            for pass_ in case.passes for backend in case.backends}
+
+
+# ----------------------------------------------------------------------------------
+# Cases and modes
+# ----------------------------------------------------------------------------------
+
+def test_every_cpu_floor_names_a_case_of_the_gate_modes():
+    """The gate runs the full mode (and --quick the quick one): each floor must name a
+    (op, pass, shape, backend) one of them produces, or it is silently skipped."""
+    with open(os.path.join(ROOT, "benchmarks", "baselines", "cpu.json")) as f:
+        baseline = json.load(f)
+    reachable = (case_keys(bench.Settings(device=CPU, full=True))
+                 | case_keys(bench.Settings(device=CPU, quick=True)))
+    floors = list(baseline["floors"]) + list(baseline.get("memory_floors", {}))
+    missing = [key for key in floors if key not in reachable]
+    assert not missing, f"gate floors no benchmark case produces: {missing}"
+
+
+def test_default_mode_on_the_cpu_runs_the_small_shapes():
+    default = bench.Settings(device=CPU)
+    assert default.small and not bench.Settings(device=CPU, full=True).small
+    assert case_keys(default) == case_keys(bench.Settings(device=CPU, quick=True))
+    assert case_keys(default).isdisjoint(case_keys(bench.Settings(device=CPU, full=True)) -
+                                         case_keys(bench.Settings(device=CPU, quick=True)))
+
+
+def test_the_small_cpu_shapes_leave_out_the_whole_deformation():
+    """Its reference rebuilds the 24^3 surface field on every call, minutes on a busy CPU."""
+    assert "deform" not in {c.op for c in bench.cases(bench.Settings(device=CPU))}
+    assert "deform" in {c.op for c in bench.cases(bench.Settings(device=CPU, full=True))}
+
+
+def test_full_mode_on_cuda_adds_batch_four_and_keeps_the_default_cases():
+    cuda = torch.device("cuda")  # building cases allocates nothing on the device
+    default = bench.cases(bench.Settings(device=cuda))
+    full = bench.cases(bench.Settings(device=cuda, full=True))
+    assert {(c.op, c.shape) for c in default} < {(c.op, c.shape) for c in full}
+    assert not any("N4_" in c.shape for c in default)
+    assert any("N4_" in c.shape for c in full)
+
+
+def test_settings_reject_two_modes_and_bad_batches():
+    with pytest.raises(ValueError, match="quick and full"):
+        bench.Settings(device=CPU, quick=True, full=True)
+    with pytest.raises(ValueError, match="batches"):
+        bench.Settings(device=CPU, batches=(0,))
+
+
+def test_the_default_budget_is_shorter_than_the_full_one():
+    assert bench.default_budget(CPU) < bench.default_budget(CPU, full=True)
+    cuda = torch.device("cuda")
+    assert bench.default_budget(cuda) < bench.default_budget(cuda, full=True)
+
+
+def test_unknown_op_is_named():
+    with pytest.raises(ValueError, match="no_such_op"):
+        bench.cases(bench.Settings(device=CPU), ["no_such_op"])
+
+
+# ----------------------------------------------------------------------------------
+# The harness on a small made-up op
+# ----------------------------------------------------------------------------------
+
+def scaled_case(wrong_by: float) -> bench.Case:
+    """``2 x`` on 1,000 random values; the ``cpu`` backend adds ``wrong_by``."""
+    def make_inputs(device, seed):
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return {"x": torch.randn(1000, generator=gen, device=device),
+                "grad_out": torch.randn(1000, generator=gen, device=device)}
+
+    def run(inputs, backend):
+        out = inputs["x"] * 2
+        return out if backend == bench.REFERENCE else out + wrong_by
+
+    return bench.Case(op="scale", shape="M1000_fp32", make_inputs=make_inputs, run=run, grad_of=("x",),
+                      nbytes={"fwd": 8000, "fwd+bwd": 16000}, flops={"fwd": 1000, "fwd+bwd": 2000},
+                      dtype=torch.float32, backends=("cpu",))
+
+
+def test_run_case_times_a_correct_backend_and_rejects_a_wrong_one():
+    right = bench.run_case(scaled_case(0.0), CPU, budget_s=0.01)
+    assert [(r.pass_, r.backend, r.status) for r in right] == [
+        ("fwd", "torch", "ok"), ("fwd", "cpu", "ok"), ("fwd+bwd", "torch", "ok"), ("fwd+bwd", "cpu", "ok")]
+    for r in right:
+        assert r.median_ms > 0 and r.reps >= 3 and math.isfinite(r.speedup)
+    wrong = bench.run_case(scaled_case(1e-3), CPU, budget_s=0.01)
+    cpu_rows = [r for r in wrong if r.backend == "cpu"]
+    assert [r.status for r in cpu_rows] == ["fail", "fail"]
+    assert all(r.median_ms is None and "rel. error" in r.message for r in cpu_rows)
+
+
+# ----------------------------------------------------------------------------------
+# Backend order from a run
+# ----------------------------------------------------------------------------------
+
+def row(op, shape, pass_, backend, speedup, status="ok"):
+    return {"op": op, "shape": shape, "pass": pass_, "backend": backend, "status": status,
+            "speedup": speedup if status == "ok" else None}
+
+
+def test_order_ranks_by_weighted_speedup_with_the_backward_counting_double():
+    rows = [row("op_a", "s1", "fwd", "torch", 1.0), row("op_a", "s1", "fwd", "cuda", 3.0),
+            row("op_a", "s1", "fwd", "triton", 1.5),
+            row("op_a", "s1", "fwd+bwd", "torch", 1.0), row("op_a", "s1", "fwd+bwd", "cuda", 1.2),
+            row("op_a", "s1", "fwd+bwd", "triton", 2.0)]
+    # cuda: (log 3 + 2 log 1.2) / 3 = 0.488; triton: (log 1.5 + 2 log 2) / 3 = 0.597
+    orders, notes = order.derive_orders(rows, "cuda")
+    assert orders == {"op_a": ["triton", "cuda", "torch"]} and notes == []
+
+
+def test_order_puts_a_slower_backend_after_the_reference():
+    rows = [row("op_a", "s", "fwd", "torch", 1.0), row("op_a", "s", "fwd", "cuda", 0.8)]
+    assert order.derive_orders(rows, "cuda")[0] == {"op_a": ["torch", "cuda"]}
+
+
+def test_order_leaves_out_wrong_failed_and_unrun_backends_and_whole_models():
+    rows = [row("op_a", "s1", "fwd", "torch", 1.0), row("op_a", "s1", "fwd", "cuda", 5.0),
+            row("op_a", "s2", "fwd", "torch", 1.0), row("op_a", "s2", "fwd", "cuda", None, "fail"),
+            row("op_a", "s1", "fwd", "triton", None, "skip"), row("op_a", "s1", "fwd", "sdpa", None, "error"),
+            row("render", "s", "fwd", "torch", 1.0), row("render", "s", "fwd", "cuda", 9.0)]
+    assert "render" in bench.WHOLE_MODELS
+    orders, notes = order.derive_orders(rows, "cuda")
+    assert orders == {"op_a": ["torch"]}
+    assert len(notes) == 3 and any("cuda left out, fail" in n for n in notes)
+
+
+def test_write_orders_replaces_its_device_type_and_keeps_the_rest(tmp_path):
+    path = str(tmp_path / "order.json")
+    with open(path, "w") as f:
+        json.dump({"orders": {"op_a": {"cpu": ["cpu", "torch"], "cuda": ["torch"]},
+                              "op_b": {"cuda": ["cuda", "torch"]}}, "sources": {"cpu": {"device": "x"}}}, f)
+    rows = [row("op_a", "s", "fwd", "torch", 1.0), row("op_a", "s", "fwd", "cuda", 2.0)]
+    data, _ = order.write_orders(path, rows, {"device_type": "cuda", "device": "H100", "git_commit": "abc"})
+    with open(path) as f:
+        assert json.load(f) == data
+    assert data["orders"] == {"op_a": {"cpu": ["cpu", "torch"], "cuda": ["cuda", "torch"]},
+                              "op_b": {"cuda": ["cuda", "torch"]}}
+    assert data["sources"]["cpu"] == {"device": "x"} and data["sources"]["cuda"]["device"] == "H100"
+    loaded = _preferences.load_orders.__wrapped__(path)
+    assert loaded["op_a"]["cuda"] == ("cuda", "torch")
+
+
+def test_cli_writes_the_order_of_a_saved_run(tmp_path, capsys):
+    saved = tmp_path / "bench.json"
+    rows = [row("op_a", "s", "fwd+bwd", "torch", 1.0), row("op_a", "s", "fwd+bwd", "cpu", 1.5)]
+    saved.write_text(json.dumps({"environment": {"device_type": "cpu", "device": "test"}, "results": rows}))
+    out = tmp_path / "order.json"
+    assert cli_main(["bench", "--from-json", str(saved), "--write-order", str(out)]) == 0
+    assert json.loads(out.read_text())["orders"] == {"op_a": {"cpu": ["cpu", "torch"]}}
+    saved.write_text(json.dumps({"rows": []}))
+    assert cli_main(["bench", "--from-json", str(saved), "--write-order", str(out)]) == 2
+    assert "'results' and 'environment'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--quick", "--full"])
+
+
+# ----------------------------------------------------------------------------------
+# The order file's reader
+# ----------------------------------------------------------------------------------
+
+BUILTIN = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+
+
+def test_merge_puts_the_measured_order_first_and_keeps_the_other_builtin_backends():
+    assert _preferences.merge_order(BUILTIN, {"cuda": ("triton", "torch")}) == {
+        "cpu": ("cpu", "torch"), "cuda": ("triton", "torch", "cuda")}
+    assert _preferences.merge_order(BUILTIN, {}) == BUILTIN
+
+
+def test_the_committed_order_file_is_valid_and_unnamed_ops_keep_their_builtin_order():
+    orders = _preferences.load_orders(_preferences.ORDER_FILE)
+    assert isinstance(orders, dict)
+    assert _preferences.backend_order("no_such_op", BUILTIN) == BUILTIN
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"orders": {"op": {"tpu": ["torch"]}}}', "device type 'tpu'"),
+    ('{"orders": {"op": {"cuda": ["cuda", "cuda"]}}}', "distinct backends"),
+    ('{"orders": {"op": {"cuda": ["warp"]}}}', "distinct backends"),
+    ('{"orders": ["op"]}', "expected an object with 'orders'"),
+])
+def test_a_malformed_order_file_is_named_with_what_was_expected(tmp_path, content, message):
+    path = tmp_path / "order.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as info:
+        _preferences.load_orders.__wrapped__(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_missing_order_file_means_no_measured_orders(tmp_path):
+    assert _preferences.load_orders.__wrapped__(str(tmp_path / "absent.json")) == {}
