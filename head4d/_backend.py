@@ -71,6 +71,16 @@ def _load_extension():
         return None, exc
 
 
+def _constant_when_compiled(fn):
+    """Marks ``fn``, a function without arguments whose result is fixed for the process,
+    so that ``torch.compile`` calls it while tracing and takes the result as a constant
+    instead of tracing into it (it imports modules and calls the extension, which
+    Dynamo cannot trace). It is what ``torch.compiler.assume_constant_result`` does,
+    done here without importing ``torch._dynamo`` (seconds) on ``import head4d``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def extension():
     """The compiled extension module ``head4d._C``, or ``None`` if it is not importable."""
     return _load_extension()[0]
@@ -81,19 +91,39 @@ def extension_error() -> Optional[BaseException]:
     return _load_extension()[1]
 
 
+@_constant_when_compiled
+def extension_available() -> bool:
+    """Whether ``head4d._C`` imports."""
+    return extension() is not None
+
+
+@_constant_when_compiled
+def extension_error_text() -> str:
+    """:func:`extension_error` as text (empty if the extension imports)."""
+    error = extension_error()
+    return "" if error is None else str(error)
+
+
+@_constant_when_compiled
 def extension_has_cuda() -> bool:
     ext = extension()
     return bool(ext is not None and ext.with_cuda())
 
 
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
     except Exception:
         return False
     return True
+
+
+@_constant_when_compiled
+def triton_available() -> bool:
+    """Whether Triton imports."""
+    return _import_triton()
 
 
 def triton_interpreting() -> bool:
@@ -107,14 +137,14 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "cpu":
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
-        if extension() is None:
-            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        if not extension_available():
+            return f"the extension head4d._C is not built ({extension_error_text()}). {BUILD_HINT}"
         return None
     if backend == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
-        if extension() is None:
-            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        if not extension_available():
+            return f"the extension head4d._C is not built ({extension_error_text()}). {BUILD_HINT}"
         if not extension_has_cuda():
             return f"head4d._C was built without CUDA kernels. {BUILD_HINT}"
         return None
@@ -160,11 +190,11 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
     prefs = preferences.get(device.type, ("torch",))
     for candidate in prefs:
         if unavailable_reason(candidate, device) is None:
-            if candidate == "torch" and device.type in ("cpu", "cuda") and extension() is None:
+            if candidate == "torch" and device.type in ("cpu", "cuda") and not extension_available():
                 _warn_once(
                     "extension",
                     f"head4d: the compiled extension head4d._C is not available "
-                    f"({extension_error()}); ops fall back to the plain-PyTorch reference, "
+                    f"({extension_error_text()}); ops fall back to the plain-PyTorch reference, "
                     f"which is correct but slow. {BUILD_HINT}",
                 )
             return candidate
