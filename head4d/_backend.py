@@ -57,6 +57,17 @@ BUILD_HINT = (
 _warned: set = set()
 
 
+def _constant_when_compiled(fn):
+    """Marks ``fn``, a function without arguments whose result is fixed for the process,
+    so that ``torch.compile`` calls it while tracing and takes the result as a constant
+    instead of tracing into it (it imports modules and calls the extension, which
+    Dynamo cannot trace). It is what ``torch.compiler.assume_constant_result`` does,
+    done here without importing ``torch._dynamo`` (seconds) on ``import head4d``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled  # under torch.compile: warns while the graph is traced
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -69,16 +80,6 @@ def _load_extension():
         return importlib.import_module("head4d._C"), None
     except ImportError as exc:  # not built, or built against another torch
         return None, exc
-
-
-def _constant_when_compiled(fn):
-    """Marks ``fn``, a function without arguments whose result is fixed for the process,
-    so that ``torch.compile`` calls it while tracing and takes the result as a constant
-    instead of tracing into it (it imports modules and calls the extension, which
-    Dynamo cannot trace). It is what ``torch.compiler.assume_constant_result`` does,
-    done here without importing ``torch._dynamo`` (seconds) on ``import head4d``."""
-    fn._dynamo_marked_constant = True
-    return fn
 
 
 def extension():

@@ -368,7 +368,8 @@ def test_fake_tensors_give_shapes_without_kernels():
 
 def test_registration_imports_no_triton_and_tolerates_a_missing_extension():
     """Importing head4d registers the ops without importing the Triton kernels; with
-    head4d._C unavailable the ops still warn once and fall back to the reference."""
+    head4d._C unavailable the ops still warn and fall back to the reference, eager and
+    compiled."""
     code = (
         "import sys, warnings\n"
         "sys.modules['head4d._C'] = None\n"  # makes `import head4d._C` fail
@@ -381,6 +382,13 @@ def test_registration_imports_no_triton_and_tolerates_a_missing_extension():
         "    out = head4d.ops.sample_triplanes(p, x)\n"
         "ref = head4d.reference.triplanes.sample_triplanes(p, x, 1.0, 'portrait4d', 'mean')\n"
         "assert torch.equal(out, ref)\n"
+        "assert any('head4d._C' in str(w.message) for w in caught), [str(w.message) for w in caught]\n"
+        "head4d._backend._warned.clear()\n"  # compiled: the same fallback, warned while tracing
+        "compiled = torch.compile(lambda p, x: head4d.ops.sample_triplanes(p, x), fullgraph=True,\n"
+        "                         backend='aot_eager')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert torch.equal(compiled(p, x), ref)\n"
         "assert any('head4d._C' in str(w.message) for w in caught), [str(w.message) for w in caught]\n"
     )
     env = dict(os.environ, HEAD4D_BACKEND="")
