@@ -180,8 +180,12 @@ CASES = {
     "attention": (_attention_case, ("triton",)),
 }
 
+#: Every case on the backends that run here, and the ``head4d._C`` ones on ``cuda`` too
+#: (``gpu``; the Triton cases run on CUDA tensors when a GPU is present).
 PARAMS = [pytest.param(name, backend, id=f"{name}-{backend}")
           for name, (_, backends) in CASES.items() for backend in backends]
+PARAMS += [pytest.param(name, "cuda", id=f"{name}-cuda", marks=pytest.mark.gpu)
+           for name, (_, backends) in CASES.items() if "cpu" in backends]
 
 
 def _case(name, backend):
@@ -276,7 +280,7 @@ def test_compile_sample_importance_draws_like_eager():
     """Random importance samples: the uniforms are drawn outside the operator, in the
     graph, from the global generator, so a compiled call seeded alike draws alike."""
     require_backend("cpu")
-    fn, (depths, weights) = _importance_case("cpu", torch.device("cpu"))
+    _, (depths, weights) = _importance_case("cpu", torch.device("cpu"))
 
     def draw(depths, weights):
         return head4d.ops.sample_importance(depths, weights, 5, backend="cpu")
