@@ -370,6 +370,22 @@ def test_fake_tensors_give_shapes_without_kernels():
     assert _library.closest_triangles_search(points, verts, faces).dtype == torch.int64
 
 
+def test_gradients_take_the_layout_their_fakes_declare():
+    """A backward op's gradients are dense in the memory order of its fake (what a
+    compiled graph assumes): a channels-padded planes gradient, as the CUDA decoding
+    kernels make it, is copied into that layout; one already in it is not copied."""
+    padded = torch.randn(2, 3, 5, 6, 8, dtype=F64)  # [N, 3, H, W, C + 3], channels padded
+    grad = padded[..., :5].permute(0, 1, 4, 2, 3)  # [N, 3, C, H, W], not dense
+    points = torch.randn(2, 7, 3, dtype=F64)
+    planes = torch.empty(2, 3, 5, 5, 6, dtype=F64)
+    laid = _library._laid_out([grad, points], (planes, points), (True, True), _library.PLANES_GRAD_ORDER)
+    fake = _library._fake_grads((planes, points), (True, True), _library.PLANES_GRAD_ORDER)
+    assert torch.equal(laid[0], grad) and laid[0].stride() == fake[0].stride() != grad.stride()
+    assert laid[1] is points
+    dense = torch.empty_permuted(planes.shape, _library.PLANES_GRAD_ORDER)
+    assert _library._laid_out([dense], (planes,), (True,), _library.PLANES_GRAD_ORDER)[0] is dense
+
+
 def test_registration_imports_no_triton_and_tolerates_a_missing_extension():
     """Importing head4d registers the ops without importing the Triton kernels; with
     head4d._C unavailable the ops still warn and fall back to the reference, eager and

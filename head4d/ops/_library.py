@@ -95,26 +95,44 @@ def _spread(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple:
     return tuple(next(it) if need else None for need in needs)
 
 
-#: Memory order (outermost to innermost dimension) of the kernels' gradients of a
-#: ``[N, 3, C, H, W]`` triplane and of an ``[N, C, D, H, W]`` grid: channels innermost,
-#: as they accumulate them.
+#: Memory order (outermost to innermost dimension) of the gradient of a ``[N, 3, C, H, W]``
+#: triplane and of an ``[N, C, D, H, W]`` grid: channels innermost, as the kernels
+#: accumulate them.
 PLANES_GRAD_ORDER = (0, 1, 3, 4, 2)
 GRID_GRAD_ORDER = (0, 2, 3, 4, 1)
 
 
+def _grad_orders(inputs: Sequence[Tensor], needs: Sequence[bool],
+                 first_order: Optional[Sequence[int]]) -> List[Sequence[int]]:
+    """The memory order of each needed gradient: ``first_order`` for the first input's
+    (when given), row-major for the others."""
+    return [first_order if i == 0 and first_order is not None else tuple(range(t.dim()))
+            for i, (t, need) in enumerate(zip(inputs, needs)) if need]
+
+
 def _fake_grads(inputs: Sequence[Tensor], needs: Sequence[bool],
                 first_order: Optional[Sequence[int]] = None) -> List[Tensor]:
-    """Fake gradients: the shape and dtype of each needed input, contiguous, except the
-    first, laid out in ``first_order`` when given (see :data:`PLANES_GRAD_ORDER`)."""
-    grads = []
-    for i, (t, need) in enumerate(zip(inputs, needs)):
-        if not need:
-            continue
-        if i == 0 and first_order is not None:
-            grads.append(torch.empty_permuted(t.shape, first_order, dtype=t.dtype, device=t.device))
-        else:
-            grads.append(t.new_empty(t.shape))
-    return grads
+    """Fake gradients: the shape and dtype of each needed input, dense in the memory
+    order of :func:`_grad_orders`."""
+    needed = [t for t, need in zip(inputs, needs) if need]
+    return [torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
+            for t, order in zip(needed, _grad_orders(inputs, needs, first_order))]
+
+
+def _laid_out(grads: Sequence[Tensor], inputs: Sequence[Tensor], needs: Sequence[bool],
+              first_order: Optional[Sequence[int]] = None) -> List[Tensor]:
+    """The kernels' gradients, each dense in the memory order its fake declares (a copy
+    only where it is not: the CUDA decoding kernels pad the planes gradient's channels)."""
+    result = []
+    for g, order in zip(grads, _grad_orders(inputs, needs, first_order)):
+        step, dense = 1, True
+        for dim in reversed(order):
+            dense = dense and (g.shape[dim] == 1 or g.stride(dim) == step)
+            step *= g.shape[dim]
+        if not dense:
+            g = torch.empty_permuted(g.shape, order, dtype=g.dtype, device=g.device).copy_(g)
+        result.append(g)
+    return result
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -145,7 +163,8 @@ def _define_sample_triplanes(name: str, kernels, devices: Sequence[str]):
     def backward(grad_out: Tensor, planes: Tensor, points: Tensor, scale: float, layout: int, reduce: int,
                  need_planes: bool, need_points: bool) -> List[Tensor]:
         needs = (need_planes, need_points)
-        return _needed(kernels().backward(grad_out, planes, points, scale, layout, reduce, *needs), needs)
+        grads = _needed(kernels().backward(grad_out, planes, points, scale, layout, reduce, *needs), needs)
+        return _laid_out(grads, (planes, points), needs, PLANES_GRAD_ORDER)
 
     @backward.register_fake
     def _(grad_out, planes, points, scale, layout, reduce, need_planes, need_points):
@@ -213,7 +232,8 @@ def _define_decode_triplanes(name: str, kernels, devices: Sequence[str]):
         needs = tuple(bool(x) for x in needs)
         grads = kernels().backward(grad_rgb, grad_sigma, planes, points, weight1, bias1, weight2, bias2, scale,
                                    layout, needs)
-        return _own_storage(_needed(grads, needs))  # Triton's weight gradients share one buffer
+        grads = _own_storage(_needed(grads, needs))  # Triton's weight gradients share one buffer
+        return _laid_out(grads, (planes, points, weight1, bias1, weight2, bias2), needs, PLANES_GRAD_ORDER)
 
     @backward.register_fake
     def _(grad_rgb, grad_sigma, planes, points, weight1, bias1, weight2, bias2, scale, layout, needs):
@@ -282,7 +302,8 @@ def composite_rays_backward(grad_rgb: Tensor, grad_depth: Optional[Tensor], grad
     background is given."""
     grads = _extension().composite_rays_backward(grad_rgb, grad_depth, grad_weights, colors, densities, depths,
                                                  background, white_back, aux)
-    return list(grads[:3]) + ([grads[3]] if background is not None else [])
+    inputs = (colors, densities, depths) + ((background,) if background is not None else ())
+    return _laid_out(grads[:len(inputs)], inputs, (True,) * len(inputs))
 
 
 @composite_rays_backward.register_fake
@@ -352,7 +373,8 @@ def _(grid, points, bound, padding):
 def sample_grid3d_backward(grad_out: Tensor, grid: Tensor, points: Tensor, bound: float, padding: int,
                            need_grid: bool, need_points: bool) -> List[Tensor]:
     needs = (need_grid, need_points)
-    return _needed(_extension().sample_grid3d_backward(grad_out, grid, points, bound, padding, *needs), needs)
+    grads = _needed(_extension().sample_grid3d_backward(grad_out, grid, points, bound, padding, *needs), needs)
+    return _laid_out(grads, (grid, points), needs, GRID_GRAD_ORDER)
 
 
 @sample_grid3d_backward.register_fake
@@ -404,7 +426,7 @@ def one_ring_deform_backward(grad_out: Tensor, points: Tensor, verts_obs: Tensor
     needs = (need_points, need_verts_obs, need_verts_canon)
     grads = _extension().one_ring_deform_backward(grad_out, points, verts_obs, verts_canon, neighbours, nearest,
                                                   *needs)
-    return _needed(grads, needs)
+    return _laid_out(_needed(grads, needs), (points, verts_obs, verts_canon), needs)
 
 
 @one_ring_deform_backward.register_fake
@@ -513,7 +535,8 @@ def _(q, k, v, scale):
 def attention_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               scale: float, need_q: bool, need_k: bool, need_v: bool) -> List[Tensor]:
     needs = (need_q, need_k, need_v)
-    return _needed(_triton_kernels("attention").backward(grad_out, q, k, v, out, lse, scale, *needs), needs)
+    grads = _needed(_triton_kernels("attention").backward(grad_out, q, k, v, out, lse, scale, *needs), needs)
+    return _laid_out(grads, (q, k, v), needs)
 
 
 @attention_triton_backward.register_fake
