@@ -82,12 +82,24 @@ BUILD_HINT = (
 _warned: set = set()
 
 
+def _constant_when_compiled(fn):
+    """Marks ``fn``, a function without arguments whose result is fixed for the process,
+    so that ``torch.compile`` calls it while tracing and takes the result as a constant
+    instead of tracing into it (it imports modules and calls the extension, which
+    Dynamo cannot trace). It is what ``torch.compiler.assume_constant_result`` does,
+    done here without importing ``torch._dynamo`` (seconds) on ``import head4d``."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_when_compiled  # under torch.compile: warns while the graph is traced
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+@_constant_when_compiled
 def emulating() -> bool:
     """Whether this process runs the CUDA emulation (``HEAD4D_CUDA_EMULATION=1``)."""
     return os.environ.get("HEAD4D_CUDA_EMULATION", "0") not in ("", "0")
@@ -129,6 +141,20 @@ def extension_error() -> Optional[BaseException]:
     return _load_extension()[1]
 
 
+@_constant_when_compiled
+def extension_available() -> bool:
+    """Whether the compiled extension imports."""
+    return extension() is not None
+
+
+@_constant_when_compiled
+def extension_error_text() -> str:
+    """:func:`extension_error` as text (empty if the extension imports)."""
+    error = extension_error()
+    return "" if error is None else str(error)
+
+
+@_constant_when_compiled
 def extension_has_cuda() -> bool:
     ext = extension()
     return bool(ext is not None and ext.with_cuda())
@@ -146,7 +172,9 @@ def _import_triton() -> Optional[ImportError]:
     return None
 
 
+@_constant_when_compiled
 def triton_available() -> bool:
+    """Whether Triton imports."""
     return _import_triton() is None
 
 
@@ -164,8 +192,8 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
                     "runtime preloaded (scripts/test.sh runs the emulated tests so)")
         if device.type != "cpu":
             return f"backend 'cuda_emulated' runs on CPU tensors, got tensors on {device}"
-        if extension() is None:
-            return f"the emulated extension head4d._C_emulated is not loadable ({extension_error()})"
+        if not extension_available():
+            return f"the emulated extension head4d._C_emulated is not loadable ({extension_error_text()})"
         return None
     if backend == "cpu":
         if emulating():
@@ -173,14 +201,14 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
                     "head4d._C_emulated, which has no CPU kernels; use backend 'cuda_emulated'")
         if device.type != "cpu":
             return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
-        if extension() is None:
-            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        if not extension_available():
+            return f"the extension head4d._C is not built ({extension_error_text()}). {BUILD_HINT}"
         return None
     if backend == "cuda":
         if device.type != "cuda":
             return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
-        if extension() is None:
-            return f"the extension head4d._C is not built ({extension_error()}). {BUILD_HINT}"
+        if not extension_available():
+            return f"the extension head4d._C is not built ({extension_error_text()}). {BUILD_HINT}"
         if not extension_has_cuda():
             return f"head4d._C was built without CUDA kernels. {BUILD_HINT}"
         return None
@@ -316,11 +344,11 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
             continue
         if unsupported_reason(op, candidate, inputs) is not None:
             continue
-        if candidate == "torch" and device.type in ("cpu", "cuda") and extension() is None:
+        if candidate == "torch" and device.type in ("cpu", "cuda") and not extension_available():
             _warn_once(
                 "extension",
                 f"head4d: the compiled extension head4d._C is not available "
-                f"({extension_error()}); ops fall back to the plain-PyTorch reference, "
+                f"({extension_error_text()}); ops fall back to the plain-PyTorch reference, "
                 f"which is correct but slow. {BUILD_HINT}",
             )
         return candidate

@@ -32,7 +32,12 @@ def _use_torch_nvtx() -> bool:
 
 
 def nvtx_range(name: str):
-    """A context manager that opens the NVTX range ``name`` (for example ``head4d.sample_triplanes``)."""
+    """A context manager that opens the NVTX range ``name`` (for example ``head4d.sample_triplanes``).
+
+    None while ``torch.compile`` traces: a compiled graph does not run this Python, and
+    the ranges' libraries cannot be traced."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
     if _nvtx_pkg is not None:
         return _nvtx_pkg.annotate(name, domain="head4d")
     if _use_torch_nvtx():

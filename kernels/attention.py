@@ -4,7 +4,7 @@ FlashAttention-2 style, forward and backward.
 Semantics: :func:`head4d.reference.attention.attention`, i.e.
 ``softmax(q k^T * scale) v`` over ``q [B, H, Lq, D]``, ``k, v [B, H, Lk, D]``.
 
-Calling contract (used by ``head4d.ops.attention._TritonAttention``)::
+Calling contract (used by the custom operator ``head4d::attention_triton``, head4d/ops/_library.py)::
 
     forward(q, k, v, scale) -> (out [B, H, Lq, D] q.dtype, lse [B, H, Lq] float32)
     backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)

@@ -11,7 +11,7 @@ Semantics (:mod:`head4d.reference.decoding`)::
     sigma = o[..., :1]
     rgb   = sigmoid(o[..., 1:]) * (1 + 2 * 0.001) - 0.001
 
-Calling contract (used by ``head4d.ops.decoding``)::
+Calling contract (used by the custom operator ``head4d::decode_triplanes_triton``, head4d/ops/_library.py)::
 
     forward(planes, points, w1, b1, w2, b2, scale, layout) -> (rgb [N, M, O-1], sigma [N, M, 1])
     backward(grad_rgb | None, grad_sigma | None, planes, points, w1, b1, w2, b2, scale, layout,

@@ -4,7 +4,7 @@ Semantics: :func:`head4d.reference.triplanes.sample_triplanes` (EG3D's
 ``sample_from_planes``); the per-point math mirrors ``csrc/triplanes/triplanes_math.h``
 formula for formula, so the C++/CUDA backends and this one round alike.
 
-Calling contract (used by ``head4d.ops.triplanes._SampleTriplanes``)::
+Calling contract (used by the custom operator ``head4d::sample_triplanes_triton``, head4d/ops/_library.py)::
 
     forward(planes, points, scale, layout, reduce) -> out
     backward(grad_out, planes, points, scale, layout, reduce,

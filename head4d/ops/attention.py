@@ -33,6 +33,7 @@ from .. import _backend
 from .._checks import check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import attention as _reference
+from . import _library
 from ._common import check_same_dtype
 
 OP = "attention"
@@ -52,32 +53,6 @@ PREFERENCES = {
 #: DTYPES), so none has a support predicate.
 IMPLEMENTED = ("triton", "sdpa", "torch")
 _backend.declare(OP, IMPLEMENTED, PREFERENCES)
-
-
-def _triton_kernels():
-    from ..kernels import attention as triton_attention
-    return triton_attention
-
-
-class _TritonAttention(torch.autograd.Function):
-    """Autograd glue for the Triton kernels: saves q, k, v, the output and the
-    ``[B, H, Lq]`` float32 log-sum-exp; the backward recomputes the probabilities."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = _triton_kernels().forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = _triton_kernels().backward(grad_out, q, k, v, out, lse, ctx.scale,
-                                                need_q, need_k, need_v)
-        return dq, dk, dv, None
 
 
 def check_attention_inputs(q, k, v, scale) -> float:
@@ -153,7 +128,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optio
     chosen = _resolve(q.device, backend, (q, k, v))
     with nvtx_range("head4d.attention"):
         if chosen == "triton":
-            return _TritonAttention.apply(q, k, v, scale)
+            # head4d::attention_triton (:mod:`head4d.ops._library`) also returns the
+            # log-sum-exp its backward recomputes the probabilities from
+            return _library.attention_triton(q, k, v, scale)[0]
         if chosen == "sdpa":
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
         return _reference.attention(q, k, v, scale)

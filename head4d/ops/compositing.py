@@ -12,10 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _backend
 from .._checks import check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import compositing as _reference
+from . import _library
 from ._common import check_bool, check_same_dtype, resolve_implemented
 
 #: Backend preference per device type, fastest first.
@@ -29,43 +29,6 @@ IMPLEMENTED = ("cpu", "cuda", "torch")
 
 OP = "composite_rays"
 _backend.declare(OP, IMPLEMENTED, PREFERENCES)
-
-
-class _CompositeRays(torch.autograd.Function):
-    """Autograd glue for the compiled backends (``cpu``, ``cuda``) of ``head4d._C``.
-
-    ``composite_rays_forward(colors, densities, depths, background, white_back)
-    -> [rgb, depth, weights, aux]`` (aux: per ray, the total weight, the unclamped
-    depth and the final transmittance, in the accumulation type), and
-    ``composite_rays_backward(grad_rgb, grad_depth, grad_weights, colors, densities,
-    depths, background, white_back, aux) -> [grad_colors, grad_densities, grad_depths,
-    grad_background or None]``; ``grad_depth`` / ``grad_weights`` are None when that
-    output got no gradient (as in autograd through the reference, an unused depth
-    output contributes nothing, not even the NaN of a ray with zero total weight).
-    """
-
-    @staticmethod
-    def forward(ctx, colors, densities, depths, background, white_back):
-        ext = _backend.extension()
-        rgb, depth, weights, aux = ext.composite_rays_forward(colors, densities, depths, background, white_back)
-        ctx.save_for_backward(colors, densities, depths, background, aux)
-        ctx.white_back = white_back
-        ctx.set_materialize_grads(False)
-        return rgb, depth, weights
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rgb, grad_depth, grad_weights):
-        colors, densities, depths, background, aux = ctx.saved_tensors
-        rgb_used = grad_rgb is not None
-        if not rgb_used:
-            grad_rgb = torch.zeros(colors.shape[:2] + colors.shape[3:], dtype=colors.dtype, device=colors.device)
-        ext = _backend.extension()
-        grad_colors, grad_densities, grad_depths, grad_background = ext.composite_rays_backward(
-            grad_rgb, grad_depth, grad_weights, colors, densities, depths, background, ctx.white_back, aux)
-        if not rgb_used:  # as autograd through the reference: colors and background unused
-            grad_colors = grad_background = None
-        return grad_colors, grad_densities, grad_depths, grad_background, None
 
 
 def check_composite_inputs(colors, densities, depths, white_back, background) -> torch.device:
@@ -138,4 +101,7 @@ def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.
     with nvtx_range("head4d.composite_rays"):
         if chosen == "torch":
             return _reference.composite_rays(colors, densities, depths, white_back, background)
-        return _CompositeRays.apply(colors, densities, depths, background, white_back)
+        # head4d::composite_rays (head4d._C, CPU and CUDA; :mod:`head4d.ops._library`) also
+        # returns the per-ray values its backward needs
+        rgb, depth, weights, _ = _library.composite_rays(colors, densities, depths, background, white_back)
+        return rgb, depth, weights

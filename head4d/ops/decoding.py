@@ -19,6 +19,7 @@ from .. import _backend
 from .._checks import check_choice, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import decoding as _reference
+from . import _library
 from .triplanes import LAYOUTS
 
 OP = "decode_triplanes"
@@ -65,55 +66,13 @@ SUPPORT = {"triton": _triton_supports}
 _backend.declare(OP, IMPLEMENTED, PREFERENCES, SUPPORT)
 
 
-class _ExtensionKernels:
-    """``head4d._C``'s kernels behind the calling contract of ``kernels/decoding.py``."""
-
-    @staticmethod
-    def forward(planes, points, w1, b1, w2, b2, scale, layout):
-        rgb, sigma = _backend.extension().decode_triplanes_forward(planes, points, w1, b1, w2, b2, scale, layout)
-        return rgb, sigma
-
-    @staticmethod
-    def backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, needs):
-        return tuple(_backend.extension().decode_triplanes_backward(
-            grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, *needs))
-
-
 def _kernels(backend: str):
-    """The module implementing ``forward``/``backward`` for a compiled backend."""
-    if backend == "triton":
-        return _triton_kernels()
-    return _ExtensionKernels
-
-
-class _DecodeTriplanes(torch.autograd.Function):
-    """Autograd glue for the compiled backends. Saves only the inputs: the backward
-    recomputes the features and the MLP per point.
-
-    ``forward(planes, points, w1, b1, w2, b2, scale, layout) -> (rgb, sigma)`` and
-    ``backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, needs)
-    -> 6 gradients or None``, with ``needs`` six bools for (planes, points, w1, b1, w2, b2)
-    and ``grad_rgb`` / ``grad_sigma`` None when that output got no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, planes, points, w1, b1, w2, b2, scale, layout, impl):
-        ctx.save_for_backward(planes, points, w1, b1, w2, b2)
-        ctx.args = (scale, layout, impl)
-        ctx.set_materialize_grads(False)
-        return impl.forward(planes, points, w1, b1, w2, b2, scale, layout)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_rgb, grad_sigma):
-        planes, points, w1, b1, w2, b2 = ctx.saved_tensors
-        scale, layout, impl = ctx.args
-        needs = tuple(bool(x) for x in ctx.needs_input_grad[:6])
-        if (grad_rgb is None and grad_sigma is None) or not any(needs):
-            return (None,) * 9
-        grads = impl.backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, needs)
-        grads = tuple(g if need else None for g, need in zip(grads, needs))
-        return grads + (None, None, None)
+    """The custom operator running a compiled backend (:mod:`head4d.ops._library`):
+    ``head4d::decode_triplanes`` (``head4d._C``, CPU and CUDA) or
+    ``head4d::decode_triplanes_triton``; called as ``op(planes, points, w1, b1, w2, b2, scale,
+    layout) -> (rgb, sigma)``, differentiable with respect to the six tensors. Its backward
+    recomputes the features and the MLP per point from the saved inputs."""
+    return _library.decode_triplanes_triton if backend == "triton" else _library.decode_triplanes
 
 
 def check_decode_inputs(planes, points, weight1, bias1, weight2, bias2, box_warp, plane_layout) -> float:
@@ -208,5 +167,5 @@ def decode_triplanes(planes: torch.Tensor, points: torch.Tensor, weight1: torch.
         if chosen == "torch":
             return _reference.decode_triplanes(planes, points, weight1, bias1, weight2, bias2, box_warp,
                                                plane_layout)
-        return _DecodeTriplanes.apply(planes, points, weight1, bias1, weight2, bias2, 2.0 / box_warp,
-                                      LAYOUTS[plane_layout], _kernels(chosen))
+        return _kernels(chosen)(planes, points, weight1, bias1, weight2, bias2, 2.0 / box_warp,
+                                LAYOUTS[plane_layout])

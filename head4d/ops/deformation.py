@@ -23,10 +23,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import _backend
 from .._checks import check_choice, check_dim, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import deformation as _reference
+from . import _library
 from ._common import check_int, check_same_dtype, resolve_implemented
 
 #: Backend preference per device type, fastest first. An op runs the first one it has
@@ -100,10 +100,22 @@ def _check_faces_shape(op: str, faces) -> None:
         raise ValueError(f"{op}: faces must hold at least one triangle, got shape {_shape(faces)}")
 
 
+def _values_off_host(t: torch.Tensor) -> bool:
+    """Whether checks of ``t``'s values must stay on the device: while ``torch.compile``
+    traces (the values are not known yet) and while a CUDA graph is captured (a host
+    sync would break the capture). They then run as ``torch._assert_async``, which
+    raises on the CPU at once and fails the CUDA stream asynchronously."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _check_faces_range(op: str, faces: torch.Tensor, num_verts: int, verts_name: Optional[str]) -> None:
+    where = f"{verts_name} has {num_verts} vertices" if verts_name else f"num_verts is {num_verts}"
+    if _values_off_host(faces):
+        torch._assert_async(((faces >= 0) & (faces < num_verts)).all(),
+                            f"{op}: faces holds vertex indices outside [0, {num_verts - 1}] but {where}")
+        return
     lo, hi = int(faces.min()), int(faces.max())
     if lo < 0 or hi >= num_verts:
-        where = f"{verts_name} has {num_verts} vertices" if verts_name else f"num_verts is {num_verts}"
         raise ValueError(f"{op}: faces holds vertex indices in [{lo}, {hi}] but {where}; "
                          f"indices must lie in [0, {num_verts - 1}]")
 
@@ -132,14 +144,14 @@ def _chosen_face_values(p: torch.Tensor, v: torch.Tensor, faces: torch.Tensor, i
 
 
 def _closest_triangles_compiled(points, verts, faces):
-    """``cpu`` / ``cuda``: ``head4d._C.closest_triangles_forward`` (csrc/closest_triangles/) searches;
-    without a gradient to track it computes the values too, otherwise they are
-    recomputed for the chosen faces with autograd (:func:`_chosen_face_values`)."""
-    ext = _backend.extension()
+    """``cpu`` / ``cuda``: ``head4d._C.closest_triangles_forward`` (csrc/closest_triangles/), as the
+    custom operators ``head4d::closest_triangles`` and ``head4d::closest_triangles_search``
+    (:mod:`head4d.ops._library`), searches; without a gradient to track it computes the
+    values too, otherwise they are recomputed for the chosen faces with autograd
+    (:func:`_chosen_face_values`)."""
     if not (torch.is_grad_enabled() and (points.requires_grad or verts.requires_grad)):
-        face, bary, signed, squared = ext.closest_triangles_forward(points, verts, faces, True)
-        return face, bary, signed, squared
-    face = ext.closest_triangles_forward(points.detach(), verts.detach(), faces, False)[0]
+        return _library.closest_triangles(points, verts, faces)
+    face = _library.closest_triangles_search(points.detach(), verts.detach(), faces)
     dtype = points.dtype
     compute = _reference._compute(dtype)
     bary, signed, squared = _chosen_face_values(points.to(compute), verts.to(compute), faces.long(), face)
@@ -147,17 +159,17 @@ def _closest_triangles_compiled(points, verts, faces):
 
 
 def _surface_field_grid_compiled(verts_obs, verts_canon, faces, resolution, bound):
-    """``cpu`` / ``cuda``: ``head4d._C.surface_field_grid_forward`` (csrc/closest_triangles/) searches
-    and, without a gradient to track, evaluates the field too; otherwise the field of
-    the chosen faces is recomputed with autograd as the reference computes it."""
-    ext = _backend.extension()
+    """``cpu`` / ``cuda``: ``head4d._C.surface_field_grid_forward`` (csrc/closest_triangles/), as the
+    custom operators ``head4d::surface_field_grid`` and ``head4d::surface_field_grid_search``
+    (:mod:`head4d.ops._library`), searches and, without a gradient to track, evaluates
+    the field too; otherwise the field of the chosen faces is recomputed with autograd
+    as the reference computes it."""
     if not (torch.is_grad_enabled() and (verts_obs.requires_grad or verts_canon.requires_grad)):
-        _, disp, squared = ext.surface_field_grid_forward(verts_obs, verts_canon, faces, resolution, bound)
-        return disp, squared
+        return _library.surface_field_grid(verts_obs, verts_canon, faces, resolution, bound)
     dtype = verts_obs.dtype
     compute = _reference._compute(dtype)
     n, r = verts_obs.shape[0], resolution
-    face = ext.surface_field_grid_forward(verts_obs.detach(), None, faces, r, bound)[0]  # [N, R^3]
+    face = _library.surface_field_grid_search(verts_obs.detach(), faces, r, bound)  # [N, R^3]
     x = _reference.grid_points(r, bound, compute, verts_obs.device).unsqueeze(0).expand(n, -1, -1)
     fl = faces.long()
     bary, signed, squared = _chosen_face_values(x, verts_obs.to(compute), fl, face)
@@ -295,54 +307,6 @@ def surface_field_grid(verts_obs: torch.Tensor, verts_canon: torch.Tensor, faces
         return _surface_field_grid_compiled(verts_obs, verts_canon, faces, resolution, bound)
 
 
-class _SampleGrid3d(torch.autograd.Function):
-    """Autograd glue for the compiled backends (``cpu``, ``cuda``) of ``sample_grid3d``:
-    ``head4d._C.sample_grid3d_forward(grid, points, bound, padding) -> out`` and
-    ``sample_grid3d_backward(grad_out, grid, points, bound, padding, need_grid, need_points)
-    -> (grad_grid or None, grad_points or None)``. Saves only the inputs."""
-
-    @staticmethod
-    def forward(ctx, grid, points, bound, padding):
-        ctx.save_for_backward(grid, points)
-        ctx.args = (bound, padding)
-        return _backend.extension().sample_grid3d_forward(grid, points, bound, padding)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        grid, points = ctx.saved_tensors
-        bound, padding = ctx.args
-        grad_grid, grad_points = _backend.extension().sample_grid3d_backward(
-            grad_out, grid, points, bound, padding, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return grad_grid, grad_points, None, None
-
-
-class _OneRingDeform(torch.autograd.Function):
-    """Autograd glue for the compiled backends (``cpu``, ``cuda``) of ``one_ring_deform``:
-    ``head4d._C.one_ring_deform_forward(points, verts_obs, verts_canon, neighbours, vertex_subset)
-    -> [out, nearest]`` (nearest: the chosen vertex per point, int32 ``[N, M]``) and
-    ``one_ring_deform_backward(grad_out, points, verts_obs, verts_canon, neighbours, nearest,
-    need_points, need_verts_obs, need_verts_canon) -> [grad_points, grad_verts_obs,
-    grad_verts_canon]`` (None where not needed). Saves the inputs and ``nearest``, so the
-    backward does not search again."""
-
-    @staticmethod
-    def forward(ctx, points, verts_obs, verts_canon, neighbours, vertex_subset):
-        out, nearest = _backend.extension().one_ring_deform_forward(points, verts_obs, verts_canon, neighbours,
-                                                                    vertex_subset)
-        ctx.save_for_backward(points, verts_obs, verts_canon, neighbours, nearest)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        points, verts_obs, verts_canon, neighbours, nearest = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_points, grad_obs, grad_canon = _backend.extension().one_ring_deform_backward(
-            grad_out, points, verts_obs, verts_canon, neighbours, nearest, need[0], need[1], need[2])
-        return grad_points, grad_obs, grad_canon, None, None
-
-
 def sample_grid3d(grid: torch.Tensor, points: torch.Tensor, *, bound: float, padding: str = "zeros",
                   backend: Optional[str] = None) -> torch.Tensor:
     """Trilinear interpolation of a voxel grid at points (``grid_sample``, 3-D,
@@ -380,7 +344,8 @@ def sample_grid3d(grid: torch.Tensor, points: torch.Tensor, *, bound: float, pad
     with nvtx_range("head4d.sample_grid3d"):
         if chosen == "torch":
             return _reference.sample_grid3d(grid, points, bound, padding)
-        return _SampleGrid3d.apply(grid, points, bound, PADDING_CODES[padding])
+        # head4d::sample_grid3d: head4d._C's kernels as a custom operator (:mod:`head4d.ops._library`)
+        return _library.sample_grid3d(grid, points, bound, PADDING_CODES[padding])
 
 
 def smooth_grid3d(grid: torch.Tensor, passes: int = 2, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -440,6 +405,47 @@ def mesh_one_ring(faces: torch.Tensor, num_verts: int, max_neighbours: int = 10,
         return _reference.mesh_one_ring(faces, num_verts, max_neighbours)
 
 
+def _check_one_ring_tables(op: str, neighbours: torch.Tensor, vertex_subset: Optional[torch.Tensor],
+                           num_verts: int) -> None:
+    """``one_ring_deform``'s checks of the values of ``neighbours`` and ``vertex_subset``
+    (on the host: a ``ValueError`` naming the offending entry)."""
+    device = neighbours.device
+    lo, hi = int(neighbours.min()), int(neighbours.max())
+    if lo < -1 or hi >= num_verts:
+        raise ValueError(f"{op}: neighbours holds entries in [{lo}, {hi}] but must lie in [-1, {num_verts - 1}] "
+                         f"(vertex indices of verts_obs, -1 for padding)")
+    rows = torch.arange(num_verts, device=device)
+    if vertex_subset is not None:
+        lo, hi = int(vertex_subset.min()), int(vertex_subset.max())
+        if lo < 0 or hi >= num_verts:
+            raise ValueError(f"{op}: vertex_subset holds indices in [{lo}, {hi}] but verts_obs has {num_verts} "
+                             f"vertices; indices must lie in [0, {num_verts - 1}]")
+        rows = vertex_subset.long()
+    empty = ~(neighbours[rows] >= 0).any(dim=1)
+    if bool(empty.any()):
+        vertex = int(rows[torch.nonzero(empty)[0, 0]])
+        raise ValueError(f"{op}: neighbours row {vertex} holds only -1, but vertex {vertex} can be the nearest "
+                         f"vertex; every candidate row needs at least one vertex")
+
+
+def _assert_one_ring_tables(op: str, neighbours: torch.Tensor, vertex_subset: Optional[torch.Tensor],
+                            num_verts: int) -> None:
+    """:func:`_check_one_ring_tables` on the device (``torch._assert_async``), for traced
+    and captured calls (see :func:`_values_off_host`)."""
+    torch._assert_async(((neighbours >= -1) & (neighbours < num_verts)).all(),
+                        f"{op}: neighbours holds entries outside [-1, {num_verts - 1}] (vertex indices of "
+                        f"verts_obs, -1 for padding)")
+    rows = torch.arange(num_verts, device=neighbours.device)
+    if vertex_subset is not None:
+        torch._assert_async(((vertex_subset >= 0) & (vertex_subset < num_verts)).all(),
+                            f"{op}: vertex_subset holds indices outside [0, {num_verts - 1}] (verts_obs has "
+                            f"{num_verts} vertices)")
+        rows = vertex_subset.long().clamp(0, num_verts - 1)
+    torch._assert_async((neighbours[rows] >= 0).any(dim=1).all(),
+                        f"{op}: a neighbours row that can be chosen holds only -1; every candidate row needs "
+                        f"at least one vertex")
+
+
 def one_ring_deform(points: torch.Tensor, verts_obs: torch.Tensor, verts_canon: torch.Tensor,
                     neighbours: torch.Tensor, *, vertex_subset: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
@@ -493,27 +499,17 @@ def one_ring_deform(points: torch.Tensor, verts_obs: torch.Tensor, verts_canon: 
             raise ValueError(f"{op}: vertex_subset must hold at least one vertex index, got shape [0]")
         tensors.append(("vertex_subset", vertex_subset))
     device = check_same_device(op, tensors)
-    lo, hi = int(neighbours.min()), int(neighbours.max())
-    if lo < -1 or hi >= num_verts:
-        raise ValueError(f"{op}: neighbours holds entries in [{lo}, {hi}] but must lie in [-1, {num_verts - 1}] "
-                         f"(vertex indices of verts_obs, -1 for padding)")
-    rows = torch.arange(num_verts, device=device)
-    if vertex_subset is not None:
-        lo, hi = int(vertex_subset.min()), int(vertex_subset.max())
-        if lo < 0 or hi >= num_verts:
-            raise ValueError(f"{op}: vertex_subset holds indices in [{lo}, {hi}] but verts_obs has {num_verts} "
-                             f"vertices; indices must lie in [0, {num_verts - 1}]")
-        rows = vertex_subset.long()
-    empty = ~(neighbours[rows] >= 0).any(dim=1)
-    if bool(empty.any()):
-        vertex = int(rows[torch.nonzero(empty)[0, 0]])
-        raise ValueError(f"{op}: neighbours row {vertex} holds only -1, but vertex {vertex} can be the nearest "
-                         f"vertex; every candidate row needs at least one vertex")
+    if _values_off_host(neighbours):
+        _assert_one_ring_tables(op, neighbours, vertex_subset, num_verts)
+    else:
+        _check_one_ring_tables(op, neighbours, vertex_subset, num_verts)
     chosen = resolve_implemented(op, device, backend, PREFERENCES, IMPLEMENTED[op])
     with nvtx_range("head4d.one_ring_deform"):
         if chosen == "torch":
             return _reference.one_ring_deform(points, verts_obs, verts_canon, neighbours, vertex_subset)
-        return _OneRingDeform.apply(points, verts_obs, verts_canon, neighbours, vertex_subset)
+        # head4d::one_ring_deform (:mod:`head4d.ops._library`) also returns the chosen vertex per
+        # point, which its backward reuses instead of searching again
+        return _library.one_ring_deform(points, verts_obs, verts_canon, neighbours, vertex_subset)[0]
 
 
 __all__ = ["PORTRAIT4D_BOX_SIDE", "PORTRAIT4D_COARSE_BOUND", "PORTRAIT4D_FINE_BOUND", "cell_centre_bound",

@@ -17,10 +17,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .. import _backend
 from .._checks import FLOATING, check_choice, check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import sampling as _reference
+from . import _library
 from ._common import check_bool, check_generator, check_int, check_same_dtype, resolve_implemented
 
 #: Backend preference per device type, fastest first (of the ops here, only
@@ -206,7 +206,8 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, n_importance:
 
 def _sample_importance_compiled(depths: torch.Tensor, weights: torch.Tensor, n_importance: int, det: bool,
                                 generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``sample_importance`` on ``head4d._C`` (``cpu`` / ``cuda``). ``u`` is made here
+    """``sample_importance`` on ``head4d._C`` (``cpu`` / ``cuda``), through the custom
+    operator ``head4d::sample_importance`` (:mod:`head4d.ops._library`). ``u`` is made here
     exactly as the reference makes it (same shape, dtype, generator and call), so the
     random stream advances identically and the kernel sees the reference's numbers."""
     with torch.no_grad():
@@ -216,7 +217,7 @@ def _sample_importance_compiled(depths: torch.Tensor, weights: torch.Tensor, n_i
             u = torch.linspace(0, 1, n_importance, dtype=compute, device=depths.device)
         else:
             u = _reference._uniform((n * r, n_importance), generator, depths.device, compute)
-        return _backend.extension().sample_importance(depths.detach(), weights.detach(), u)
+        return _library.sample_importance(depths.detach(), weights.detach(), u)
 
 
 def merge_samples(depths_a: torch.Tensor, colors_a: torch.Tensor, densities_a: torch.Tensor,

@@ -18,6 +18,7 @@ from .._checks import (check_choice, check_dim, check_positive_finite, check_sam
                        check_tensor)
 from .._nvtx import nvtx_range
 from ..reference import triplanes as _reference
+from . import _library
 
 OP = "sample_triplanes"
 
@@ -38,42 +39,11 @@ REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
 def _kernels(backend: str):
-    """The module implementing ``forward``/``backward`` for a compiled backend."""
-    if backend == "triton":
-        from ..kernels import triplanes as triton_triplanes
-        return triton_triplanes
-    ext = _backend.extension()
-
-    class _Ext:
-        forward = staticmethod(ext.sample_triplanes_forward)
-        backward = staticmethod(ext.sample_triplanes_backward)
-
-    return _Ext
-
-
-class _SampleTriplanes(torch.autograd.Function):
-    """Autograd glue for the compiled backends: they share one calling contract.
-
-    ``forward(planes, points, scale, layout, reduce) -> out`` and
-    ``backward(grad_out, planes, points, scale, layout, reduce, need_planes, need_points)
-    -> (grad_planes or None, grad_points or None)``.
-    """
-
-    @staticmethod
-    def forward(ctx, planes, points, scale, layout, reduce, impl):
-        ctx.save_for_backward(planes, points)
-        ctx.args = (scale, layout, reduce, impl)
-        return impl.forward(planes, points, scale, layout, reduce)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        planes, points = ctx.saved_tensors
-        scale, layout, reduce, impl = ctx.args
-        need_planes, need_points = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_planes, grad_points = impl.backward(grad_out.contiguous(), planes, points, scale, layout,
-                                                 reduce, need_planes, need_points)
-        return grad_planes, grad_points, None, None, None, None
+    """The custom operator running a compiled backend (:mod:`head4d.ops._library`):
+    ``head4d::sample_triplanes`` (``head4d._C``, CPU and CUDA) or
+    ``head4d::sample_triplanes_triton``; called as ``op(planes, points, scale, layout, reduce)``,
+    differentiable with respect to planes and points."""
+    return _library.sample_triplanes_triton if backend == "triton" else _library.sample_triplanes
 
 
 def check_sample_triplanes_inputs(planes, points, box_warp, plane_layout, reduce) -> float:
@@ -126,5 +96,4 @@ def sample_triplanes(planes: torch.Tensor, points: torch.Tensor, *, box_warp: fl
     with nvtx_range("head4d.sample_triplanes"):
         if chosen == "torch":
             return _reference.sample_triplanes(planes, points, box_warp, plane_layout, reduce)
-        return _SampleTriplanes.apply(planes, points, 2.0 / box_warp, LAYOUTS[plane_layout],
-                                      REDUCTIONS[reduce], _kernels(chosen))
+        return _kernels(chosen)(planes, points, 2.0 / box_warp, LAYOUTS[plane_layout], REDUCTIONS[reduce])

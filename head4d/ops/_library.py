@@ -1,0 +1,562 @@
+"""head4d's compiled kernels as PyTorch custom operators (namespace ``head4d``).
+
+Each op's C++/CUDA kernels (``head4d._C``) and Triton kernels (``head4d.kernels``) are
+registered here with :mod:`torch.library`: a schema, a fake implementation (shapes and
+dtypes only, for ``torch.compile`` tracing and meta tensors), and, for differentiable
+ops, an autograd formula whose backward is itself a custom op, so ``torch.compile
+(fullgraph=True)`` traces forward and backward graphs without a break and CUDA graphs
+capture the kernels. The public API (:mod:`head4d.ops`) validates arguments, picks
+the backend in Python and calls one of these ops.
+
+Ops, one section each below (``X`` runs ``head4d._C`` on CPU and CUDA tensors,
+``X_triton`` the Triton kernels; ``X_backward`` is the backward of ``X``):
+
+    sample_triplanes, sample_triplanes_triton          (+ _backward)
+    decode_triplanes, decode_triplanes_triton          (+ _backward)
+    composite_rays                                     (+ _backward)
+    sample_importance                                  (no gradient)
+    sample_grid3d                                      (+ _backward)
+    one_ring_deform                                    (+ _backward)
+    closest_triangles, closest_triangles_search        (no gradient: the public op
+    surface_field_grid, surface_field_grid_search       recomputes values with autograd)
+    attention_triton                                   (+ _backward)
+
+Backward ops take one ``need`` flag per differentiable input and return the list of
+the gradients asked for, in input order (a custom op cannot return ``None``);
+:func:`_spread` puts them back in place.
+
+Importing this module registers the ops and compiles nothing: the kernels are looked
+up when an op first runs, so a missing ``head4d._C`` (or Triton) fails only the op
+that needs it, with the reason; the public ops never call those (they fall back to
+the reference, see :mod:`head4d._backend`).
+
+The ops are opaque to the compiler (the Triton ones too: they wrap the launchers of
+``kernels/``, which pick block sizes and split batches in Python, rather than
+``torch.library.triton_op``). They hold no data-dependent output sizes and no host
+syncs; random numbers (``sample_importance``) come in as a tensor.
+"""
+import importlib
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+NAMESPACE = "head4d"
+
+#: Device types of the ``head4d._C`` ops (the extension dispatches on the device itself).
+EXTENSION_DEVICES = ("cpu", "cuda")
+#: Device types of the Triton ops: CUDA, and CPU under ``TRITON_INTERPRET=1``.
+TRITON_DEVICES = ("cpu", "cuda")
+
+
+def _extension():
+    """``head4d._C``, or a RuntimeError saying why it cannot be imported."""
+    ext = _backend.extension()
+    if ext is None:
+        raise RuntimeError(f"head4d: the compiled extension head4d._C is not available "
+                           f"({_backend.extension_error()}). {_backend.BUILD_HINT}")
+    return ext
+
+
+def _triton_kernels(name: str):
+    """``head4d.kernels.<name>`` (imports Triton on first use)."""
+    return importlib.import_module(f"head4d.kernels.{name}")
+
+
+def _custom_op(name: str, devices: Sequence[str]):
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=(), device_types=tuple(devices))
+
+
+def _needed(grads, needs: Sequence[bool]) -> List[Tensor]:
+    """The gradients whose ``need`` flag is set, in order (dropping the others' ``None``)."""
+    return [g for g, need in zip(grads, needs) if need]
+
+
+def _own_storage(tensors: List[Tensor]) -> List[Tensor]:
+    """``tensors`` with each one that shares memory with an earlier one replaced by a
+    copy: a custom operator's outputs may not alias each other."""
+    seen = set()
+    result = []
+    for t in tensors:
+        storage = t.untyped_storage().data_ptr()
+        if storage in seen:
+            t = t.clone()
+        else:
+            seen.add(storage)
+        result.append(t)
+    return result
+
+
+def _spread(grads: Sequence[Tensor], needs: Sequence[bool]) -> tuple:
+    """Inverse of :func:`_needed`: one entry per input, ``None`` where not needed."""
+    it = iter(grads)
+    return tuple(next(it) if need else None for need in needs)
+
+
+#: Memory order (outermost to innermost dimension) of the gradient of a ``[N, 3, C, H, W]``
+#: triplane and of an ``[N, C, D, H, W]`` grid: channels innermost, as the kernels
+#: accumulate them.
+PLANES_GRAD_ORDER = (0, 1, 3, 4, 2)
+GRID_GRAD_ORDER = (0, 2, 3, 4, 1)
+
+
+def _grad_orders(inputs: Sequence[Tensor], needs: Sequence[bool],
+                 first_order: Optional[Sequence[int]]) -> List[Sequence[int]]:
+    """The memory order of each needed gradient: ``first_order`` for the first input's
+    (when given), row-major for the others."""
+    return [first_order if i == 0 and first_order is not None else tuple(range(t.dim()))
+            for i, (t, need) in enumerate(zip(inputs, needs)) if need]
+
+
+def _fake_grads(inputs: Sequence[Tensor], needs: Sequence[bool],
+                first_order: Optional[Sequence[int]] = None) -> List[Tensor]:
+    """Fake gradients: the shape and dtype of each needed input, dense in the memory
+    order of :func:`_grad_orders`."""
+    needed = [t for t, need in zip(inputs, needs) if need]
+    return [torch.empty_permuted(t.shape, order, dtype=t.dtype, device=t.device)
+            for t, order in zip(needed, _grad_orders(inputs, needs, first_order))]
+
+
+def _laid_out(grads: Sequence[Tensor], inputs: Sequence[Tensor], needs: Sequence[bool],
+              first_order: Optional[Sequence[int]] = None) -> List[Tensor]:
+    """The kernels' gradients, each dense in the memory order its fake declares (a copy
+    only where it is not: the CUDA decoding kernels pad the planes gradient's channels)."""
+    result = []
+    for g, order in zip(grads, _grad_orders(inputs, needs, first_order)):
+        step, dense = 1, True
+        for dim in reversed(order):
+            dense = dense and (g.shape[dim] == 1 or g.stride(dim) == step)
+            step *= g.shape[dim]
+        if not dense:
+            g = torch.empty_permuted(g.shape, order, dtype=g.dtype, device=g.device).copy_(g)
+        result.append(g)
+    return result
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------
+# sample_triplanes: planes [N, 3, C, H, W], points [N, M, 3] -> [N, M, C] or [N, 3, M, C]
+# ---------------------------------------------------------------------------------
+
+def _define_sample_triplanes(name: str, kernels, devices: Sequence[str]):
+    """``head4d::<name>`` and ``head4d::<name>_backward`` running ``kernels()``, an object
+    with ``forward(planes, points, scale, layout, reduce)`` and ``backward(grad_out,
+    planes, points, scale, layout, reduce, need_planes, need_points)``."""
+
+    @_custom_op(name, devices)
+    def forward(planes: Tensor, points: Tensor, scale: float, layout: int, reduce: int) -> Tensor:
+        return kernels().forward(planes, points, scale, layout, reduce)
+
+    @forward.register_fake
+    def _(planes, points, scale, layout, reduce):
+        n, _, c = planes.shape[:3]
+        m = points.shape[1]
+        return planes.new_empty((n, 3, m, c) if reduce == 2 else (n, m, c))
+
+    @_custom_op(name + "_backward", devices)
+    def backward(grad_out: Tensor, planes: Tensor, points: Tensor, scale: float, layout: int, reduce: int,
+                 need_planes: bool, need_points: bool) -> List[Tensor]:
+        needs = (need_planes, need_points)
+        grads = _needed(kernels().backward(grad_out, planes, points, scale, layout, reduce, *needs), needs)
+        return _laid_out(grads, (planes, points), needs, PLANES_GRAD_ORDER)
+
+    @backward.register_fake
+    def _(grad_out, planes, points, scale, layout, reduce, need_planes, need_points):
+        return _fake_grads((planes, points), (need_planes, need_points), PLANES_GRAD_ORDER)
+
+    def setup_context(ctx, inputs, output):
+        planes, points, scale, layout, reduce = inputs
+        ctx.save_for_backward(planes, points)
+        ctx.args = (scale, layout, reduce)
+
+    def gradient(ctx, grad_out):
+        planes, points = ctx.saved_tensors
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:2])
+        if not any(needs):
+            return None, None, None, None, None
+        grads = backward(grad_out.contiguous(), planes, points, *ctx.args, *needs)
+        return _spread(grads, needs) + (None, None, None)
+
+    forward.register_autograd(gradient, setup_context=setup_context)
+    return forward
+
+
+class _TriplanesExtension:
+    @staticmethod
+    def forward(planes, points, scale, layout, reduce):
+        return _extension().sample_triplanes_forward(planes, points, scale, layout, reduce)
+
+    @staticmethod
+    def backward(grad_out, planes, points, scale, layout, reduce, need_planes, need_points):
+        return _extension().sample_triplanes_backward(grad_out, planes, points, scale, layout, reduce,
+                                                      need_planes, need_points)
+
+
+sample_triplanes = _define_sample_triplanes("sample_triplanes", lambda: _TriplanesExtension, EXTENSION_DEVICES)
+sample_triplanes_triton = _define_sample_triplanes("sample_triplanes_triton", lambda: _triton_kernels("triplanes"),
+                                                   TRITON_DEVICES)
+
+
+# ---------------------------------------------------------------------------------
+# decode_triplanes: planes, points, w1 [Hd, C], b1 [Hd], w2 [1+Co, Hd], b2 [1+Co]
+#                   -> (rgb [N, M, Co], sigma [N, M, 1])
+# ---------------------------------------------------------------------------------
+
+def _define_decode_triplanes(name: str, kernels, devices: Sequence[str]):
+    """``head4d::<name>`` and ``head4d::<name>_backward`` running ``kernels()``, an object
+    with ``forward(planes, points, w1, b1, w2, b2, scale, layout) -> (rgb, sigma)`` and
+    ``backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, needs)``
+    (``grad_rgb`` / ``grad_sigma`` None for an output that got no gradient)."""
+
+    @_custom_op(name, devices)
+    def forward(planes: Tensor, points: Tensor, weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor,
+                scale: float, layout: int) -> tuple[Tensor, Tensor]:
+        rgb, sigma = kernels().forward(planes, points, weight1, bias1, weight2, bias2, scale, layout)
+        return rgb, sigma
+
+    @forward.register_fake
+    def _(planes, points, weight1, bias1, weight2, bias2, scale, layout):
+        n, m = planes.shape[0], points.shape[1]
+        return planes.new_empty((n, m, weight2.shape[0] - 1)), planes.new_empty((n, m, 1))
+
+    @_custom_op(name + "_backward", devices)
+    def backward(grad_rgb: Optional[Tensor], grad_sigma: Optional[Tensor], planes: Tensor, points: Tensor,
+                 weight1: Tensor, bias1: Tensor, weight2: Tensor, bias2: Tensor, scale: float, layout: int,
+                 needs: List[bool]) -> List[Tensor]:
+        needs = tuple(bool(x) for x in needs)
+        grads = kernels().backward(grad_rgb, grad_sigma, planes, points, weight1, bias1, weight2, bias2, scale,
+                                   layout, needs)
+        grads = _own_storage(_needed(grads, needs))  # Triton's weight gradients share one buffer
+        return _laid_out(grads, (planes, points, weight1, bias1, weight2, bias2), needs, PLANES_GRAD_ORDER)
+
+    @backward.register_fake
+    def _(grad_rgb, grad_sigma, planes, points, weight1, bias1, weight2, bias2, scale, layout, needs):
+        return _fake_grads((planes, points, weight1, bias1, weight2, bias2), needs, PLANES_GRAD_ORDER)
+
+    def setup_context(ctx, inputs, output):
+        planes, points, weight1, bias1, weight2, bias2, scale, layout = inputs
+        ctx.save_for_backward(planes, points, weight1, bias1, weight2, bias2)
+        ctx.args = (scale, layout)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+
+    def gradient(ctx, grad_rgb, grad_sigma):
+        needs = [bool(x) for x in ctx.needs_input_grad[:6]]
+        if (grad_rgb is None and grad_sigma is None) or not any(needs):
+            return (None,) * 8
+        grads = backward(grad_rgb, grad_sigma, *ctx.saved_tensors, *ctx.args, needs)
+        return _spread(grads, needs) + (None, None)
+
+    forward.register_autograd(gradient, setup_context=setup_context)
+    return forward
+
+
+class _DecodingExtension:
+    @staticmethod
+    def forward(planes, points, w1, b1, w2, b2, scale, layout):
+        return _extension().decode_triplanes_forward(planes, points, w1, b1, w2, b2, scale, layout)
+
+    @staticmethod
+    def backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale, layout, needs):
+        return _extension().decode_triplanes_backward(grad_rgb, grad_sigma, planes, points, w1, b1, w2, b2, scale,
+                                                      layout, *needs)
+
+
+decode_triplanes = _define_decode_triplanes("decode_triplanes", lambda: _DecodingExtension, EXTENSION_DEVICES)
+decode_triplanes_triton = _define_decode_triplanes("decode_triplanes_triton", lambda: _triton_kernels("decoding"),
+                                                   TRITON_DEVICES)
+
+
+# ---------------------------------------------------------------------------------
+# composite_rays: colors [N, R, S, C], densities, depths [N, R, S, 1], background [N, R, C]?
+#                 -> (rgb [N, R, C], depth [N, R, 1], weights [N, R, S-1, 1], aux [N, R, 4])
+# aux (per ray: total weight, unclamped depth, final transmittance; accumulation dtype)
+# is kept for the backward and marked non-differentiable.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("composite_rays", EXTENSION_DEVICES)
+def composite_rays(colors: Tensor, densities: Tensor, depths: Tensor, background: Optional[Tensor],
+                   white_back: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    rgb, depth, weights, aux = _extension().composite_rays_forward(colors, densities, depths, background,
+                                                                   white_back)
+    return rgb, depth, weights, aux
+
+
+@composite_rays.register_fake
+def _(colors, densities, depths, background, white_back):
+    n, r, s, c = colors.shape
+    return (colors.new_empty((n, r, c)), colors.new_empty((n, r, 1)), colors.new_empty((n, r, s - 1, 1)),
+            colors.new_empty((n, r, 4), dtype=_accumulation_dtype(colors.dtype)))
+
+
+@_custom_op("composite_rays_backward", EXTENSION_DEVICES)
+def composite_rays_backward(grad_rgb: Tensor, grad_depth: Optional[Tensor], grad_weights: Optional[Tensor],
+                            colors: Tensor, densities: Tensor, depths: Tensor, background: Optional[Tensor],
+                            white_back: bool, aux: Tensor) -> List[Tensor]:
+    """``[grad_colors, grad_densities, grad_depths]`` and ``grad_background`` when a
+    background is given."""
+    grads = _extension().composite_rays_backward(grad_rgb, grad_depth, grad_weights, colors, densities, depths,
+                                                 background, white_back, aux)
+    inputs = (colors, densities, depths) + ((background,) if background is not None else ())
+    return _laid_out(grads[:len(inputs)], inputs, (True,) * len(inputs))
+
+
+@composite_rays_backward.register_fake
+def _(grad_rgb, grad_depth, grad_weights, colors, densities, depths, background, white_back, aux):
+    inputs = (colors, densities, depths) + ((background,) if background is not None else ())
+    return _fake_grads(inputs, (True,) * len(inputs))
+
+
+def _composite_rays_setup_context(ctx, inputs, output):
+    colors, densities, depths, background, white_back = inputs
+    ctx.save_for_backward(colors, densities, depths, background, output[3])
+    ctx.white_back = white_back
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
+
+
+def _composite_rays_gradient(ctx, grad_rgb, grad_depth, grad_weights, grad_aux):
+    colors, densities, depths, background, aux = ctx.saved_tensors
+    if grad_rgb is None and grad_depth is None and grad_weights is None:
+        return None, None, None, None, None
+    rgb_used = grad_rgb is not None
+    if not rgb_used:
+        grad_rgb = colors.new_zeros(colors.shape[:2] + colors.shape[3:])
+    grads = composite_rays_backward(grad_rgb, grad_depth, grad_weights, colors, densities, depths, background,
+                                    ctx.white_back, aux)
+    grad_colors, grad_densities, grad_depths = grads[:3]
+    grad_background = grads[3] if background is not None else None
+    if not rgb_used:  # as autograd through the reference: colors and background unused
+        grad_colors = grad_background = None
+    return grad_colors, grad_densities, grad_depths, grad_background, None
+
+
+composite_rays.register_autograd(_composite_rays_gradient, setup_context=_composite_rays_setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# sample_importance: depths [N, R, S, 1], weights [N, R, S-1, 1], u [N*R, n] or [n]
+#                    -> [N, R, n, 1]; no gradient (the public op detaches its inputs)
+# ---------------------------------------------------------------------------------
+
+@_custom_op("sample_importance", EXTENSION_DEVICES)
+def sample_importance(depths: Tensor, weights: Tensor, u: Tensor) -> Tensor:
+    return _extension().sample_importance(depths, weights, u)
+
+
+@sample_importance.register_fake
+def _(depths, weights, u):
+    n, r = depths.shape[:2]
+    return depths.new_empty((n, r, u.shape[-1], 1))
+
+
+# ---------------------------------------------------------------------------------
+# sample_grid3d: grid [N, C, D, H, W], points [N, M, 3] -> [N, M, C]
+# ---------------------------------------------------------------------------------
+
+@_custom_op("sample_grid3d", EXTENSION_DEVICES)
+def sample_grid3d(grid: Tensor, points: Tensor, bound: float, padding: int) -> Tensor:
+    return _extension().sample_grid3d_forward(grid, points, bound, padding)
+
+
+@sample_grid3d.register_fake
+def _(grid, points, bound, padding):
+    return grid.new_empty((grid.shape[0], points.shape[1], grid.shape[1]))
+
+
+@_custom_op("sample_grid3d_backward", EXTENSION_DEVICES)
+def sample_grid3d_backward(grad_out: Tensor, grid: Tensor, points: Tensor, bound: float, padding: int,
+                           need_grid: bool, need_points: bool) -> List[Tensor]:
+    needs = (need_grid, need_points)
+    grads = _needed(_extension().sample_grid3d_backward(grad_out, grid, points, bound, padding, *needs), needs)
+    return _laid_out(grads, (grid, points), needs, GRID_GRAD_ORDER)
+
+
+@sample_grid3d_backward.register_fake
+def _(grad_out, grid, points, bound, padding, need_grid, need_points):
+    return _fake_grads((grid, points), (need_grid, need_points), GRID_GRAD_ORDER)
+
+
+def _sample_grid3d_setup_context(ctx, inputs, output):
+    grid, points, bound, padding = inputs
+    ctx.save_for_backward(grid, points)
+    ctx.args = (bound, padding)
+
+
+def _sample_grid3d_gradient(ctx, grad_out):
+    grid, points = ctx.saved_tensors
+    needs = tuple(bool(x) for x in ctx.needs_input_grad[:2])
+    if not any(needs):
+        return None, None, None, None
+    grads = sample_grid3d_backward(grad_out.contiguous(), grid, points, *ctx.args, *needs)
+    return _spread(grads, needs) + (None, None)
+
+
+sample_grid3d.register_autograd(_sample_grid3d_gradient, setup_context=_sample_grid3d_setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# one_ring_deform: points [N, M, 3], verts_obs / verts_canon [N, V, 3], neighbours [V, K],
+#                  vertex_subset [S]? -> (out [N, M, 3], nearest [N, M] int32)
+# nearest (the chosen vertex per point) is kept so the backward does not search again.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("one_ring_deform", EXTENSION_DEVICES)
+def one_ring_deform(points: Tensor, verts_obs: Tensor, verts_canon: Tensor, neighbours: Tensor,
+                    vertex_subset: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    out, nearest = _extension().one_ring_deform_forward(points, verts_obs, verts_canon, neighbours, vertex_subset)
+    return out, nearest
+
+
+@one_ring_deform.register_fake
+def _(points, verts_obs, verts_canon, neighbours, vertex_subset):
+    n, m = points.shape[:2]
+    return points.new_empty((n, m, 3)), points.new_empty((n, m), dtype=torch.int32)
+
+
+@_custom_op("one_ring_deform_backward", EXTENSION_DEVICES)
+def one_ring_deform_backward(grad_out: Tensor, points: Tensor, verts_obs: Tensor, verts_canon: Tensor,
+                             neighbours: Tensor, nearest: Tensor, need_points: bool, need_verts_obs: bool,
+                             need_verts_canon: bool) -> List[Tensor]:
+    needs = (need_points, need_verts_obs, need_verts_canon)
+    grads = _extension().one_ring_deform_backward(grad_out, points, verts_obs, verts_canon, neighbours, nearest,
+                                                  *needs)
+    return _laid_out(_needed(grads, needs), (points, verts_obs, verts_canon), needs)
+
+
+@one_ring_deform_backward.register_fake
+def _(grad_out, points, verts_obs, verts_canon, neighbours, nearest, need_points, need_verts_obs,
+      need_verts_canon):
+    return _fake_grads((points, verts_obs, verts_canon), (need_points, need_verts_obs, need_verts_canon))
+
+
+def _one_ring_deform_setup_context(ctx, inputs, output):
+    points, verts_obs, verts_canon, neighbours, vertex_subset = inputs
+    ctx.save_for_backward(points, verts_obs, verts_canon, neighbours, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _one_ring_deform_gradient(ctx, grad_out, grad_nearest):
+    needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+    if not any(needs):
+        return None, None, None, None, None
+    grads = one_ring_deform_backward(grad_out.contiguous(), *ctx.saved_tensors, *needs)
+    return _spread(grads, needs) + (None, None)
+
+
+one_ring_deform.register_autograd(_one_ring_deform_gradient, setup_context=_one_ring_deform_setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# closest_triangles: points [N, M, 3], verts [N, V, 3], faces [F, 3]
+#   closest_triangles        -> (face_index [N, M] int64, barycentric [N, M, 3],
+#                                signed_distance [N, M], squared_distance [N, M])
+#   closest_triangles_search -> face_index [N, M] int64 (the search alone)
+# No gradient: with one to track, the public op recomputes the chosen faces' values
+# with autograd from the search's face indices.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("closest_triangles", EXTENSION_DEVICES)
+def closest_triangles(points: Tensor, verts: Tensor, faces: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    face, bary, signed, squared = _extension().closest_triangles_forward(points, verts, faces, True)
+    return face, bary, signed, squared
+
+
+@closest_triangles.register_fake
+def _(points, verts, faces):
+    n, m = points.shape[:2]
+    return (points.new_empty((n, m), dtype=torch.int64), points.new_empty((n, m, 3)), points.new_empty((n, m)),
+            points.new_empty((n, m)))
+
+
+@_custom_op("closest_triangles_search", EXTENSION_DEVICES)
+def closest_triangles_search(points: Tensor, verts: Tensor, faces: Tensor) -> Tensor:
+    return _extension().closest_triangles_forward(points, verts, faces, False)[0]
+
+
+@closest_triangles_search.register_fake
+def _(points, verts, faces):
+    return points.new_empty(points.shape[:2], dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------
+# surface_field_grid: verts_obs / verts_canon [N, V, 3], faces [F, 3], R, bound
+#   surface_field_grid        -> (displacement [N, 3, R, R, R], squared_distance [N, 1, R, R, R])
+#   surface_field_grid_search -> face_index [N, R^3] int64 (the search alone)
+# No gradient, as closest_triangles.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("surface_field_grid", EXTENSION_DEVICES)
+def surface_field_grid(verts_obs: Tensor, verts_canon: Tensor, faces: Tensor, resolution: int,
+                       bound: float) -> tuple[Tensor, Tensor]:
+    _, displacement, squared = _extension().surface_field_grid_forward(verts_obs, verts_canon, faces, resolution,
+                                                                       bound)
+    return displacement, squared
+
+
+@surface_field_grid.register_fake
+def _(verts_obs, verts_canon, faces, resolution, bound):
+    n, r = verts_obs.shape[0], resolution
+    return verts_obs.new_empty((n, 3, r, r, r)), verts_obs.new_empty((n, 1, r, r, r))
+
+
+@_custom_op("surface_field_grid_search", EXTENSION_DEVICES)
+def surface_field_grid_search(verts_obs: Tensor, faces: Tensor, resolution: int, bound: float) -> Tensor:
+    return _extension().surface_field_grid_forward(verts_obs, None, faces, resolution, bound)[0]
+
+
+@surface_field_grid_search.register_fake
+def _(verts_obs, faces, resolution, bound):
+    return verts_obs.new_empty((verts_obs.shape[0], resolution ** 3), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------
+# attention (Triton): q [B, H, Lq, D], k, v [B, H, Lk, D] -> (out [B, H, Lq, D],
+#                     lse [B, H, Lq] float32, base 2); lse is kept for the backward.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("attention_triton", TRITON_DEVICES)
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = _triton_kernels("attention").forward(q, k, v, scale)
+    return out, lse
+
+
+@attention_triton.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_custom_op("attention_triton_backward", TRITON_DEVICES)
+def attention_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              scale: float, need_q: bool, need_k: bool, need_v: bool) -> List[Tensor]:
+    needs = (need_q, need_k, need_v)
+    grads = _needed(_triton_kernels("attention").backward(grad_out, q, k, v, out, lse, scale, *needs), needs)
+    return _laid_out(grads, (q, k, v), needs)
+
+
+@attention_triton_backward.register_fake
+def _(grad_out, q, k, v, out, lse, scale, need_q, need_k, need_v):
+    return _fake_grads((q, k, v), (need_q, need_k, need_v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_gradient(ctx, grad_out, grad_lse):
+    needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+    if not any(needs):
+        return None, None, None, None
+    grads = attention_triton_backward(grad_out, *ctx.saved_tensors, ctx.scale, *needs)
+    return _spread(grads, needs) + (None,)
+
+
+attention_triton.register_autograd(_attention_gradient, setup_context=_attention_setup_context)
