@@ -256,6 +256,9 @@ def declare(op: str, implemented: Sequence[str], preferences: Mapping[str, Seque
     stray = [b for b in support if b not in implemented]
     if stray:
         raise ValueError(f"declare({op!r}): support predicates for backends the op lacks: {stray}")
+    # the measured order committed in head4d/backend_order.json goes first, where it has one
+    from ._preferences import backend_order
+    preferences = backend_order(op, preferences)
     entry = OpBackends(implemented, preferences, support)
     DECLARED[op] = entry
     return entry
@@ -303,12 +306,8 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
     entry = DECLARED.get(op)
     if entry is not None:
         known = entry.implemented
-        if preferences is None:
-            preferences = entry.preferences
-    if preferences is not None:
-        # the measured order committed in head4d/backend_order.json, where it has one
-        from ._preferences import backend_order
-        preferences = backend_order(op, preferences)
+        # the declared table: the op's built-in order behind the committed measured one
+        preferences = entry.preferences
     else:
         known = BACKENDS + tuple(extra)
     choice, source = _requested(op, requested, known)

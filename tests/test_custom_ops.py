@@ -417,7 +417,7 @@ def test_registration_imports_no_triton_and_tolerates_a_missing_extension():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _renderer_scene(device):
+def _renderer_scene(device, fused=True):
     """A TriplaneRenderer call without random numbers (deterministic coarse depths and
     importance samples): ``(render, planes)`` with ``render(planes) -> (rgb, depth, opacity)``."""
     from head4d.ops.rays import generate_rays
@@ -432,8 +432,8 @@ def _renderer_scene(device):
     origins, directions = generate_rays(cam2world.to(device), focal.to(device), 8)
     opts = dict(ray_start=2.25, ray_end=3.3, box_warp=1.0, depth_resolution=12, depth_resolution_importance=12,
                 jitter="none", det_importance=True)
-    renderer = TriplaneRenderer()
-    assert renderer.uses_fused(decoder, device)  # decode_triplanes on a compiled backend
+    renderer = TriplaneRenderer(fused=fused)
+    assert renderer.uses_fused(decoder, device) == fused  # fused: decode_triplanes on a compiled backend
 
     def render(planes):
         return renderer(planes, decoder, origins, directions, opts)
@@ -441,11 +441,12 @@ def _renderer_scene(device):
     return render, planes
 
 
-def test_compile_fullgraph_renderer():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_compile_fullgraph_renderer(fused):
     """The whole renderer (coarse pass, importance sampling, fine pass, composite) in one
-    graph on the cpu kernels, with the eager result and gradients."""
+    graph on the cpu kernels, fused decode or not, with the eager result and gradients."""
     require_backend("cpu")
-    render, planes = _renderer_scene(torch.device("cpu"))
+    render, planes = _renderer_scene(torch.device("cpu"), fused=fused)
     planes.requires_grad_()
     eager_out, eager_grads = _run(render, (planes,))
     assert eager_out[2].max() > 0.1  # the rays see something

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _backend
 from .._checks import check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import compositing as _reference

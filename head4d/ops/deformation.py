@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import _backend
 from .._checks import check_choice, check_dim, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import deformation as _reference

@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .. import _backend
 from .._checks import FLOATING, check_choice, check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import sampling as _reference
