@@ -106,7 +106,8 @@ def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.
     * midpoints of colors ``c_k``, raw densities ``s_k`` and depths ``t_k``;
       ``delta_k = t[k+1] - t[k]``;
     * ``sigma_k = softplus(s_k - 1)`` (the shift is part of EG3D's semantics);
-    * ``alpha_k = 1 - exp(-sigma_k * delta_k)``;
+    * ``alpha_k = 1 - exp(-sigma_k * delta_k)``, computed as ``-expm1(-sigma_k * delta_k)``
+      on every backend (the same function without the cancellation for small products);
     * ``w_k = alpha_k * prod_{j<k} (1 - alpha_j + 1e-10)``;
     * ``rgb = sum_k w_k * c_k``;
     * ``depth = sum_k w_k * t_k / sum_k w_k``; a NaN (zero total weight) becomes
