@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "../common.h"
 #include "../scalar_math.h"
@@ -107,11 +108,20 @@ HEAD4D_HD A midpoint(A a, A b) {
   return (a + b) / A(2);
 }
 
-// depth = dsum / total; NaN (zero total weight) -> +inf; then clamp to [lo, hi]
-// like torch.clamp (max first, then min).
+// depth = dsum / total, then torch.nan_to_num(nan=inf): NaN (zero total weight) ->
+// +inf, +-inf -> the largest finite value of that sign; then clamp to [lo, hi] like
+// torch.clamp (max first, then min; a NaN bound, from a NaN among the depths, gives NaN).
 template <typename A>
 HEAD4D_HD A final_depth(A raw, A lo, A hi) {
-  A d = is_nan(raw) ? A(INFINITY) : raw;
+  if (is_nan(lo) || is_nan(hi)) return lo + hi;
+  A d = raw;
+  if (is_nan(raw)) {
+    d = A(INFINITY);
+  } else if (raw == A(INFINITY)) {
+    d = std::numeric_limits<A>::max();
+  } else if (raw == -A(INFINITY)) {
+    d = std::numeric_limits<A>::lowest();
+  }
   d = d < lo ? lo : d;
   d = d > hi ? hi : d;
   return d;

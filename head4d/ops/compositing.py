@@ -132,6 +132,10 @@ def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.
         ``(rgb [N, R, C], depth [N, R, 1], weights [N, R, S-1, 1])`` in the inputs'
         dtype (computed in float32, float64 for float64). ``weights.sum(2)`` is the
         opacity. Differentiable with respect to colors, densities, depths and background.
+
+    Non-finite input, the same on every backend: NaN and infinities propagate through
+    the formulas above; in particular a NaN anywhere in ``depths`` makes the clamp
+    bounds NaN and so every ray's depth NaN (as EG3D's clamp to the tensor's min / max).
     """
     device = check_composite_inputs(colors, densities, depths, white_back, background)
     chosen = resolve_implemented(OP, device, backend, PREFERENCES, IMPLEMENTED)
