@@ -64,7 +64,7 @@ def test_composite_two_and_three_samples_by_hand():
 
     # two samples: one interval
     sig0 = softplus((s[0] + s[1]) / 2 - 1)
-    a0 = 1 - math.exp(-sig0 * (t[1] - t[0]))
+    a0 = -math.expm1(-sig0 * (t[1] - t[0]))
     cm0 = [(x + y) / 2 for x, y in zip(c[0], c[1])]
     rgb, depth, w = composite_rays(colors[:, :, :2], dens[:, :, :2], depths[:, :, :2])
     assert w.shape == (1, 1, 1, 1) and rgb.shape == (1, 1, 3) and depth.shape == (1, 1, 1)
@@ -74,7 +74,7 @@ def test_composite_two_and_three_samples_by_hand():
 
     # three samples: the second weight carries (1 - a0 + 1e-10)
     sig1 = softplus((s[1] + s[2]) / 2 - 1)
-    a1 = 1 - math.exp(-sig1 * (t[2] - t[1]))
+    a1 = -math.expm1(-sig1 * (t[2] - t[1]))
     w1 = a1 * (1 - a0 + 1e-10)
     cm1 = [(x + y) / 2 for x, y in zip(c[1], c[2])]
     rgb, depth, w = composite_rays(colors, dens, depths)
@@ -100,7 +100,7 @@ def test_composite_zero_and_empty_densities():
     colors = torch.rand(1, n_rays, s, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     # raw density 0 is sigma = softplus(-1), not zero
     _, depth, w = composite_rays(colors, torch.zeros(1, n_rays, s, 1, dtype=F64), depths)
-    a = 1 - math.exp(-softplus(-1.0) * 0.2)
+    a = -math.expm1(-softplus(-1.0) * 0.2)
     expected = torch.tensor([a * (1 - a + 1e-10) ** k for k in range(s - 1)], dtype=F64)
     assert torch.allclose(w[0, :, :, 0], expected.expand(n_rays, -1), rtol=1e-12, atol=0)
     # empty space: weights 0, depth NaN -> inf -> clamped to the largest depth, rgb -1 (or +1 on white)
