@@ -55,8 +55,8 @@ struct Interval {
   A z;      // shifted midpoint density, the softplus argument
   A ez;     // exp(z) (what softplus and its derivative share; unused above 20)
   A sigma;  // softplus(z)
-  A decay;  // exp(-(sigma * delta)), dalpha/d(sigma * delta)
-  A alpha;  // 1 - decay, as -expm1(-(sigma * delta))
+  A optical_depth;  // x = sigma * delta
+  A alpha;  // 1 - exp(-x), as -expm1(-x)
   A keep;   // 1 - alpha + 1e-10, the transmittance factor
 };
 
@@ -67,9 +67,8 @@ HEAD4D_HD Interval<A> make_interval(A s0, A s1, A t0, A t1) {
   iv.z = (s0 + s1) / A(2) - A(1);
   iv.ez = exp_of(iv.z);
   iv.sigma = iv.z > A(20) ? iv.z : log1p_of(iv.ez);  // softplus(z)
-  const A optical_depth = iv.sigma * iv.delta;
-  iv.decay = exp_of(-optical_depth);
-  iv.alpha = -expm1_of(-optical_depth);
+  iv.optical_depth = iv.sigma * iv.delta;
+  iv.alpha = -expm1_of(-iv.optical_depth);
   iv.keep = A(1) - iv.alpha + A(1e-10);
   return iv;
 }
@@ -102,6 +101,12 @@ struct ScaledTransmittance {
     return v;
   }
 };
+
+// dalpha / dx = exp(-x), for the backward only (the forward needs no exp of x).
+template <typename A>
+HEAD4D_HD A alpha_derivative(const Interval<A>& iv) {
+  return exp_of(-iv.optical_depth);
+}
 
 template <typename A>
 HEAD4D_HD A midpoint(A a, A b) {

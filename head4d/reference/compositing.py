@@ -27,14 +27,13 @@ class _AlphaOfOpticalDepth(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        decay = torch.exp(-x)
-        ctx.save_for_backward(decay)
+        ctx.save_for_backward(x)
         return -torch.expm1(-x)
 
     @staticmethod
     def backward(ctx, grad):
-        (decay,) = ctx.saved_tensors
-        return grad * decay
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(-x)
 
 
 def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tensor,
