@@ -1,7 +1,7 @@
 """Reference deformation ops: closest triangles, the surface field on a voxel grid,
 trilinear grid sampling, box smoothing, one-ring tables and one-ring deformation,
-as plain PyTorch (Portrait4D's deformation, ``../shared/design/portrait4d.md``,
-section "Deformation").
+as plain PyTorch (Portrait4D's neck surface field and one-ring face, eyes and mouth
+deformation).
 
 Arguments are assumed valid; :mod:`head4d.ops.deformation` checks them.
 
