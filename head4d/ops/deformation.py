@@ -3,11 +3,12 @@
 ``one_ring_deform``, and ``cell_centre_bound`` for Portrait4D's grid bounds.
 
 How Portrait4D composes them: the neck field is ``surface_field_grid`` on the
-simplified mesh at resolution 24 with ``bound = PORTRAIT4D_FINE_BOUND`` (cell centres
-of the 1.3 box), plus a second grid at resolution 8 (``bound =
-PORTRAIT4D_COARSE_BOUND``) passed through ``smooth_grid3d(passes=2)``; both are read with ``sample_grid3d(..., padding="zeros")``
-at the same bounds. Face, eyes and mouth use ``one_ring_deform`` with the table of
-``mesh_one_ring`` and a ``vertex_subset`` per part.
+simplified mesh at resolution 24 with ``bound = PORTRAIT4D_FINE_BOUND`` (cell
+centres of the 1.3 box), plus a second grid at resolution 8 (``bound =
+PORTRAIT4D_COARSE_BOUND``) passed through ``smooth_grid3d(passes=2)``; both are read
+with ``sample_grid3d(..., padding="zeros")`` at the same bounds. Face, eyes and mouth
+use ``one_ring_deform`` with the table of ``mesh_one_ring`` and a ``vertex_subset``
+per part.
 
 Where things live:
     reference   head4d/reference/deformation.py   (the ``torch`` backend)
