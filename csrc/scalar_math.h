@@ -8,14 +8,26 @@
 
 namespace head4d {
 
-// exp and log1p of the accumulation type: the CUDA math library on the device, <cmath>
-// on the host.
+// exp, expm1 and log1p of the accumulation type: the CUDA math library on the device,
+// <cmath> on the host.
 template <typename A>
 HEAD4D_HD A exp_of(A x) {
 #ifdef __CUDA_ARCH__
   return exp(x);
 #else
   return std::exp(x);
+#endif
+}
+
+// exp(x) - 1 without the cancellation of computing it that way: accurate to a few ulp
+// also for |x| far below 1, where 1 - exp(-x) keeps only the last bits of exp's
+// rounding (at x = 1e-14 one ulp of exp moves the difference by 1%).
+template <typename A>
+HEAD4D_HD A expm1_of(A x) {
+#ifdef __CUDA_ARCH__
+  return expm1(x);
+#else
+  return std::expm1(x);
 #endif
 }
 
@@ -26,6 +38,13 @@ HEAD4D_HD A log1p_of(A x) {
 #else
   return std::log1p(x);
 #endif
+}
+
+// x is neither NaN nor infinite (x - x is NaN for both; no <cmath> call, so the same
+// test on the host and the device).
+template <typename A>
+HEAD4D_HD bool is_finite_of(A x) {
+  return x - x == A(0);
 }
 
 // Correctly rounded +, -, *, / that nvcc may not fuse into an FMA (on the device the

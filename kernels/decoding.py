@@ -74,7 +74,8 @@ import triton
 import triton.language as tl
 
 try:  # installed: head4d.kernels is this folder
-    from head4d.kernels.triplanes import _corner_offsets, _needs_int64, _plane_coords, _stencil
+    from head4d.kernels.triplanes import (_corner_offsets, _needs_int64, _plane_coords, _stencil,
+                                          _value_without_corners)
 except ImportError:  # loaded by path from a checkout (tests, __main__)
     import importlib.util as _ilu
 
@@ -84,6 +85,7 @@ except ImportError:  # loaded by path from a checkout (tests, __main__)
     _spec.loader.exec_module(_triplanes)
     _corner_offsets, _needs_int64 = _triplanes._corner_offsets, _triplanes._needs_int64
     _plane_coords, _stencil = _triplanes._plane_coords, _triplanes._stencil
+    _value_without_corners = _triplanes._value_without_corners
 
 __all__ = ["forward", "backward", "check_sizes"]
 
@@ -215,7 +217,8 @@ def _gather_mean(planes_ptr, n, p0, p1, p2, row_ok, cols, col_ok, scale, C, H, W
                  LAYOUT: tl.constexpr, IDX64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """The mean over the three planes of the bilinear samples, [BLOCK_M, BLOCK_C] float32
-    (zero in padded channels and rows)."""
+    (zero in padded channels and rows; NaN in the channels of a point with a NaN or
+    infinite plane coordinate)."""
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for plane in tl.static_range(3):
         pu, pv = _plane_coords(p0, p1, p2, plane, LAYOUT)
@@ -229,6 +232,8 @@ def _gather_mean(planes_ptr, n, p0, p1, p2, row_ok, cols, col_ok, scale, C, H, W
         v_se = tl.load(src + o_se[:, None], mask=in_se[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         acc += (v_nw * w_nw[:, None] + v_ne * w_ne[:, None]
                 + v_sw * w_sw[:, None] + v_se * w_se[:, None])
+        miss = _value_without_corners(pu * scale, pv * scale).to(tl.float32)
+        acc += tl.where(col_ok[None, :], miss[:, None], 0.0)
     return acc / 3.0
 
 

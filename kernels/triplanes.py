@@ -124,6 +124,15 @@ def _stencil(pu, pv, scale, W, H, row_ok):
     return x0, y0, fx0, fy0, ix, iy, w_nw, w_ne, w_sw, w_se, in_nw, in_ne, in_sw, in_se
 
 
+@triton.jit
+def _value_without_corners(u, v):
+    """A plane's sample where no corner counts (csrc/triplanes/triplanes_math.h): 0 for
+    finite coordinates (all zero padding), NaN where u or v is NaN or infinite. Added
+    to the bilinear sum, it leaves finite samples as they are."""
+    finite = ((u - u) == 0.0) & ((v - v) == 0.0)
+    return tl.where(finite, 0.0, float("nan"))
+
+
 # ----------------------------------------------------------------------------------
 # Kernels.
 # ----------------------------------------------------------------------------------
@@ -181,6 +190,7 @@ def _triplanes_fwd_kernel(
             v_se = tl.load(src + o_se[:, None], mask=in_se[:, None] & col_ok[None, :], other=0.0).to(ct)
             val = (v_nw * w_nw[:, None] + v_ne * w_ne[:, None]
                    + v_sw * w_sw[:, None] + v_se * w_se[:, None])
+            val += _value_without_corners(pu * scale, pv * scale).to(ct)[:, None]
             if REDUCE == 2:
                 dst = out_ptr + ((n * 3 + plane) * M) * C + cols[None, :]
                 tl.store(dst + (rows * C)[:, None], val.to(out_ptr.dtype.element_ty),

@@ -2,6 +2,8 @@
 (head4d/reference/compositing.py), forward and gradients, including the edges where
 autograd through the reference gives NaN (a ray with zero total weight whose depth
 output is used) or routes the depth gradient to the global min / max of the depths."""
+import math
+
 import pytest
 import torch
 
@@ -142,16 +144,87 @@ def test_non_contiguous_inputs(backend):
     assert_matches(backend, colors, dens, depths, bg[:, :, :])
 
 
+def composite_truth(colors, dens, depths, bg):
+    """rgb, depth and weights of each ray computed independently of torch, one interval
+    at a time in float64 with Python's math library, alpha as -expm1(-x) (the exact
+    formula, accurate to a few ulp for any x >= 0). Also returns the transmittance
+    factors keep_k = 1 - alpha_k + 1e-10, whose conditioning the error bounds need."""
+    c, s, t = (x.detach().double().cpu() for x in (colors, dens, depths))
+    b = None if bg is None else bg.detach().double().cpu()
+    n, r, S, C = c.shape
+    rgb, depth, weights = torch.zeros(n, r, C, dtype=torch.float64), torch.zeros(n, r, 1, dtype=torch.float64), \
+        torch.zeros(n, r, S - 1, 1, dtype=torch.float64)
+    keeps = torch.zeros(n, r, S - 1, 1, dtype=torch.float64)
+    t_lo, t_hi = float(t.min()), float(t.max())
+    for i in range(n):
+        for j in range(r):
+            trans, total, dsum = 1.0, 0.0, 0.0
+            acc = [0.0] * C
+            for k in range(S - 1):
+                z = (float(s[i, j, k, 0]) + float(s[i, j, k + 1, 0])) / 2 - 1
+                sigma = z if z > 20 else math.log1p(math.exp(z))
+                alpha = -math.expm1(-sigma * (float(t[i, j, k + 1, 0]) - float(t[i, j, k, 0])))
+                w = alpha * trans
+                keeps[i, j, k, 0] = 1 - alpha + 1e-10
+                trans *= keeps[i, j, k, 0].item()
+                weights[i, j, k, 0] = w
+                total += w
+                dsum += w * (float(t[i, j, k, 0]) + float(t[i, j, k + 1, 0])) / 2
+                for ch in range(C):
+                    acc[ch] += w * (float(c[i, j, k, ch]) + float(c[i, j, k + 1, ch])) / 2
+            d = dsum / total if total > 0 else math.inf
+            depth[i, j, 0] = min(max(d, t_lo), t_hi)
+            for ch in range(C):
+                v = acc[ch] + (0.0 if b is None else (1 - total) * float(b[i, j, ch]))
+                rgb[i, j, ch] = v * 2 - 1
+    return rgb, depth, weights, keeps
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_zero_densities_and_saturated_densities(backend, dtype):
+    """Densities where alpha is ~1e-14 (1 - exp(-x) would keep only exp's last rounding
+    bits), exactly 1 (the transmittance collapses to 1e-10 factors) and in softplus'
+    linear branch. Both the kernel and the reference are held to a float64 truth with a
+    bound that follows the conditioning: each weight is a product of O(S) correctly
+    rounded steps whose relative error is at most ~(|z| + 16 S) eps (z the softplus
+    argument: softplus(z) ~ exp(z) turns z's absolute rounding error into a relative
+    one), plus 2 eps / keep_j for every earlier factor keep_j = 1 - alpha_j + 1e-10
+    (alpha's absolute rounding error, relative to a keep that can be 1e-10); the depth, a weighted mean, moves by at most that relative error times the
+    spread of the midpoints around it (this is what made a ray of alpha ~1e-14 fail by
+    7% with 1 - exp); rgb by that times sum_k w_k |c_k|. Weights that underflow in
+    float32 (the saturated ray) add an absolute error of S times the smallest normal."""
     device = require_backend(backend)
     colors, dens, depths, bg = make_inputs(1, 6, 10, 3, device, dtype, seed=4, background=True)
     dens[0, 0] = 0.0
     dens[0, 1] = 40.0   # softplus in its linear branch, alpha == 1: T collapses to 1e-10 factors
     dens[0, 2, 3:] = 25.0
-    dens[0, 3] = -30.0  # alpha ~ 0
+    dens[0, 3] = -30.0  # alpha ~ 1e-14: the cancellation of 1 - exp(-x)
     assert_matches(backend, colors, dens, depths, bg)
+
+    rgb_true, depth_true, w_true, keeps = composite_truth(colors, dens, depths, bg)
+    S = dens.shape[2]
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    z_max = float((dens.double().abs().max() + 1))
+    keep_err = torch.cumsum(2 * eps / keeps, dim=2) - 2 * eps / keeps  # sum over j < k
+    w_err = ((z_max + 16 * S) * eps + keep_err) * w_true + S * tiny  # [N, R, S-1, 1]
+    t = depths.double().cpu()
+    t_mid = (t[:, :, 1:] + t[:, :, :-1]) / 2
+    total = w_true.sum(dim=2)
+    depth_bound = (w_err * (t_mid - depth_true[:, :, None]).abs()).sum(dim=2) / total * 2 + 4 * eps * depth_true
+    c = colors.double().cpu()
+    c_mid = ((c[:, :, 1:] + c[:, :, :-1]) / 2).abs()
+    rgb_bound = 2 * (w_err * c_mid).sum(dim=2) + 2 * w_err.sum(dim=2) * bg.double().cpu().abs() \
+        + 8 * S * eps * (1 + (w_true * c_mid).sum(dim=2) + bg.double().cpu().abs())
+    assert float((w_true[0, 3].sum())) < 1e-12  # the ray that exercises the small-alpha branch
+    for name in (backend, "torch"):
+        rgb, depth, weights = composite_rays(colors, dens, depths, background=bg, backend=name)
+        for what, got, want, bound in (("weights", weights, w_true, w_err), ("depth", depth, depth_true, depth_bound),
+                                       ("rgb", rgb, rgb_true, rgb_bound)):
+            err = (got.double().cpu() - want).abs()
+            assert bool((err <= bound).all()), \
+                f"{name} {what}: error {float((err / bound).max()):.3g} times the bound"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

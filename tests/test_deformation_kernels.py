@@ -66,8 +66,8 @@ def grid_points_mix(n, m, bound, g, sizes):
     sizes_t = torch.tensor([w, h, d], dtype=F64)
     planes = torch.floor(torch.rand(n, k, 3, generator=g, dtype=F64) * sizes_t) / (sizes_t - 1).clamp(min=1) * 2 - 1
     pts[:, k:2 * k] = planes * bound
-    # far outside
-    pts[:, 2 * k:2 * k + 3] = torch.tensor([[40.0, 0.1, 0.2], [-1e6, 0.0, 0.0], [0.3, -0.2, 7.0]], dtype=F64) * bound
+    # far outside (finite in float16 too: an infinite coordinate samples NaN)
+    pts[:, 2 * k:2 * k + 3] = torch.tensor([[40.0, 0.1, 0.2], [-3e4, 0.0, 0.0], [0.3, -0.2, 7.0]], dtype=F64) * bound
     return pts
 
 

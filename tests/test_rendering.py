@@ -64,7 +64,7 @@ def test_composite_two_and_three_samples_by_hand():
 
     # two samples: one interval
     sig0 = softplus((s[0] + s[1]) / 2 - 1)
-    a0 = 1 - math.exp(-sig0 * (t[1] - t[0]))
+    a0 = -math.expm1(-sig0 * (t[1] - t[0]))
     cm0 = [(x + y) / 2 for x, y in zip(c[0], c[1])]
     rgb, depth, w = composite_rays(colors[:, :, :2], dens[:, :, :2], depths[:, :, :2])
     assert w.shape == (1, 1, 1, 1) and rgb.shape == (1, 1, 3) and depth.shape == (1, 1, 1)
@@ -74,7 +74,7 @@ def test_composite_two_and_three_samples_by_hand():
 
     # three samples: the second weight carries (1 - a0 + 1e-10)
     sig1 = softplus((s[1] + s[2]) / 2 - 1)
-    a1 = 1 - math.exp(-sig1 * (t[2] - t[1]))
+    a1 = -math.expm1(-sig1 * (t[2] - t[1]))
     w1 = a1 * (1 - a0 + 1e-10)
     cm1 = [(x + y) / 2 for x, y in zip(c[1], c[2])]
     rgb, depth, w = composite_rays(colors, dens, depths)
@@ -100,7 +100,7 @@ def test_composite_zero_and_empty_densities():
     colors = torch.rand(1, n_rays, s, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
     # raw density 0 is sigma = softplus(-1), not zero
     _, depth, w = composite_rays(colors, torch.zeros(1, n_rays, s, 1, dtype=F64), depths)
-    a = 1 - math.exp(-softplus(-1.0) * 0.2)
+    a = -math.expm1(-softplus(-1.0) * 0.2)
     expected = torch.tensor([a * (1 - a + 1e-10) ** k for k in range(s - 1)], dtype=F64)
     assert torch.allclose(w[0, :, :, 0], expected.expand(n_rays, -1), rtol=1e-12, atol=0)
     # empty space: weights 0, depth NaN -> inf -> clamped to the largest depth, rgb -1 (or +1 on white)
@@ -389,6 +389,51 @@ def test_stratified_deterministic_and_eg3d_jitter():
     k = torch.arange(s, dtype=F64).reshape(1, 1, s, 1) / (s - 1)
     delta = ((end - start) / (s - 1))[..., None]
     assert torch.allclose(out, start[..., None] + k * (end - start)[..., None] + u * delta, atol=1e-14)
+
+
+@pytest.mark.parametrize("s", [48, 12, 97])
+def test_stratified_bitwise_eg3d(s):
+    """float32 depths are EG3D's bit for bit given the same random numbers: its
+    expressions restated with torch.linspace (number limits) and its tensor linspace
+    (per-ray 'auto' limits, per-image 'auto-plane' limits with one draw per image)."""
+    n, r = 2, 9
+    start, end = 2.25, 3.3
+    u = torch.rand(n, r, s, 1, generator=torch.Generator().manual_seed(11))
+    eg3d = torch.linspace(start, end, s).reshape(1, 1, s, 1).repeat(n, r, 1, 1)
+    eg3d += torch.rand(n, r, s, 1, generator=torch.Generator().manual_seed(11)) * ((end - start) / (s - 1))
+    out = stratified_depths(start, end, s, r, batch_size=n, generator=torch.Generator().manual_seed(11))
+    assert out.dtype == torch.float32 and torch.equal(out, eg3d)
+    if s == 48:  # the test can tell: at FFHQ's setting start + k/(S-1) * (end - start) rounds some differently
+        steps = (torch.arange(s, dtype=torch.float32) / (s - 1)).reshape(1, 1, s, 1)
+        start32, end32 = torch.tensor(start), torch.tensor(end)
+        assert not torch.equal(start32 + steps * (end32 - start32) + u * ((end32 - start32) / (s - 1)), eg3d)
+
+    def eg3d_tensor_linspace(lo, hi):  # [N, R, 1] limits -> [N, R, S, 1]
+        k = (torch.arange(s, dtype=torch.float32) / (s - 1)).reshape(s, 1, 1, 1)
+        return (lo[None] + k * (hi - lo)[None]).permute(1, 2, 0, 3)
+
+    g = torch.Generator().manual_seed(12)
+    lo = 2.0 + torch.rand(n, r, 1, generator=g)
+    hi = lo + 0.5 + torch.rand(n, r, 1, generator=g)
+    eg3d = eg3d_tensor_linspace(lo, hi)
+    eg3d += torch.rand(n, r, s, 1, generator=torch.Generator().manual_seed(13)) * ((hi - lo) / (s - 1))[..., None]
+    out = stratified_depths(lo, hi, s, r, generator=torch.Generator().manual_seed(13))
+    assert torch.equal(out, eg3d)
+
+    lo, hi = lo[:, :1], hi[:, :1]  # one range per image, one jitter vector per image
+    eg3d = eg3d_tensor_linspace(lo, hi).repeat(1, r, 1, 1)
+    eg3d += (torch.rand(n, 1, s, 1, generator=torch.Generator().manual_seed(14))
+             * ((hi - lo) / (s - 1))[..., None]).repeat(1, r, 1, 1)
+    out = stratified_depths(lo, hi, s, r, jitter="per_image", generator=torch.Generator().manual_seed(14))
+    assert torch.equal(out, eg3d)
+
+    # disparity space, number limits
+    t = torch.linspace(0, 1, s).reshape(1, 1, s, 1).repeat(n, r, 1, 1)
+    t += torch.rand(n, r, s, 1, generator=torch.Generator().manual_seed(15)) * (1 / (s - 1))
+    eg3d = 1. / (1. / start * (1. - t) + 1. / end * t)
+    out = stratified_depths(start, end, s, r, disparity=True, batch_size=n,
+                            generator=torch.Generator().manual_seed(15))
+    assert torch.equal(out, eg3d)
 
 
 def test_stratified_per_image_and_disparity():

@@ -152,7 +152,7 @@ void backward_impl(const BackwardArgs& a, const ParallelFor& parallel_for) {
         if (gw != nullptr) e += gw[k];
         const A g_alpha = T * (e - U);
         U = e * iv.alpha + iv.keep * U;
-        const A g_x = g_alpha * iv.decay;  // x = sigma * delta, alpha = 1 - exp(-x)
+        const A g_x = g_alpha * alpha_derivative(iv);  // x = sigma * delta, alpha = 1 - exp(-x)
         const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
         const A gdelta = g_x * iv.sigma;
         const A gtm = dcoef * w;

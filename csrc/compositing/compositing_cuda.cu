@@ -155,7 +155,7 @@ backward_kernel(const typename Storage<T>::acc* __restrict__ grad_rgb,
     if (gw != nullptr) e += gw[k];
     const A g_alpha = Tk * (e - U);
     U = e * iv.alpha + iv.keep * U;
-    const A g_x = g_alpha * iv.decay;
+    const A g_x = g_alpha * alpha_derivative(iv);
     const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
     const A gdelta = g_x * iv.sigma;
     const A gtm = dcoef * w;

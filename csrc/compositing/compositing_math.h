@@ -1,12 +1,15 @@
 // Per-interval math of volume compositing, shared by the CPU and the CUDA kernels.
 //
-// Semantics: EG3D's MipRayMarcher2 (shared/design/eg3d-renderer.md, and
-// head4d/reference/compositing.py, the truth). For the interval k between samples
-// k and k + 1 of a ray:
+// Semantics: EG3D's MipRayMarcher2 (head4d/reference/compositing.py, the truth). For
+// the interval k between samples k and k + 1 of a ray:
 //   delta = t[k+1] - t[k],  z = (s[k] + s[k+1]) / 2 - 1,
 //   sigma = softplus(z)  (torch's: z itself above 20),
 //   alpha = 1 - exp(-(sigma * delta)),  w_k = alpha_k * T_k,
 //   T_{k+1} = T_k * (1 - alpha_k + 1e-10),  T_0 = 1.
+// alpha is computed as -expm1(-(sigma * delta)): the same function as EG3D's
+// 1 - exp(-x), without its cancellation for small x (x = 1e-14 leaves only exp's last
+// rounding bits). dalpha/dx = exp(-x) is computed by exp itself, not as 1 - alpha
+// (which would cancel for large x).
 //
 // Backward, per ray, with e_k = dL/dw_k (everything that reads w_k directly):
 //   dL/dalpha_k = e_k T_k - (sum_{i>k} e_i w_i) / (1 - alpha_k + 1e-10) = T_k (e_k - U_k),
@@ -19,6 +22,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 
 #include "../common.h"
 #include "../scalar_math.h"
@@ -51,8 +55,8 @@ struct Interval {
   A z;      // shifted midpoint density, the softplus argument
   A ez;     // exp(z) (what softplus and its derivative share; unused above 20)
   A sigma;  // softplus(z)
-  A decay;  // exp(-(sigma * delta))
-  A alpha;  // 1 - decay
+  A optical_depth;  // x = sigma * delta
+  A alpha;  // 1 - exp(-x), as -expm1(-x)
   A keep;   // 1 - alpha + 1e-10, the transmittance factor
 };
 
@@ -63,8 +67,8 @@ HEAD4D_HD Interval<A> make_interval(A s0, A s1, A t0, A t1) {
   iv.z = (s0 + s1) / A(2) - A(1);
   iv.ez = exp_of(iv.z);
   iv.sigma = iv.z > A(20) ? iv.z : log1p_of(iv.ez);  // softplus(z)
-  iv.decay = exp_of(-(iv.sigma * iv.delta));
-  iv.alpha = A(1) - iv.decay;
+  iv.optical_depth = iv.sigma * iv.delta;
+  iv.alpha = -expm1_of(-iv.optical_depth);
   iv.keep = A(1) - iv.alpha + A(1e-10);
   return iv;
 }
@@ -98,16 +102,31 @@ struct ScaledTransmittance {
   }
 };
 
+// dalpha / dx = exp(-x), for the backward only (the forward needs no exp of x).
+template <typename A>
+HEAD4D_HD A alpha_derivative(const Interval<A>& iv) {
+  return exp_of(-iv.optical_depth);
+}
+
 template <typename A>
 HEAD4D_HD A midpoint(A a, A b) {
   return (a + b) / A(2);
 }
 
-// depth = dsum / total; NaN (zero total weight) -> +inf; then clamp to [lo, hi]
-// like torch.clamp (max first, then min).
+// depth = dsum / total, then torch.nan_to_num(nan=inf): NaN (zero total weight) ->
+// +inf, +-inf -> the largest finite value of that sign; then clamp to [lo, hi] like
+// torch.clamp (max first, then min; a NaN bound, from a NaN among the depths, gives NaN).
 template <typename A>
 HEAD4D_HD A final_depth(A raw, A lo, A hi) {
-  A d = is_nan(raw) ? A(INFINITY) : raw;
+  if (is_nan(lo) || is_nan(hi)) return lo + hi;
+  A d = raw;
+  if (is_nan(raw)) {
+    d = A(INFINITY);
+  } else if (raw == A(INFINITY)) {
+    d = std::numeric_limits<A>::max();
+  } else if (raw == -A(INFINITY)) {
+    d = std::numeric_limits<A>::lowest();
+  }
   d = d < lo ? lo : d;
   d = d > hi ? hi : d;
   return d;

@@ -33,6 +33,7 @@ using triplanes::corner_texel;
 using triplanes::make_stencil;
 using triplanes::project;
 using triplanes::Stencil;
+using triplanes::value_without_corners;
 
 constexpr int64_t kChunkPoints = int64_t(1) << 16;  // points per backward chunk (bounds the dL/df buffer)
 constexpr int64_t kBlockPoints = 256;  // weight gradients: summed per block of points, then the blocks
@@ -63,7 +64,11 @@ void gather_mean(const scalar_t* planes, int64_t n, const A p[3], A scale, int l
     A u, v;
     project(p, scale, layout, k, u, v);
     Stencil<A> st;
-    if (!make_stencil(u, v, static_cast<int>(W), static_cast<int>(H), st)) continue;
+    if (!make_stencil(u, v, static_cast<int>(W), static_cast<int>(H), st)) {
+      const A miss = value_without_corners(u, v);  // 0, or NaN for a non-finite coordinate
+      for (int c = 0; c < KC; ++c) f[c] += miss;
+      continue;
+    }
     for (int c = 0; c < KC; ++c) value[c] = A(0);
     const scalar_t* base = planes + (n * 3 + k) * plane_size;
     for (int corner = 0; corner < 4; ++corner) {

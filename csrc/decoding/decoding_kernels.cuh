@@ -25,6 +25,7 @@ using triplanes::corner_texel;
 using triplanes::make_stencil;
 using triplanes::project;
 using triplanes::Stencil;
+using triplanes::value_without_corners;
 
 constexpr int kThreads = 128;
 
@@ -62,7 +63,12 @@ __device__ __forceinline__ void gather_mean(const T* __restrict__ planes, int64_
     A u, v;
     project(p, scale, layout, k, u, v);
     Stencil<A> st;
-    if (!make_stencil(u, v, W, H, st)) continue;
+    if (!make_stencil(u, v, W, H, st)) {
+      const A miss = value_without_corners(u, v);  // 0, or NaN for a non-finite coordinate
+#pragma unroll
+      for (int c = 0; c < KC; ++c) f[c] += miss;
+      continue;
+    }
     A value[KC];
 #pragma unroll
     for (int c = 0; c < KC; ++c) value[c] = A(0);

@@ -73,7 +73,8 @@ void forward_impl(const ForwardArgs& a, const ParallelFor& parallel_for) {
       scalar_t* dst = out + i * C;
       Stencil<acc_t> st;
       if (!make_stencil(p, bound, W, H, D, a.padding, st)) {
-        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(acc_t(0));
+        const acc_t miss = value_without_corners(p);
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(miss);
         continue;
       }
       const scalar_t* base = grid + n * grid_size;

@@ -40,12 +40,13 @@ __global__ void __launch_bounds__(kThreads)
   const A p[3] = {points[i * 3 + 0], points[i * 3 + 1], points[i * 3 + 2]};
   Stencil<A> st;
   const bool hit = make_stencil(p, bound, W, H, D, padding, st);
+  const A miss = hit ? A(0) : value_without_corners(p);
   const T* base = grid + n * (D * H * W * C);
   T* dst = out + i * C;
   for (int64_t c0 = 0; c0 < C; c0 += kStep) {
     A acc[kStep];
 #pragma unroll
-    for (int j = 0; j < kStep; ++j) acc[j] = A(0);
+    for (int j = 0; j < kStep; ++j) acc[j] = miss;
     if (hit) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) {

@@ -11,6 +11,9 @@
 //   (ATen's tnw, tne, tsw, tse, bnw, bne, bsw, bse), each added as value * weight.
 // Gradient with respect to the point: d pos / d p = (size - 1) / 2 / bound, and 0 where
 // "border" clamps (ATen counts the border itself as clamped: pos <= 0 or pos >= size - 1).
+// A point with a NaN or infinite coordinate samples NaN with either padding (the
+// reference states this; grid_sample's own answer there depends on the device and the
+// padding), and the kernels send no gradient through it.
 //
 // Nothing here touches memory: the launchers own the loads and stores.
 #pragma once
@@ -19,6 +22,7 @@
 #include <cstdint>
 
 #include "../common.h"
+#include "../scalar_math.h"
 #include "grid3d.h"
 
 namespace head4d {
@@ -48,9 +52,11 @@ struct Axis {
 
 // Fills `a` for one point coordinate on an axis of `size` grid points. Returns false
 // when neither corner lies on the grid (the sample and its gradients are exactly 0),
-// which also covers NaN and coordinates too large for an index.
+// which also covers coordinates too large for an index, and when the coordinate is NaN
+// or infinite (the sample is then NaN: value_without_corners).
 template <typename T>
 HEAD4D_HD bool make_axis(T coord, T bound, int64_t size, int padding, Axis<T>& a) {
+  if (!is_finite_of(coord)) return false;
   const T c = coord / bound;
   T pos = ((c + T(1)) / T(2)) * T(size - 1);
   T dpos = T(size - 1) / T(2) / bound;
@@ -85,6 +91,13 @@ template <typename T>
 HEAD4D_HD bool make_stencil(const T p[3], T bound, int64_t W, int64_t H, int64_t D, int padding, Stencil<T>& s) {
   return make_axis(p[0], bound, W, padding, s.ax[0]) && make_axis(p[1], bound, H, padding, s.ax[1]) &&
          make_axis(p[2], bound, D, padding, s.ax[2]);
+}
+
+// The sample of a point for which make_stencil returned false: 0 (every corner is zero
+// padding), or NaN where a coordinate is NaN or infinite.
+template <typename T>
+HEAD4D_HD T value_without_corners(const T p[3]) {
+  return is_finite_of(p[0]) && is_finite_of(p[1]) && is_finite_of(p[2]) ? T(0) : T(NAN);
 }
 
 // Corner k in 0..7: x offset k & 1, y offset (k >> 1) & 1, z offset k >> 2.

@@ -41,16 +41,18 @@ void forward_impl(const ForwardArgs& a, const ParallelFor& parallel_for) {
       const acc_t p[3] = {points[i * 3 + 0], points[i * 3 + 1], points[i * 3 + 2]};
       Stencil<acc_t> st[3];
       bool hit[3];
+      acc_t miss[3];  // a plane's sample where no corner is inside
       for (int k = 0; k < 3; ++k) {
         acc_t u, v;
         project(p, scale, a.layout, k, u, v);
         hit[k] = make_stencil(u, v, static_cast<int>(W), static_cast<int>(H), st[k]);
+        miss[k] = hit[k] ? acc_t(0) : value_without_corners(u, v);
       }
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t cn = std::min(kChunk, C - c0);
         std::fill(total, total + cn, acc_t(0));
         for (int k = 0; k < 3; ++k) {
-          std::fill(plane_value, plane_value + cn, acc_t(0));
+          std::fill(plane_value, plane_value + cn, miss[k]);
           if (hit[k]) {
             const scalar_t* base = planes + (n * 3 + k) * plane_size + c0;
             for (int corner = 0; corner < 4; ++corner) {

@@ -72,6 +72,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) value[j] += w * texel[j];
       }
+    } else {
+      const acc_t miss = value_without_corners(u, v);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) value[j] = miss;
     }
     if (reduce == kNone) {
       store_vec<T, VEC>(out + ((n * 3 + k) * M + m) * C + c0, value);

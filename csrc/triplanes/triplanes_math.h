@@ -1,9 +1,10 @@
 // Per-point math of triplane sampling, shared by the CPU and the CUDA kernels.
 //
-// Semantics (see shared/design/eg3d-renderer.md): a point p is scaled by
-// 2 / box_warp, projected onto three planes, and each plane is sampled like
+// Semantics (EG3D's sample_from_planes; head4d/reference/triplanes.py): a point p is
+// scaled by 2 / box_warp, projected onto three planes, and each plane is sampled like
 // torch.nn.functional.grid_sample(mode="bilinear", padding_mode="zeros",
-// align_corners=False) with the first 2D coordinate indexing the width.
+// align_corners=False) with the first 2D coordinate indexing the width. A plane
+// coordinate that is NaN or infinite samples NaN on every channel of that plane.
 //
 // Nothing here touches memory: the launchers own the loads and stores, these
 // functions own the arithmetic, so the CPU tests exercise the GPU's math.
@@ -12,6 +13,7 @@
 #include <cmath>
 
 #include "../common.h"
+#include "../scalar_math.h"
 #include "triplanes.h"
 
 namespace head4d {
@@ -58,8 +60,9 @@ struct Stencil {
 };
 
 // Fills `s` for the plane coordinates (u, v) in [-1, 1] units on a W x H plane.
-// Returns false when no corner lies inside the plane (the sample is exactly zero,
-// and so are its gradients), which also covers NaN and huge coordinates.
+// Returns false when no corner lies inside the plane, which also covers NaN and
+// infinite coordinates: the sample is then value_without_corners(u, v) and the
+// kernels send no gradient through it.
 template <typename T>
 HEAD4D_HD bool make_stencil(T u, T v, int W, int H, Stencil<T>& s) {
   const T ix = unnormalize(u, W);
@@ -90,6 +93,15 @@ HEAD4D_HD bool make_stencil(T u, T v, int W, int H, Stencil<T>& s) {
   s.ix = ix;
   s.iy = iy;
   return true;
+}
+
+// The sample of a plane where make_stencil finds no corner inside it: 0 for finite
+// coordinates (every corner is zero padding), NaN where u or v is NaN or infinite
+// (bilinear weights of an infinite position are inf - inf; grid_sample on the CPU
+// gives NaN there too).
+template <typename T>
+HEAD4D_HD T value_without_corners(T u, T v) {
+  return is_finite_of(u) && is_finite_of(v) ? T(0) : T(NAN);
 }
 
 // Texel (row-major, one texel per (y, x)) index of corner k.

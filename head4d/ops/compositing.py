@@ -71,7 +71,8 @@ def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.
     * midpoints of colors ``c_k``, raw densities ``s_k`` and depths ``t_k``;
       ``delta_k = t[k+1] - t[k]``;
     * ``sigma_k = softplus(s_k - 1)`` (the shift is part of EG3D's semantics);
-    * ``alpha_k = 1 - exp(-sigma_k * delta_k)``;
+    * ``alpha_k = 1 - exp(-sigma_k * delta_k)``, computed as ``-expm1(-sigma_k * delta_k)``
+      on every backend (the same function without the cancellation for small products);
     * ``w_k = alpha_k * prod_{j<k} (1 - alpha_j + 1e-10)``;
     * ``rgb = sum_k w_k * c_k``;
     * ``depth = sum_k w_k * t_k / sum_k w_k``; a NaN (zero total weight) becomes
@@ -96,6 +97,10 @@ def composite_rays(colors: torch.Tensor, densities: torch.Tensor, depths: torch.
         ``(rgb [N, R, C], depth [N, R, 1], weights [N, R, S-1, 1])`` in the inputs'
         dtype (computed in float32, float64 for float64). ``weights.sum(2)`` is the
         opacity. Differentiable with respect to colors, densities, depths and background.
+
+    Non-finite input, the same on every backend: NaN and infinities propagate through
+    the formulas above; in particular a NaN anywhere in ``depths`` makes the clamp
+    bounds NaN and so every ray's depth NaN (as EG3D's clamp to the tensor's min / max).
     """
     device = check_composite_inputs(colors, densities, depths, white_back, background)
     chosen = resolve_implemented(OP, device, backend, PREFERENCES, IMPLEMENTED)

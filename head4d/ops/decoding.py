@@ -160,6 +160,10 @@ def decode_triplanes(planes: torch.Tensor, points: torch.Tensor, weight1: torch.
         ``(rgb [N, M, Co], sigma [N, M, 1])`` in ``planes.dtype``, computed in float32
         (float64 for float64 planes) whatever the weights' dtype. Differentiable with
         respect to planes, points and the four weight tensors.
+
+    Non-finite input, the same on every backend: as the unfused composition gives it
+    (a point with a NaN or infinite coordinate decodes to NaN; see
+    :func:`~head4d.ops.sample_triplanes`).
     """
     box_warp = check_decode_inputs(planes, points, weight1, bias1, weight2, bias2, box_warp, plane_layout)
     chosen = resolve_backend(planes.device, backend, (planes, points, weight1, bias1, weight2, bias2))

@@ -331,6 +331,10 @@ def sample_grid3d(grid: torch.Tensor, points: torch.Tensor, *, bound: float, pad
     Returns:
         ``[N, M, C]`` in ``grid.dtype`` (computed in float32, float64 for a float64
         grid). Differentiable w.r.t. ``grid`` and ``points``.
+
+    Non-finite input, the same on every backend: a point with a NaN or infinite
+    coordinate samples NaN with either padding; NaN and infinities in ``grid``
+    propagate through the trilinear sum.
     """
     op = "sample_grid3d"
     check_tensor(op, "grid", grid, "[N, C, D, H, W]", 5)
@@ -472,6 +476,10 @@ def one_ring_deform(points: torch.Tensor, verts_obs: torch.Tensor, verts_canon: 
         ``[N, M, 3]`` in ``points.dtype`` (computed in float32, float64 for float64).
         Differentiable w.r.t. ``points``, ``verts_obs`` and ``verts_canon`` (the
         nearest-vertex choice is piecewise constant).
+
+    Non-finite input, the same on every backend: a NaN distance counts as the nearest
+    (as ``argmin`` does: the lowest such vertex); NaN and infinities then propagate
+    through the weights of the chosen one-ring only (padding entries add nothing).
 
     Cost: brute-force nearest vertex, ``N * M * S`` distances, chunked over points to
     2^18 pairs at a time on CPU, 2^22 on CUDA

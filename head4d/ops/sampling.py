@@ -67,11 +67,14 @@ def stratified_depths(ray_start: Limit, ray_end: Limit, n_samples: int, n_rays: 
     """Coarse depths along each ray: S evenly spaced values from ``ray_start`` to
     ``ray_end`` with stratified jitter (EG3D's ``sample_stratified``).
 
-    With k = 0..S-1 and U in [0, 1):
+    With k = 0..S-1 and U in [0, 1), rounded exactly as EG3D rounds them (for float32,
+    the same U gives bit-identical depths):
 
-    * ``disparity=False``: ``start + k/(S-1) * (end - start) + U * (end - start)/(S-1)``
-      (EG3D's ``linspace + rand * delta``; for number limits EG3D calls
-      ``torch.linspace``, which may round the last bit differently);
+    * ``disparity=False``: ``linspace(start, end, S)[k] + U * (end - start)/(S-1)``;
+      for number limits the linspace is ``torch.linspace`` and the spacing is computed
+      from the numbers in double precision, for tensor limits it is EG3D's tensor
+      linspace ``start + (arange(S)/(S-1))[k] * (end - start)`` (see
+      :func:`head4d.reference.stratified_depths`);
     * ``disparity=True``: ``t = linspace(0, 1, S)[k] + U/(S-1)``, then
       ``1 / (1/start * (1 - t) + 1/end * t)`` (the jitter is added in t-space,
       before the inversion, with EG3D's step ``1/(S-1)``).
@@ -130,8 +133,11 @@ def stratified_depths(ray_start: Limit, ray_end: Limit, n_samples: int, n_rays: 
         if dtype not in FLOATING:
             raise TypeError(f"{op}: dtype must be a floating point dtype, got {dtype}")
         device = torch.device("cpu") if device is None else torch.device(device)
-        start_t = torch.full((batch_size, 1, 1), float(ray_start), dtype=dtype, device=device)
-        end_t = torch.full((batch_size, 1, 1), float(ray_end), dtype=dtype, device=device)
+        resolve_implemented(op, device, backend, PREFERENCES)
+        with nvtx_range("head4d.stratified_depths"):
+            return _reference.stratified_depths(float(ray_start), float(ray_end), n_samples, n_rays, disparity,
+                                                jitter, generator, batch_size=batch_size, device=device,
+                                                dtype=dtype)
     resolve_implemented(op, start_t.device, backend, PREFERENCES)
     with nvtx_range("head4d.stratified_depths"):
         return _reference.stratified_depths(start_t, end_t, n_samples, n_rays, disparity, jitter, generator)

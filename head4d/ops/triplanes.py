@@ -90,6 +90,11 @@ def sample_triplanes(planes: torch.Tensor, points: torch.Tensor, *, box_warp: fl
         ``[N, M, C]`` for ``"mean"``/``"sum"``, ``[N, 3, M, C]`` for ``"none"``, in
         ``planes.dtype``; float16 and bfloat16 accumulate in float32.
         Differentiable with respect to ``planes`` and ``points`` on every backend.
+
+    Non-finite input, the same on every backend: a NaN or infinite coordinate of a
+    point makes NaN the features of every plane that uses that coordinate (so NaN after
+    ``"mean"``/``"sum"``); NaN and infinities in ``planes`` propagate through the
+    bilinear sum as in ``grid_sample`` (an infinite texel with weight 0 gives NaN).
     """
     box_warp = check_sample_triplanes_inputs(planes, points, box_warp, plane_layout, reduce)
     chosen = _backend.resolve(OP, planes.device, backend, PREFERENCES)

@@ -276,6 +276,8 @@ def sample_grid3d(grid: torch.Tensor, points: torch.Tensor, bound: float, paddin
     """Trilinear samples ``[N, M, C]`` of ``grid`` ``[N, C, D, H, W]`` at ``points``
     ``[N, M, 3]``: ``grid_sample`` with ``align_corners=True`` at ``points / bound`` (x
     indexes W, y H, z D), ``padding_mode=padding`` (``"zeros"`` or ``"border"``).
+    A point with a NaN or infinite coordinate samples NaN with either padding (stated
+    here: grid_sample's answer there depends on the padding and the device).
     Computed in float32 (float64 for a float64 grid), returned in ``grid.dtype``."""
     compute = _compute(grid.dtype)
     n, c = grid.shape[0], grid.shape[1]
@@ -283,7 +285,9 @@ def sample_grid3d(grid: torch.Tensor, points: torch.Tensor, bound: float, paddin
     coords = (points.to(compute) / bound).reshape(n, m, 1, 1, 3)
     out = F.grid_sample(grid.to(compute), coords, mode="bilinear", padding_mode=padding,
                         align_corners=True)  # [N, C, M, 1, 1]
-    return out.reshape(n, c, m).transpose(1, 2).to(grid.dtype)
+    out = out.reshape(n, c, m).transpose(1, 2)
+    finite = torch.isfinite(coords).reshape(n, m, 3).all(dim=-1, keepdim=True)  # [N, M, 1]
+    return torch.where(finite, out, torch.full_like(out, float("nan"))).to(grid.dtype)
 
 
 def smooth_grid3d(grid: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -397,6 +401,8 @@ def one_ring_deform(points: torch.Tensor, verts_obs: torch.Tensor, verts_canon: 
             dist2 = (diff * diff).sum(-1)
             w = torch.where(valid, 1.0 / (dist2 + ONE_RING_EPS), torch.zeros_like(dist2))
             w = w / w.sum(-1, keepdim=True)
-            pieces.append(p + (w.unsqueeze(-1) * (vc - vo)).sum(1))
+            # padding entries add nothing (not even 0 * the clamped vertex's non-finite offset)
+            offsets = torch.where(valid.unsqueeze(-1), w.unsqueeze(-1) * (vc - vo), torch.zeros_like(vc))
+            pieces.append(p + offsets.sum(1))
         outs.append(torch.cat(pieces, 0) if pieces else pts[i])
     return torch.stack(outs, 0).to(dtype) if outs else points.clone()

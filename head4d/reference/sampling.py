@@ -5,7 +5,7 @@ Arguments are assumed valid; :mod:`head4d.ops.sampling` checks them.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +23,28 @@ def _uniform(shape, generator: Optional[torch.Generator], device: torch.device, 
     return torch.rand(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def stratified_depths(ray_start: torch.Tensor, ray_end: torch.Tensor, n_samples: int, n_rays: int,
-                      disparity: bool = False, jitter: str = "per_sample",
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def stratified_depths(ray_start: Union[float, torch.Tensor], ray_end: Union[float, torch.Tensor],
+                      n_samples: int, n_rays: int, disparity: bool = False, jitter: str = "per_sample",
+                      generator: Optional[torch.Generator] = None, batch_size: int = 1,
+                      device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Coarse depths: evenly spaced from start to end, each moved forward by a random
-    fraction of the spacing (EG3D's ``sample_stratified``).
+    fraction of the spacing (EG3D's ``sample_stratified``), rounded as EG3D rounds them.
 
-    With S = n_samples, k = 0..S-1 and U the jitter in [0, 1):
+    With S = n_samples, k = 0..S-1, U the jitter in [0, 1) and
+    ``delta = (end - start) / (S - 1)``, in the order of EG3D's operations:
 
-    * depth space: ``start + k/(S-1) * (end - start) + U * (end - start)/(S-1)``;
-    * disparity space: ``t = linspace(0, 1, S)[k] + U / (S-1)``, then
+    * number limits (EG3D's fixed range): ``torch.linspace(start, end, S)[k] + U * delta``,
+      with ``delta`` computed from the numbers in double precision (torch rounds it to
+      the compute dtype in the product);
+    * tensor limits (one range per ray, or per image as Portrait4D's 'auto-plane'):
+      ``start + (arange(S) / (S - 1))[k] * (end - start) + U * delta``, EG3D's own
+      ``linspace`` of tensors (its steps are float32 arange / (S - 1); float64 limits
+      use float64 steps), ``delta`` as a tensor op;
+    * disparity space (either kind of limit): ``t = linspace(0, 1, S)[k] + U / (S - 1)``, then
       ``depth = 1 / (1/start * (1 - t) + 1/end * t)``.
+
+    For float32 this reproduces EG3D's samples bit for bit given the same U; the
+    half-precision dtypes are computed in float32 and rounded at the end.
 
     ``jitter``: ``"per_sample"`` draws U for every sample of every ray (EG3D, one
     ``torch.rand`` of shape ``[N, R, S, 1]``); ``"per_image"`` draws one vector of S
@@ -41,20 +52,23 @@ def stratified_depths(ray_start: torch.Tensor, ray_end: torch.Tensor, n_samples:
     ``torch.rand`` of shape ``[N, 1, S, 1]``); ``"none"`` uses U = 0 and draws nothing.
 
     Args:
-        ray_start, ray_end: ``[N, R, 1]`` or ``[N, 1, 1]`` tensors of one dtype and device.
+        ray_start, ray_end: two real numbers, or two ``[N, R, 1]`` / ``[N, 1, 1]``
+            tensors of one dtype and device.
         n_samples: S >= 2.
         n_rays: R.
+        batch_size, device, dtype: N, device and dtype of the output for number limits
+            (ignored for tensor limits, which give them).
 
     Returns:
-        ``[N, R, S, 1]`` in the dtype of ``ray_start``.
+        ``[N, R, S, 1]`` in the dtype of the limits (``dtype`` for numbers).
     """
-    dtype = ray_start.dtype
+    numbers = not isinstance(ray_start, torch.Tensor)
+    if numbers:
+        device = torch.device("cpu") if device is None else device
+        n = batch_size
+    else:
+        dtype, device, n = ray_start.dtype, ray_start.device, ray_start.shape[0]
     compute = _compute(dtype)
-    device = ray_start.device
-    start, end = torch.broadcast_tensors(ray_start.to(compute), ray_end.to(compute))
-    n = start.shape[0]
-    start = start.unsqueeze(-2)  # [N, R or 1, 1, 1]
-    end = end.unsqueeze(-2)
     s = n_samples
 
     if jitter == "per_sample":
@@ -64,11 +78,22 @@ def stratified_depths(ray_start: torch.Tensor, ray_end: torch.Tensor, n_samples:
     else:
         u = None
 
+    if numbers:
+        start, end = float(ray_start), float(ray_end)
+    else:
+        start, end = torch.broadcast_tensors(ray_start.to(compute), ray_end.to(compute))
+        start = start.unsqueeze(-2)  # [N, R or 1, 1, 1]
+        end = end.unsqueeze(-2)
+
     if disparity:
         t = torch.linspace(0, 1, s, dtype=compute, device=device).reshape(1, 1, s, 1)
         if u is not None:
             t = t + u * (1 / (s - 1))
         depths = 1.0 / (1.0 / start * (1.0 - t) + 1.0 / end * t)
+    elif numbers:
+        depths = torch.linspace(start, end, s, dtype=compute, device=device).reshape(1, 1, s, 1)
+        if u is not None:
+            depths = depths + u * ((end - start) / (s - 1))
     else:
         steps = (torch.arange(s, dtype=compute, device=device) / (s - 1)).reshape(1, 1, s, 1)
         depths = start + steps * (end - start)

@@ -29,6 +29,8 @@ def sample_triplanes(planes: torch.Tensor, points: torch.Tensor, box_warp: float
     Returns:
         ``[N, M, C]`` (mean, sum) or ``[N, 3, M, C]`` (none), in ``planes.dtype``.
         Half-precision inputs are computed in float32 and rounded once at the end.
+        A point with a NaN or infinite coordinate gets NaN from every plane that uses
+        that coordinate.
     """
     n, _, c, h, w = planes.shape
     m = points.shape[1]
@@ -43,6 +45,10 @@ def sample_triplanes(planes: torch.Tensor, points: torch.Tensor, box_warp: float
         align_corners=False,
     )  # [N*3, C, 1, M]
     features = features.permute(0, 3, 2, 1).reshape(n, 3, m, c)
+    # A NaN or infinite plane coordinate samples NaN on that plane (grid_sample gives
+    # NaN there on the CPU but zeros on CUDA; stated here so that every device agrees).
+    finite = torch.isfinite(coords).all(dim=-1, keepdim=True)  # [N, 3, M, 1]
+    features = torch.where(finite, features, torch.full_like(features, float("nan")))
     if reduce == "mean":
         out = features.mean(dim=1)
     elif reduce == "sum":
