@@ -239,6 +239,9 @@ class OpBackends(NamedTuple):
     support: Mapping[str, Predicate]
 
 
+#: The committed measured backend order of each declared op: device type -> backends.
+MEASURED_ORDERS: Dict[str, Mapping[str, Sequence[str]]] = {}
+
 #: Every declared op, by name: filled as the op modules are imported.
 DECLARED: Dict[str, OpBackends] = {}
 
@@ -256,9 +259,10 @@ def declare(op: str, implemented: Sequence[str], preferences: Mapping[str, Seque
     stray = [b for b in support if b not in implemented]
     if stray:
         raise ValueError(f"declare({op!r}): support predicates for backends the op lacks: {stray}")
-    # the measured order committed in head4d/backend_order.json goes first, where it has one
-    from ._preferences import backend_order
-    preferences = backend_order(op, preferences)
+    # the measured order committed in head4d/backend_order.json, read now (never while
+    # torch.compile traces a call): resolve puts it before the op's built-in order
+    from ._preferences import ORDER_FILE, load_orders
+    MEASURED_ORDERS[op] = load_orders(ORDER_FILE).get(op, {})
     entry = OpBackends(implemented, preferences, support)
     DECLARED[op] = entry
     return entry
@@ -306,8 +310,12 @@ def resolve(op: str, device: torch.device, requested: Optional[str],
     entry = DECLARED.get(op)
     if entry is not None:
         known = entry.implemented
-        # the declared table: the op's built-in order behind the committed measured one
-        preferences = entry.preferences
+        if preferences is None:
+            preferences = entry.preferences
+        measured = MEASURED_ORDERS.get(op)
+        if measured:
+            from ._preferences import merge_order
+            preferences = merge_order(preferences, measured)
     else:
         known = BACKENDS + tuple(extra)
     choice, source = _requested(op, requested, known)

@@ -21,7 +21,10 @@ run_pytest() {
   if [ "$rc" = 5 ] && [ "$FILTERED" = 1 ]; then rc=0; fi
   return "$rc"
 }
-FILTERED=0; [ $# -gt 0 ] && FILTERED=1
+FILTERED=0  # a selection (-k, -m, a file or test id) may leave one of the two runs empty
+for arg in "$@"; do
+  case "$arg" in -k|-m|--deselect|-k*|*.py|*::*|tests/*) FILTERED=1 ;; esac
+done
 
 echo "== tests (CPU kernels, Triton, GPU tests when a GPU is present)"
 run_pytest .venv/bin/python -m pytest tests -m "not emulated" "$@"

@@ -118,3 +118,17 @@ def test_gpu_tests_fail_without_cuda_under_require_gpu():
     env.pop("HEAD4D_REQUIRE_GPU")
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0 and "needs a CUDA device" in run.stdout, run.stdout[-2000:]
+
+
+def test_committed_measured_order_goes_first(monkeypatch):
+    """An order measured by a benchmark run (head4d/backend_order.json, read when the op
+    is declared) comes before the op's built-in order; backends it does not name follow."""
+    import head4d.ops.decoding as decoding_op
+    monkeypatch.delenv("HEAD4D_BACKEND", raising=False)
+    monkeypatch.delenv("HEAD4D_BACKEND_DECODE_TRIPLANES", raising=False)
+    cpu = torch.device("cpu")
+    builtin = _backend.resolve(decoding_op.OP, cpu, None)
+    monkeypatch.setitem(_backend.MEASURED_ORDERS, decoding_op.OP, {"cpu": ("torch",)})
+    assert _backend.resolve(decoding_op.OP, cpu, None) == "torch"
+    monkeypatch.setitem(_backend.MEASURED_ORDERS, decoding_op.OP, {"cuda": ("triton",)})
+    assert _backend.resolve(decoding_op.OP, cpu, None) == builtin

@@ -21,7 +21,7 @@ from head4d.ops import (attention, closest_triangles, composite_rays, decode_tri
                         one_ring_deform, sample_grid3d, sample_importance, sample_triplanes,
                         surface_field_grid)
 
-from conftest import require_backend
+from conftest import CUDA_EMULATED, require_backend
 
 
 
@@ -46,8 +46,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 F32 = torch.float32
 VALUES = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
-CPU_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-CPU_TRITON_CUDA = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+CPU_CUDA = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
+CPU_TRITON_CUDA = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 
 
 def _rand(shape, g, lo=-1.0, hi=1.0):

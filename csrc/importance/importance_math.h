@@ -1,6 +1,6 @@
 // Per-ray math of importance sampling, shared by the CPU and the CUDA kernels.
 //
-// Semantics: EG3D's sample_importance / sample_pdf (shared/design/eg3d-renderer.md,
+// Semantics: EG3D's sample_importance / sample_pdf (restated below,
 // and head4d/reference/sampling.py, the truth). Per ray, with S coarse depths z, their
 // S - 1 weights w, K = S - 3 and A the compute type (float32, float64 for float64):
 //
