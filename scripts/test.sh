@@ -6,6 +6,9 @@
 #   2. the `emulated` tests: the CUDA kernels, host launchers included, run on the CPU
 #      through head4d's emulation of CUDA (backend `cuda_emulated`, head4d._C_emulated,
 #      built with AddressSanitizer, whose runtime must be preloaded).
+# The emulated run captures output at the Python level only (--capture=sys), so that an
+# AddressSanitizer report, written by the C runtime just before it aborts the run, reaches
+# the terminal.
 # HEAD4D_TEST_STRICT=1: a missing extension, Triton or emulated module fails a test
 # instead of skipping it. Extra arguments go to both pytest runs
 # (e.g. scripts/test.sh -k triplanes -x).
@@ -34,4 +37,4 @@ echo "== emulated CUDA kernels (HEAD4D_CUDA_EMULATION=1, AddressSanitizer)"
 # interceptors find it (the interpreter itself does not link it)
 preload="$(${CC:-gcc} -print-file-name=libasan.so) $(${CC:-gcc} -print-file-name=libstdc++.so)"
 HEAD4D_CUDA_EMULATION=1 LD_PRELOAD="$preload" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-  run_pytest .venv/bin/python -m pytest tests -m emulated "$@"
+  run_pytest .venv/bin/python -m pytest tests -m emulated --capture=sys "$@"
