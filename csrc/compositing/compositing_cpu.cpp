@@ -127,52 +127,29 @@ void backward_impl(const BackwardArgs& a, const ParallelFor& parallel_for) {
                                         lo, hi);
       const A* gw = grad_weights ? grad_weights + r * (S - 1) : nullptr;
 
-      // the final transmittance, as the forward left it
-      ScaledTransmittance<A> trans;
-      trans.m = aux[r * kAux + 2];
-      trans.e = static_cast<int>(aux[r * kAux + 3]);
-
-      // reverse scan; "next" is interval k + 1
+      ReverseScan<A> scan;  // from the final transmittance, as the forward left it
+      scan.trans.m = aux[r * kAux + 2];
+      scan.trans.e = static_cast<int>(aux[r * kAux + 3]);
       A* gc = grad_colors + r * S * C;
       A* gs = grad_densities + r * S;
       A* gt = grad_depths + r * S;
-      A U = A(0);
-      A w_next = A(0), gz_next = A(0), gtm_next = A(0), gdelta_next = A(0);
       A s1 = static_cast<A>(dens[S - 1]), t1 = static_cast<A>(dep[S - 1]);
       A p1 = dot(g, col + (S - 1) * C, C);  // g . c[k + 1]
       for (int64_t k = S - 2; k >= 0; --k) {
         const A s0 = static_cast<A>(dens[k]), t0 = static_cast<A>(dep[k]);
-        const scalar_t* c0 = col + k * C;
-        const A p0 = dot(g, c0, C);
-        const Interval<A> iv = make_interval(s0, s1, t0, t1);
-        trans.divide(iv.keep);
-        const A T = trans.value();
-        const A w = iv.alpha * T;
-        A e = A(2) * (midpoint(p0, p1) - g_bg) + depth_term(dcoef, midpoint(t0, t1), raw);
-        if (gw != nullptr) e += gw[k];
-        const A g_alpha = T * (e - U);
-        U = e * iv.alpha + iv.keep * U;
-        const A g_x = g_alpha * alpha_derivative(iv);  // x = sigma * delta, alpha = 1 - exp(-x)
-        const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
-        const A gdelta = g_x * iv.sigma;
-        const A gtm = dcoef * w;
-        // sample k + 1 gets half of intervals k and k + 1 through the midpoints
-        gs[k + 1] = (gz + gz_next) / A(2);
-        gt[k + 1] = (gtm + gtm_next) / A(2) + gdelta - gdelta_next;
-        A* gck = gc + (k + 1) * C;
-        const A wsum = w + w_next;
-        for (int64_t c = 0; c < C; ++c) gck[c] = wsum * g[c];
-        w_next = w;
-        gz_next = gz;
-        gtm_next = gtm;
-        gdelta_next = gdelta;
+        const A p0 = dot(g, col + k * C, C);
+        const auto out = scan.step(s0, s1, t0, t1, p0, p1, g_bg, dcoef, raw, gw != nullptr ? gw + k : nullptr);
+        gs[k + 1] = out.density;
+        gt[k + 1] = out.depth;
+        for (int64_t c = 0; c < C; ++c) gc[(k + 1) * C + c] = out.color_weight * g[c];
         s1 = s0;
         t1 = t0;
         p1 = p0;
       }
-      gs[0] = gz_next / A(2);
-      gt[0] = gtm_next / A(2) - gdelta_next;
-      for (int64_t c = 0; c < C; ++c) gc[c] = w_next * g[c];
+      const auto first = scan.finish();
+      gs[0] = first.density;
+      gt[0] = first.depth;
+      for (int64_t c = 0; c < C; ++c) gc[c] = first.color_weight * g[c];
     }
   });
 }

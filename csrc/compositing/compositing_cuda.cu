@@ -130,15 +130,12 @@ backward_kernel(const typename Storage<T>::acc* __restrict__ grad_rgb,
                                     *depth_min, *depth_max);
   const A* gw = grad_weights ? grad_weights + r * (S - 1) : nullptr;
 
-  ScaledTransmittance<A> trans;  // the final transmittance, as the forward left it
-  trans.m = aux[r * kAux + 2];
-  trans.e = static_cast<int>(aux[r * kAux + 3]);
-
+  ReverseScan<A> scan;  // from the final transmittance, as the forward left it
+  scan.trans.m = aux[r * kAux + 2];
+  scan.trans.e = static_cast<int>(aux[r * kAux + 3]);
   A* gcol = grad_colors + r * S * C;
   A* gs = grad_densities + r * S;
   A* gt = grad_depths + r * S;
-  A U = A(0);
-  A w_next = A(0), gz_next = A(0), gtm_next = A(0), gdelta_next = A(0);
   A s1 = ld(dens + S - 1), t1 = ld(dep + S - 1);
   A p1 = A(0);
   for (int64_t c = 0; c < C; ++c) p1 += __ldg(g + c) * ld(col + (S - 1) * C + c);
@@ -147,34 +144,19 @@ backward_kernel(const typename Storage<T>::acc* __restrict__ grad_rgb,
     const T* c0 = col + k * C;
     A p0 = A(0);
     for (int64_t c = 0; c < C; ++c) p0 += __ldg(g + c) * ld(c0 + c);
-    const Interval<A> iv = make_interval(s0, s1, t0, t1);
-    trans.divide(iv.keep);
-    const A Tk = trans.value();
-    const A w = iv.alpha * Tk;
-    A e = A(2) * (midpoint(p0, p1) - g_bg) + depth_term(dcoef, midpoint(t0, t1), raw);
-    if (gw != nullptr) e += gw[k];
-    const A g_alpha = Tk * (e - U);
-    U = e * iv.alpha + iv.keep * U;
-    const A g_x = g_alpha * alpha_derivative(iv);
-    const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
-    const A gdelta = g_x * iv.sigma;
-    const A gtm = dcoef * w;
-    gs[k + 1] = (gz + gz_next) / A(2);
-    gt[k + 1] = (gtm + gtm_next) / A(2) + gdelta - gdelta_next;
-    const A wsum = w + w_next;
+    const auto out = scan.step(s0, s1, t0, t1, p0, p1, g_bg, dcoef, raw, gw != nullptr ? gw + k : nullptr);
+    gs[k + 1] = out.density;
+    gt[k + 1] = out.depth;
     A* gck = gcol + (k + 1) * C;
-    for (int64_t c = 0; c < C; ++c) gck[c] = wsum * __ldg(g + c);
-    w_next = w;
-    gz_next = gz;
-    gtm_next = gtm;
-    gdelta_next = gdelta;
+    for (int64_t c = 0; c < C; ++c) gck[c] = out.color_weight * __ldg(g + c);
     s1 = s0;
     t1 = t0;
     p1 = p0;
   }
-  gs[0] = gz_next / A(2);
-  gt[0] = gtm_next / A(2) - gdelta_next;
-  for (int64_t c = 0; c < C; ++c) gcol[c] = w_next * __ldg(g + c);
+  const auto first = scan.finish();
+  gs[0] = first.density;
+  gt[0] = first.depth;
+  for (int64_t c = 0; c < C; ++c) gcol[c] = first.color_weight * __ldg(g + c);
 }
 
 template <typename T>

@@ -163,5 +163,50 @@ HEAD4D_HD A depth_term(A dcoef, A t_mid, A raw) {
   return dcoef == A(0) ? A(0) : dcoef * (t_mid - raw);
 }
 
+// The backward's reverse scan over one ray, shared by the CPU and CUDA kernels. It
+// starts from the final transmittance the forward saved and visits the intervals
+// k = S-2 ... 0 (samples k and k+1), carrying U_k and the previous interval's terms.
+// Each step returns the gradients of sample k+1, which gets half of intervals k and k+1
+// through the midpoints; sample 0's come from finish() after the last step.
+template <typename A>
+struct ReverseScan {
+  ScaledTransmittance<A> trans;
+  A U = A(0);
+  A w_next = A(0), gz_next = A(0), gtm_next = A(0), gdelta_next = A(0);
+
+  struct SampleGrads {
+    A density;       // dL/d sigma_raw[k+1]
+    A depth;         // dL/d t[k+1]
+    A color_weight;  // dL/d c[k+1] = color_weight * g
+  };
+
+  // s0, s1, t0, t1: the raw densities and depths of samples k, k+1; p0, p1: g . c[k],
+  // g . c[k+1]; g_bg: g . background; dcoef, raw: the depth output's coefficient and
+  // raw value; gw: the gradient of weight k, or null when the weights got none.
+  HEAD4D_HD SampleGrads step(A s0, A s1, A t0, A t1, A p0, A p1, A g_bg, A dcoef, A raw, const A* gw) {
+    const Interval<A> iv = make_interval(s0, s1, t0, t1);
+    trans.divide(iv.keep);
+    const A T = trans.value();
+    const A w = iv.alpha * T;
+    A e = A(2) * (midpoint(p0, p1) - g_bg) + depth_term(dcoef, midpoint(t0, t1), raw);
+    if (gw != nullptr) e += *gw;
+    const A g_alpha = T * (e - U);
+    U = e * iv.alpha + iv.keep * U;
+    const A g_x = g_alpha * alpha_derivative(iv);  // x = sigma * delta, alpha = -expm1(-x)
+    const A gz = softplus_backward(g_x * iv.delta, iv.z, iv.ez);
+    const A gdelta = g_x * iv.sigma;
+    const A gtm = dcoef * w;
+    const SampleGrads out{(gz + gz_next) / A(2), (gtm + gtm_next) / A(2) + gdelta - gdelta_next, w + w_next};
+    w_next = w;
+    gz_next = gz;
+    gtm_next = gtm;
+    gdelta_next = gdelta;
+    return out;
+  }
+
+  // Sample 0's gradients, after the step of interval 0.
+  HEAD4D_HD SampleGrads finish() const { return SampleGrads{gz_next / A(2), gtm_next / A(2) - gdelta_next, w_next}; }
+};
+
 }  // namespace compositing
 }  // namespace head4d

@@ -67,7 +67,7 @@ unsigned int grid_for(const void* kernel, int64_t work, size_t shared_bytes, con
 
 // Compiled in decoding_cuda_<dtype>.cu.
 HEAD4D_DECODING_INSTANTIATE(extern, float)
-HEAD4D_DECODING_INSTANTIATE(extern, double)
+HEAD4D_DECODING_INSTANTIATE_GENERAL(extern, double)
 HEAD4D_DECODING_INSTANTIATE(extern, __half)
 HEAD4D_DECODING_INSTANTIATE(extern, __nv_bfloat16)
 
@@ -77,10 +77,13 @@ namespace {
 
 using kernels::kOp;
 
-// Picks the compiled bounds: (32, 36) when they hold, else the general (64, 64).
-template <typename Fn>
+// Picks the compiled bounds: (32, 36) when they hold and are compiled for T, else the
+// general (64, 64).
+template <typename T, typename Fn>
 void with_bounds(int64_t Cs, int64_t O, Fn&& fn) {
-  if (Cs <= 32 && O <= 36) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 36>{});
+  if constexpr (kernels::kHasSmallBounds<T>) {
+    if (Cs <= 32 && O <= 36) return fn(std::integral_constant<int, 32>{}, std::integral_constant<int, 36>{});
+  }
   return fn(std::integral_constant<int, kMaxFeatures>{}, std::integral_constant<int, kMaxOutputs>{});
 }
 
@@ -97,7 +100,7 @@ void forward_cuda(const ForwardArgs& args, void* stream) {
   with_storage_type(args.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     const int Cs = static_cast<int>(cuda_channel_stride(args.C, args.dtype));
-    with_bounds(Cs, args.outputs, [&](auto kc, auto ko) {
+    with_bounds<T>(Cs, args.outputs, [&](auto kc, auto ko) {
       kernels::launch_forward<T, decltype(kc)::value, decltype(ko)::value>(args, Cs, static_cast<cudaStream_t>(stream));
     });
   });
@@ -109,7 +112,7 @@ void backward_cuda(const BackwardArgs& args, const ChunkBuffers& chunk, int64_t 
   with_storage_type(args.dtype, kOp, [&](auto tag) {
     using T = decltype(tag);
     const int Cs = static_cast<int>(cuda_channel_stride(args.C, args.dtype));
-    with_bounds(Cs, args.outputs, [&](auto kc, auto ko) {
+    with_bounds<T>(Cs, args.outputs, [&](auto kc, auto ko) {
       kernels::launch_backward<T, decltype(kc)::value, decltype(ko)::value>(args, chunk, Cs, begin, end,
                                                                       static_cast<cudaStream_t>(stream));
     });

@@ -4,7 +4,7 @@
 namespace head4d {
 namespace decoding {
 namespace kernels {
-HEAD4D_DECODING_INSTANTIATE(, double)
+HEAD4D_DECODING_INSTANTIATE_GENERAL(, double)
 }  // namespace kernels
 }  // namespace decoding
 }  // namespace head4d

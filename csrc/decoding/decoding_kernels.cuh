@@ -284,15 +284,22 @@ void launch_backward(const BackwardArgs& a, const ChunkBuffers& chunk, int Cs, i
 }
 
 // The (KC, KO) pairs compiled: Portrait4D's and EG3D's decoder (32 channels, 33
-// outputs) and one general pair for everything else the op accepts.
+// outputs) and one general pair for everything else the op accepts. float64 (a dtype
+// for tests against float64 references, not for speed) has the general pair alone.
 // PREFIX is empty to instantiate, `extern` to declare the instantiation made elsewhere.
-#define HEAD4D_DECODING_INSTANTIATE(PREFIX, T)                                                                   \
-  PREFIX template void launch_forward<T, 32, 36>(const ForwardArgs&, int, cudaStream_t);                         \
+#define HEAD4D_DECODING_INSTANTIATE_GENERAL(PREFIX, T)                                                          \
   PREFIX template void launch_forward<T, kMaxFeatures, kMaxOutputs>(const ForwardArgs&, int, cudaStream_t);      \
-  PREFIX template void launch_backward<T, 32, 36>(const BackwardArgs&, const ChunkBuffers&, int, int64_t,        \
-                                                  int64_t, cudaStream_t);                                        \
   PREFIX template void launch_backward<T, kMaxFeatures, kMaxOutputs>(const BackwardArgs&, const ChunkBuffers&, \
                                                                      int, int64_t, int64_t, cudaStream_t);
+#define HEAD4D_DECODING_INSTANTIATE(PREFIX, T)                                                                   \
+  HEAD4D_DECODING_INSTANTIATE_GENERAL(PREFIX, T)                                                                 \
+  PREFIX template void launch_forward<T, 32, 36>(const ForwardArgs&, int, cudaStream_t);                         \
+  PREFIX template void launch_backward<T, 32, 36>(const BackwardArgs&, const ChunkBuffers&, int, int64_t,        \
+                                                  int64_t, cudaStream_t);
+
+// Whether (32, 36) is compiled for storage type T.
+template <typename T>
+constexpr bool kHasSmallBounds = !std::is_same<T, double>::value;
 
 }  // namespace kernels
 }  // namespace decoding
