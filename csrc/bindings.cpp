@@ -77,4 +77,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("verts_canon"), py::arg("faces"), py::arg("resolution"), py::arg("bound"),
         "verts_obs [N,V,3], verts_canon [N,V,3] or None, faces [F,3] -> [face_index [N,R^3] int64, "
         "displacement [N,3,R,R,R] or None, squared_distance [N,1,R,R,R]].");
+  m.def("bias_act_run", &head4d::bias_act_run, py::arg("x"), py::arg("bias"), py::arg("grad"), py::arg("dim"),
+        py::arg("act"), py::arg("order"), py::arg("alpha"), py::arg("gain"), py::arg("clamp"),
+        "x, bias [C] or None, grad like x or None -> like x (order 0 value, 1 first, 2 second derivative times grad).");
 }

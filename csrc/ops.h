@@ -103,6 +103,14 @@ std::vector<at::Tensor> surface_field_grid_forward(const at::Tensor& verts_obs,
                                                    const std::optional<at::Tensor>& verts_canon,
                                                    const at::Tensor& faces, int64_t resolution, double bound);
 
+// bias_act (StyleGAN2's fused bias + activation + gain + clamp): x any shape of a
+// floating dtype, bias [x.shape[dim]] of x's dtype or None, grad like x (orders 1, 2)
+// -> like x: order 0 the output, order 1 grad * d/dx, order 2 grad * d2/dx2 of it
+// (bias_act/bias_act_math.h). act: the code of head4d/ops/bias_act.py's table; clamp < 0: none.
+at::Tensor bias_act_run(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                        const std::optional<at::Tensor>& grad, int64_t dim, int64_t act, int64_t order,
+                        double alpha, double gain, double clamp);
+
 bool with_cuda();
 bool cuda_emulated();
 

@@ -20,6 +20,7 @@ Ops, one section each below (``X`` runs ``head4d._C`` on CPU and CUDA tensors,
     closest_triangles, closest_triangles_search        (no gradient: the public op
     surface_field_grid, surface_field_grid_search       recomputes values with autograd)
     attention_triton                                   (+ _backward)
+    bias_act                                           (+ _derivative, twice differentiable)
 
 Backward ops take one ``need`` flag per differentiable input and return the list of
 the gradients asked for, in input order (a custom op cannot return ``None``);
@@ -560,3 +561,91 @@ def _attention_gradient(ctx, grad_out, grad_lse):
 
 
 attention_triton.register_autograd(_attention_gradient, setup_context=_attention_setup_context)
+
+
+# ---------------------------------------------------------------------------------
+# bias_act: x (any shape), b [x.shape[dim]] or None -> like x
+# bias_act_derivative: grad * d^order/dx^order of it (order 1 or 2), like x. The first
+# derivative's own gradient is the same op at order 1 (in grad) and order 2 (in x and
+# b), so R1 and path-length regularization (create_graph=True) get exact second
+# derivatives; a third derivative through x raises.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("bias_act", EXTENSION_DEVICES)
+def bias_act(x: Tensor, b: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
+             clamp: float) -> Tensor:
+    return _extension().bias_act_run(x, b, None, dim, act, 0, alpha, gain, clamp)
+
+
+@bias_act.register_fake
+def _(x, b, dim, act, alpha, gain, clamp):
+    return x.new_empty(x.shape)
+
+
+@_custom_op("bias_act_derivative", EXTENSION_DEVICES)
+def bias_act_derivative(grad: Tensor, x: Tensor, b: Optional[Tensor], dim: int, act: int, order: int,
+                        alpha: float, gain: float, clamp: float) -> Tensor:
+    return _extension().bias_act_run(x, b, grad, dim, act, order, alpha, gain, clamp)
+
+
+@bias_act_derivative.register_fake
+def _(grad, x, b, dim, act, order, alpha, gain, clamp):
+    return x.new_empty(x.shape)
+
+
+def _bias_act_bias_grad(grad_x: Tensor, b: Tensor, dim: int) -> Tensor:
+    """The bias gradient: ``grad_x`` summed over every dimension but ``dim``, in float32
+    (float64 for float64), returned in b's dtype."""
+    compute = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+    dims = [d for d in range(grad_x.dim()) if d != dim]
+    return grad_x.to(compute).sum(dim=dims).to(b.dtype)
+
+
+def _bias_act_setup_context(ctx, inputs, output):
+    x, b, dim, act, alpha, gain, clamp = inputs
+    ctx.save_for_backward(x, b)
+    ctx.args = (dim, act, alpha, gain, clamp)
+
+
+def _bias_act_gradient(ctx, grad_out):
+    x, b = ctx.saved_tensors
+    dim, act, alpha, gain, clamp = ctx.args
+    grad_x = grad_b = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x = bias_act_derivative(grad_out, x, b, dim, act, 1, alpha, gain, clamp)
+        if b is not None and ctx.needs_input_grad[1]:
+            grad_b = _bias_act_bias_grad(grad_x, b, dim)
+    return grad_x, grad_b, None, None, None, None, None
+
+
+bias_act.register_autograd(_bias_act_gradient, setup_context=_bias_act_setup_context)
+
+
+def _bias_act_derivative_setup_context(ctx, inputs, output):
+    grad, x, b, dim, act, order, alpha, gain, clamp = inputs
+    ctx.save_for_backward(grad, x, b)
+    ctx.args = (dim, act, order, alpha, gain, clamp)
+
+
+def _bias_act_derivative_gradient(ctx, grad_grad):
+    grad, x, b = ctx.saved_tensors
+    dim, act, order, alpha, gain, clamp = ctx.args
+    need_grad, need_x, need_b = ctx.needs_input_grad[:3]
+    grad_grad_out = grad_x = grad_b = None
+    if need_grad:  # linear in grad: the same derivative applied to grad_grad
+        grad_grad_out = bias_act_derivative(grad_grad, x, b, dim, act, order, alpha, gain, clamp)
+    if need_x or need_b:
+        if order != 1:
+            raise RuntimeError("bias_act: derivatives of third order with respect to x or b are not implemented")
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        product = grad.to(compute) * grad_grad.to(compute)
+        grad_x = bias_act_derivative(product.to(x.dtype), x, b, dim, act, 2, alpha, gain, clamp)
+        if b is not None and need_b:
+            grad_b = _bias_act_bias_grad(grad_x, b, dim)
+        if not need_x:
+            grad_x = None
+    return grad_grad_out, grad_x, grad_b, None, None, None, None, None, None
+
+
+bias_act_derivative.register_autograd(_bias_act_derivative_gradient,
+                                      setup_context=_bias_act_derivative_setup_context)

@@ -13,6 +13,7 @@ decorated with ``@register("op_name")``, and one import line below.
 from . import triplanes  # noqa: F401  (sample_triplanes)
 from . import compositing  # noqa: F401  (composite_rays)
 from . import importance  # noqa: F401  (sample_importance)
+from . import bias_act  # noqa: F401  (StyleGAN2's bias_act)
 from . import decoding  # noqa: F401  (decode_triplanes)
 from . import deformation  # noqa: F401  (sample_grid3d, one_ring_deform, surface_field_grid, deform)
 from . import attention  # noqa: F401

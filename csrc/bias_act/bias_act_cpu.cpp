@@ -1,0 +1,83 @@
+// CPU kernel of bias_act: one pass over the elements, split into ranges of rows of
+// `inner` elements that share one bias value. The math is bias_act_math.h; the
+// activation and the derivative order are template arguments, so each inner loop is
+// branch-free straight-line code the compiler can vectorize.
+#include <cstdint>
+#include <stdexcept>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "bias_act.h"
+#include "bias_act_math.h"
+
+namespace head4d {
+namespace bias_act {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;
+
+template <typename scalar_t, typename acc_t, int ACT, int ORDER>
+void run_impl(const Args& a, const ParallelFor& parallel_for) {
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  const auto* bias = static_cast<const scalar_t*>(a.bias);
+  const auto* grad = static_cast<const scalar_t*>(a.grad);
+  auto* out = static_cast<scalar_t*>(a.out);
+  const int64_t rows = a.outer * a.C, inner = a.inner, C = a.C;
+  const acc_t alpha = static_cast<acc_t>(a.alpha), gain = static_cast<acc_t>(a.gain);
+  const acc_t clamp = static_cast<acc_t>(a.clamp);
+  const int64_t grain = inner >= kGrainElements ? 1 : kGrainElements / inner;
+  parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[row % C]) : acc_t(0);
+      const int64_t base = row * inner;
+      for (int64_t k = base; k < base + inner; ++k) {
+        const acc_t z = static_cast<acc_t>(x[k]) + b;
+        const acc_t g = ORDER > 0 ? static_cast<acc_t>(grad[k]) : acc_t(0);
+        out[k] = static_cast<scalar_t>(element<acc_t>(ACT, ORDER, z, g, alpha, gain, clamp));
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, int ACT>
+void with_order(const Args& a, const ParallelFor& parallel_for) {
+  switch (a.order) {
+    case 0: return run_impl<scalar_t, acc_t, ACT, 0>(a, parallel_for);
+    case 1: return run_impl<scalar_t, acc_t, ACT, 1>(a, parallel_for);
+    case 2: return run_impl<scalar_t, acc_t, ACT, 2>(a, parallel_for);
+  }
+  throw std::invalid_argument("bias_act: order must be 0, 1 or 2");
+}
+
+template <typename scalar_t, typename acc_t>
+void with_activation(const Args& a, const ParallelFor& parallel_for) {
+  switch (a.act) {
+    case kLinear: return with_order<scalar_t, acc_t, kLinear>(a, parallel_for);
+    case kRelu: return with_order<scalar_t, acc_t, kRelu>(a, parallel_for);
+    case kLrelu: return with_order<scalar_t, acc_t, kLrelu>(a, parallel_for);
+    case kTanh: return with_order<scalar_t, acc_t, kTanh>(a, parallel_for);
+    case kSigmoid: return with_order<scalar_t, acc_t, kSigmoid>(a, parallel_for);
+    case kElu: return with_order<scalar_t, acc_t, kElu>(a, parallel_for);
+    case kSelu: return with_order<scalar_t, acc_t, kSelu>(a, parallel_for);
+    case kSoftplus: return with_order<scalar_t, acc_t, kSoftplus>(a, parallel_for);
+    case kSwish: return with_order<scalar_t, acc_t, kSwish>(a, parallel_for);
+  }
+  throw std::invalid_argument("bias_act: unknown activation");
+}
+
+}  // namespace
+
+void run_cpu(const Args& args, const ParallelFor& parallel_for) {
+  if (args.outer * args.C * args.inner == 0) return;
+  switch (args.dtype) {
+    case Dtype::kFloat32: return with_activation<float, float>(args, parallel_for);
+    case Dtype::kFloat64: return with_activation<double, double>(args, parallel_for);
+    case Dtype::kFloat16: return with_activation<c10::Half, float>(args, parallel_for);
+    case Dtype::kBFloat16: return with_activation<c10::BFloat16, float>(args, parallel_for);
+  }
+  throw std::invalid_argument("bias_act: unsupported dtype");
+}
+
+}  // namespace bias_act
+}  // namespace head4d
