@@ -75,4 +75,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("verts_canon"), py::arg("faces"), py::arg("resolution"), py::arg("bound"),
         "verts_obs [N,V,3], verts_canon [N,V,3] or None, faces [F,3] -> [face_index [N,R^3] int64, "
         "displacement [N,3,R,R,R] or None, squared_distance [N,1,R,R,R]].");
+  m.def("upfirdn2d_forward", &head4d::upfirdn2d_forward, py::arg("x"), py::arg("f"), py::arg("upx"), py::arg("upy"),
+        py::arg("downx"), py::arg("downy"), py::arg("padx0"), py::arg("padx1"), py::arg("pady0"), py::arg("pady1"),
+        py::arg("flip_filter"), py::arg("gain"),
+        "x [N,C,H,W], f [fh,fw] or [fw] -> [N,C,OH,OW]: zero insertion, padding, FIR filter, decimation.");
 }

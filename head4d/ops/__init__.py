@@ -14,3 +14,7 @@ __all__ = ["attention", "cell_centre_bound", "closest_triangles", "mesh_one_ring
            "auto_plane_limits", "composite_rays", "decode_triplanes", "generate_rays", "merge_samples",
            "ray_box_limits",
            "sample_importance", "sample_triplanes", "stratified_depths"]
+
+from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
+
+__all__ += ["downsample2d", "filter2d", "setup_filter", "upfirdn2d", "upsample2d"]
