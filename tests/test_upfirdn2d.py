@@ -131,7 +131,7 @@ def test_double_backward_matches_reference(backend):
     device = require_backend(backend)
     g = torch.Generator().manual_seed(11)
     x, f = make_inputs((2, 3, 8, 6), (4, 4), F64, g, device)
-    w = torch.randn(2, 3, 4, 3, generator=g, dtype=F64).to(device)
+    w = torch.randn(2, 3, 8, 6, generator=g, dtype=F64).to(device)
     grads = []
     for b in (backend, "torch"):
         t = x.clone().requires_grad_(True)
@@ -154,13 +154,14 @@ def test_every_dtype_against_float64_truth(backend, dtype, case):
     xa = x.clone().requires_grad_(True)
     out = upfirdn2d(xa, f, **args, backend=backend)
     assert out.dtype == dtype
-    truth = upfirdn2d(x.double(), f.double(), **args, backend="torch")
+    # truth: the same float32 filter (the gain multiplies it in float32 on every backend), float64 data
+    truth = upfirdn2d(x.double(), f, **args, backend="torch")
     err = (out.double() - truth).abs().max().item()
     assert err <= bound(dtype, f, gain, x.double().abs().max().item())
     cot = torch.randn(out.shape, generator=g, dtype=F64).to(dtype).to(device)
     (gx,) = torch.autograd.grad(out, xa, cot)
     xt = x.double().requires_grad_(True)
-    (gt,) = torch.autograd.grad(upfirdn2d(xt, f.double(), **args, backend="torch"), xt, cot.double())
+    (gt,) = torch.autograd.grad(upfirdn2d(xt, f, **args, backend="torch"), xt, cot.double())
     assert gx.dtype == dtype
     assert (gx.double() - gt).abs().max().item() <= bound(dtype, f, gain, cot.double().abs().max().item())
 
@@ -249,3 +250,28 @@ def test_bad_input(call, error, message):
     f = setup_filter([1, 3, 3, 1])
     with pytest.raises(error, match=message):
         call(x, f)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+def test_opcheck_and_compile(case):
+    """The custom operator: schema, fake implementation and autograd (torch.library.opcheck),
+    and torch.compile(fullgraph=True) tracing forward and backward like eager."""
+    require_backend("cpu")
+    up, down, padding, fshape, flip, gain = case
+    g = torch.Generator().manual_seed(31)
+    x, f = make_inputs((2, 3, 6, 5), fshape, torch.float32, g)
+    torch.library.opcheck(torch.ops.head4d.upfirdn2d.default,
+                          (x.clone().requires_grad_(True), f, list(up), list(down), list(padding), flip, gain))
+
+    def fn(t):
+        return upfirdn2d(t, f, up=up, down=down, padding=padding, flip_filter=flip, gain=gain, backend="cpu")
+
+    results = []
+    for run in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        t = x.clone().requires_grad_(True)
+        out = run(t)
+        (gx,) = torch.autograd.grad(out, t, torch.ones_like(out))
+        results.append((out.detach(), gx))
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
