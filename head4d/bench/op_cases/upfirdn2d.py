@@ -16,14 +16,14 @@ def _upfirdn2d_cases(settings: Settings) -> List[Case]:
 
     GPU: ``[8, 256, 128, 128]`` and ``[8, 3, 512, 512]`` fp32 (GenHead at 512^2; quick: the
     first). CPU: ``[1, 64, 64, 64]`` (quick: ``[1, 32, 32, 32]``), fp32."""
-    from ...ops import upfirdn2d as ops
+    from ...ops.upfirdn2d import PREFERENCES  # (head4d.ops.upfirdn2d the attribute is the function)
 
     device = settings.device
     if device.type == "cuda":
         shapes = [(8, 256, 128, 128)] if settings.small else [(8, 256, 128, 128), (8, 3, 512, 512)]
     else:
         shapes = [(1, 32, 32, 32)] if settings.small else [(1, 64, 64, 64)]
-    backends = fast_backends(ops.PREFERENCES, device)
+    backends = fast_backends(PREFERENCES, device)
     return [_resample_case(direction, shape, torch.float32, backends)
             for direction in ("up", "down") for shape in shapes]
 
