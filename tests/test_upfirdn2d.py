@@ -275,3 +275,17 @@ def test_opcheck_and_compile(case):
     torch._dynamo.reset()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_empty_inputs(backend):
+    device = require_backend(backend)
+    g = torch.Generator().manual_seed(41)
+    f = setup_filter([1, 3, 3, 1], device=device)
+    x = torch.randn(2, 9, 7, 3, generator=g, dtype=F64).to(device).permute(0, 3, 2, 1)  # [2, 3, 7, 9], strided
+    assert not x.is_contiguous()
+    for resample in (upsample2d, downsample2d, filter2d):
+        torch.testing.assert_close(resample(x, f, backend=backend), resample(x, f, backend="torch"),
+                                   atol=1e-12, rtol=1e-12)
+    empty = torch.zeros(0, 3, 5, 5, dtype=F64, device=device)
+    assert upsample2d(empty, f, backend=backend).shape == (0, 3, 10, 10)
