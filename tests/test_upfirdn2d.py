@@ -183,6 +183,11 @@ def test_wrappers_sizes_and_conventions(backend):
     f3 = setup_filter([1, 2, 4], device=device)
     torch.testing.assert_close(filter2d(x, f3, padding=[1, 0], backend=backend),
                                upfirdn2d(x, f3, padding=[2, 2, 1, 1], backend="torch"))
+    # no filter: zero insertion alone
+    zeros_inserted = torch.zeros(2, 3, 14, 20, dtype=F64, device=device)
+    zeros_inserted[..., ::2, ::2] = x
+    torch.testing.assert_close(upfirdn2d(x, None, up=2, backend=backend), zeros_inserted,
+                               atol=0, rtol=0)
     # a normalized filter with upsample2d's gain keeps a constant image constant inside
     ones = torch.full((1, 1, 6, 6), 2.5, dtype=F64, device=device)
     inner = upsample2d(ones, f, backend=backend)[..., 3:-3, 3:-3]
@@ -201,6 +206,8 @@ def test_setup_filter():
     torch.testing.assert_close(setup_filter([[1, 2], [3, 4]], normalize=False, flip_filter=True, gain=3),
                                torch.tensor([[12., 9], [6, 3]]))
     assert setup_filter(None).shape == (1, 1)
+    with pytest.raises(ValueError, match="1-D filter needs gain >= 0"):
+        setup_filter([1, 2], separable=True, gain=-1)
     with pytest.raises(ValueError, match="separable=True needs a 1-D"):
         setup_filter([[1, 2], [3, 4]], separable=True)
     with pytest.raises(ValueError, match="1-D or a 2-D"):

@@ -134,11 +134,14 @@ def setup_filter(f, device: torch.device = torch.device("cpu"), normalize: bool 
         f = torch.outer(f, f)
     if f.dim() != (1 if separable else 2):
         raise ValueError(f"{op}: separable=True needs a 1-D filter, got shape {list(f.shape)}")
+    gain = _check_gain(op, gain)
+    if f.dim() == 1 and gain < 0:
+        raise ValueError(f"{op}: a 1-D filter needs gain >= 0 (it is scaled by gain ** 0.5), got {gain}")
     if normalize:
         f = f / f.sum()
     if flip_filter:
         f = f.flip(list(range(f.dim())))
-    f = f * (_check_gain(op, gain) ** (f.dim() / 2))
+    f = f * (gain ** (f.dim() / 2))
     return f.to(device=device)
 
 
