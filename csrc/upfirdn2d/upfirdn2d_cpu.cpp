@@ -1,10 +1,12 @@
-// CPU kernels of upfirdn2d. The per-output math is upfirdn2d_math.h, the same function
-// the CUDA kernel calls. One task per range of output rows (over all planes); each row
-// is written once, so the result does not depend on scheduling.
+// CPU kernels of upfirdn2d. The per-output math is upfirdn2d_math.h, the same functions
+// the CUDA kernel calls; here the column spans are computed once per call and the row
+// span once per row. One task per range of output rows (over all planes); each row is
+// written once, so the result does not depend on scheduling.
 #include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -24,16 +26,25 @@ void forward_impl(const Args& a, const ParallelFor& parallel_for) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* taps = static_cast<const acc_t*>(a.taps);
   auto* out = static_cast<scalar_t*>(a.out);
+  // the column spans are the same for every row and plane: computed once
+  std::vector<TapSpan> col_spans(static_cast<size_t>(g.OW));
+  for (int64_t ox = 0; ox < g.OW; ++ox) {
+    col_spans[ox] = tap_span(ox, fixed_or<DX>(g.downx), g.padx0, fixed_or<UX>(g.upx), fixed_or<FW>(g.fw), g.W);
+  }
   const int64_t rows = g.planes * g.OH;
   const int64_t grain = std::max<int64_t>(1, kGrainOutputs / std::max<int64_t>(1, g.OW));
   parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t plane = r / g.OH, oy = r - plane * g.OH;
+      const TapSpan row_span =
+          tap_span(oy, fixed_or<DY>(g.downy), g.pady0, fixed_or<UY>(g.upy), fixed_or<FH>(g.fh), g.H);
       const scalar_t* in = x + plane * g.H * g.W;
-      const auto load = [in, &g](int64_t iy, int64_t ix) { return static_cast<acc_t>(in[iy * g.W + ix]); };
+      const int64_t W = g.W;
+      const auto load = [in, W](int64_t iy, int64_t ix) { return static_cast<acc_t>(in[iy * W + ix]); };
       scalar_t* dst = out + r * g.OW;
       for (int64_t ox = 0; ox < g.OW; ++ox) {
-        dst[ox] = static_cast<scalar_t>(output_value<UX, UY, DX, DY, FH, FW, SEPARABLE, acc_t>(g, taps, oy, ox, load));
+        dst[ox] = static_cast<scalar_t>(
+            output_value_in_spans<UX, UY, FW, SEPARABLE, acc_t>(g, taps, row_span, col_spans[ox], load));
       }
     }
   });

@@ -32,29 +32,57 @@ HEAD4D_HD int first_tap(int64_t start, int up) {
   return static_cast<int>(r == 0 ? 0 : (r > 0 ? up - r : -r));
 }
 
-// One output value in the accumulation type A. load(iy, ix) returns input (iy, ix) of
-// the current plane, widened to A.
-template <int UX, int UY, int DX, int DY, int FH, int FW, bool SEPARABLE, typename A, typename Load>
-HEAD4D_HD A output_value(const Geometry& g, const A* taps, int64_t oy, int64_t ox, Load&& load) {
-  const int upx = fixed_or<UX>(g.upx), upy = fixed_or<UY>(g.upy);
-  const int downx = fixed_or<DX>(g.downx), downy = fixed_or<DY>(g.downy);
-  const int fh = fixed_or<FH>(g.fh), fw = fixed_or<FW>(g.fw);
-  const int64_t start_y = oy * downy - g.pady0;  // zero-inserted row of tap row 0
-  const int64_t start_x = ox * downx - g.padx0;
-  const int i0 = first_tap(start_y, upy), j0 = first_tap(start_x, upx);
+// The taps along one axis that meet input samples for output index `o`: taps
+// first_tap, first_tap + up, ... (count of them) read inputs first_index, first_index + 1, ...
+struct TapSpan {
+  int first_tap;
+  int count;
+  int64_t first_index;
+};
+
+HEAD4D_HD TapSpan tap_span(int64_t o, int down, int pad0, int up, int taps, int64_t size) {
+  const int64_t start = o * down - pad0;  // zero-inserted coordinate of tap 0
+  const int j0 = first_tap(start, up);
+  const int64_t index0 = (start + j0) / up;  // exact
+  const int64_t reaching = j0 < taps ? (taps - 1 - j0) / up + 1 : 0;
+  const int64_t k_begin = index0 < 0 ? -index0 : 0;
+  const int64_t k_end = reaching < size - index0 ? reaching : size - index0;
+  TapSpan span{j0, 0, index0};
+  if (k_end > k_begin) {
+    span.first_tap = static_cast<int>(j0 + k_begin * up);
+    span.count = static_cast<int>(k_end - k_begin);
+    span.first_index = index0 + k_begin;
+  }
+  return span;
+}
+
+// One output value in the accumulation type A from its row and column spans (no bounds
+// checks left: the spans hold only in-range samples). load(iy, ix) returns input (iy, ix)
+// of the current plane, widened to A.
+template <int UX, int UY, int FW, bool SEPARABLE, typename A, typename Load>
+HEAD4D_HD A output_value_in_spans(const Geometry& g, const A* taps, const TapSpan& rows, const TapSpan& cols,
+                                  Load&& load) {
+  const int upx = fixed_or<UX>(g.upx), upy = fixed_or<UY>(g.upy), fw = fixed_or<FW>(g.fw);
   A sum = A(0);
-  for (int i = i0; i < fh; i += upy) {
-    const int64_t iy = (start_y + i) / upy;  // exact
-    if (iy < 0 || iy >= g.H) continue;
+  for (int a = 0; a < rows.count; ++a) {
+    const int i = rows.first_tap + a * upy;
+    const int64_t iy = rows.first_index + a;
     A row = A(0);
-    for (int j = j0; j < fw; j += upx) {
-      const int64_t ix = (start_x + j) / upx;
-      if (ix < 0 || ix >= g.W) continue;
-      row += taps[SEPARABLE ? j : i * fw + j] * load(iy, ix);
+    for (int b = 0; b < cols.count; ++b) {
+      const int j = cols.first_tap + b * upx;
+      row += taps[SEPARABLE ? j : i * fw + j] * load(iy, cols.first_index + b);
     }
     sum += SEPARABLE ? taps[i] * row : row;
   }
   return sum;
+}
+
+// One output value (oy, ox) in the accumulation type A.
+template <int UX, int UY, int DX, int DY, int FH, int FW, bool SEPARABLE, typename A, typename Load>
+HEAD4D_HD A output_value(const Geometry& g, const A* taps, int64_t oy, int64_t ox, Load&& load) {
+  const TapSpan rows = tap_span(oy, fixed_or<DY>(g.downy), g.pady0, fixed_or<UY>(g.upy), fixed_or<FH>(g.fh), g.H);
+  const TapSpan cols = tap_span(ox, fixed_or<DX>(g.downx), g.padx0, fixed_or<UX>(g.upx), fixed_or<FW>(g.fw), g.W);
+  return output_value_in_spans<UX, UY, FW, SEPARABLE, A>(g, taps, rows, cols, load);
 }
 
 }  // namespace upfirdn2d
