@@ -80,4 +80,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act_run", &head4d::bias_act_run, py::arg("x"), py::arg("bias"), py::arg("grad"), py::arg("dim"),
         py::arg("act"), py::arg("order"), py::arg("alpha"), py::arg("gain"), py::arg("clamp"),
         "x, bias [C] or None, grad like x or None -> like x (order 0 value, 1 first, 2 second derivative times grad).");
+  m.def("upfirdn2d_forward", &head4d::upfirdn2d_forward, py::arg("x"), py::arg("f"), py::arg("upx"), py::arg("upy"),
+        py::arg("downx"), py::arg("downy"), py::arg("padx0"), py::arg("padx1"), py::arg("pady0"), py::arg("pady1"),
+        py::arg("flip_filter"), py::arg("gain"),
+        "x [N,C,H,W], f [fh,fw] or [fw] -> [N,C,OH,OW]: zero insertion, padding, FIR filter, decimation.");
 }

@@ -114,4 +114,10 @@ at::Tensor bias_act_run(const at::Tensor& x, const std::optional<at::Tensor>& bi
 bool with_cuda();
 bool cuda_emulated();
 
+// upfirdn2d (csrc/upfirdn2d/): x [N, C, H, W], f [fh, fw] or [fw] -> [N, C, OH, OW], StyleGAN2's
+// FIR resampling; the gradient is the same op with up and down swapped (no kernel of its own).
+at::Tensor upfirdn2d_forward(const at::Tensor& x, const at::Tensor& f, int64_t upx, int64_t upy, int64_t downx,
+                             int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1,
+                             bool flip_filter, double gain);
+
 }  // namespace head4d

@@ -18,3 +18,6 @@ __all__ = ["attention", "cell_centre_bound", "closest_triangles", "mesh_one_ring
 from .bias_act import bias_act  # noqa: E402
 
 __all__ += ["bias_act"]
+from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
+
+__all__ += ["downsample2d", "filter2d", "setup_filter", "upfirdn2d", "upsample2d"]

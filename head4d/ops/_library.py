@@ -21,6 +21,7 @@ Ops, one section each below (``X`` runs ``head4d._C`` on CPU and CUDA tensors,
     surface_field_grid, surface_field_grid_search       recomputes values with autograd)
     attention_triton                                   (+ _backward)
     bias_act                                           (+ _derivative, twice differentiable)
+    upfirdn2d                                          (its backward is itself)
 
 Backward ops take one ``need`` flag per differentiable input and return the list of
 the gradients asked for, in input order (a custom op cannot return ``None``);
@@ -649,3 +650,57 @@ def _bias_act_derivative_gradient(ctx, grad_grad):
 
 bias_act_derivative.register_autograd(_bias_act_derivative_gradient,
                                       setup_context=_bias_act_derivative_setup_context)
+# upfirdn2d: x [N, C, H, W], f [fh, fw] or [fw] -> [N, C, OH, OW]
+#
+# The gradient w.r.t. x is this same op on the output gradient, with up and down
+# swapped, the filter flipped and the padding transformed (_upfirdn2d_gradient_args);
+# being the op itself, it is differentiable again, so double backward (R1) works to
+# any order. The filter is a constant: no gradient (the public op sends a filter that
+# requires grad to the reference).
+# ---------------------------------------------------------------------------------
+
+def _upfirdn2d_output_size(size: int, up: int, down: int, pad0: int, pad1: int, taps: int) -> int:
+    return (size * up + pad0 + pad1 - taps) // down + 1
+
+
+@_custom_op("upfirdn2d", EXTENSION_DEVICES)
+def upfirdn2d(x: Tensor, f: Tensor, up: List[int], down: List[int], padding: List[int], flip_filter: bool,
+              gain: float) -> Tensor:
+    return _extension().upfirdn2d_forward(x, f, up[0], up[1], down[0], down[1], padding[0], padding[1],
+                                          padding[2], padding[3], flip_filter, gain)
+
+
+@upfirdn2d.register_fake
+def _(x, f, up, down, padding, flip_filter, gain):
+    out_h = _upfirdn2d_output_size(x.shape[2], up[1], down[1], padding[2], padding[3], f.shape[0])
+    out_w = _upfirdn2d_output_size(x.shape[3], up[0], down[0], padding[0], padding[1], f.shape[-1])
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+
+def _upfirdn2d_gradient_args(in_h: int, in_w: int, out_h: int, out_w: int, f_h: int, f_w: int,
+                             up: List[int], down: List[int], padding: List[int]):
+    """(up, down, padding) of the upfirdn2d that maps the output gradient ``[.., out_h,
+    out_w]`` onto the input gradient ``[.., in_h, in_w]``: up and down swap; the
+    leading padding becomes ``taps - 1 - pad0`` (the flipped filter's reach), the
+    trailing one whatever makes the result ``in_h x in_w`` exactly."""
+    (upx, upy), (downx, downy) = up, down
+    padx0, _, pady0, _ = padding
+    grad_padding = [f_w - padx0 - 1, in_w * upx - out_w * downx + padx0 - upx + 1,
+                    f_h - pady0 - 1, in_h * upy - out_h * downy + pady0 - upy + 1]
+    return [downx, downy], [upx, upy], grad_padding
+
+
+def _upfirdn2d_setup_context(ctx, inputs, output):
+    x, f, up, down, padding, flip_filter, gain = inputs
+    ctx.save_for_backward(f)
+    ctx.args = _upfirdn2d_gradient_args(x.shape[2], x.shape[3], output.shape[2], output.shape[3], f.shape[0],
+                                        f.shape[-1], up, down, padding) + (not flip_filter, gain)
+
+
+def _upfirdn2d_gradient(ctx, grad_out):
+    (f,) = ctx.saved_tensors
+    grad_x = upfirdn2d(grad_out.contiguous(), f, *ctx.args) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None, None, None, None, None
+
+
+upfirdn2d.register_autograd(_upfirdn2d_gradient, setup_context=_upfirdn2d_setup_context)

@@ -17,4 +17,5 @@ from . import bias_act  # noqa: F401  (StyleGAN2's bias_act)
 from . import decoding  # noqa: F401  (decode_triplanes)
 from . import deformation  # noqa: F401  (sample_grid3d, one_ring_deform, surface_field_grid, deform)
 from . import attention  # noqa: F401
+from . import upfirdn2d  # noqa: F401
 from . import render  # noqa: F401
