@@ -57,7 +57,7 @@ def environment(device: torch.device) -> dict:
     try:
         import triton
         triton_version = triton.__version__
-    except Exception:
+    except ImportError:  # reported as absent; a broken Triton install raises
         triton_version = None
     ext = _backend.extension()
     bandwidth = copy_bandwidth(device)
