@@ -95,7 +95,11 @@ def extension_kwargs():
 
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch's BuildExtension adds the C++ standard its headers need (C++17 or C++20).
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math: head4d never reads floating-point exception flags, and without
+    # it GCC may not compute both sides of a select (`z > 0 ? z : z * alpha`), so the
+    # element loops of the CPU kernels would stay scalar. Results are unchanged (this is
+    # not -ffast-math: rounding, NaN and infinity follow IEEE as before).
+    cxx_flags = ["-O3", "-fno-trapping-math"]
     link_flags = []
     if sys.platform.startswith("linux"):
         # ATen's parallel_for is an inline OpenMP loop when torch is built with OpenMP (the

@@ -1,7 +1,8 @@
 // CPU kernel of bias_act: one pass over the elements, split into ranges of rows of
 // `inner` elements that share one bias value. The math is bias_act_math.h; the
-// activation and the derivative order are template arguments, so each inner loop is
-// branch-free straight-line code the compiler can vectorize.
+// activation, the derivative order and whether there is a clamp are template
+// arguments, so each inner loop is branch-free straight-line code the compiler can
+// vectorize.
 #include <cstdint>
 #include <stdexcept>
 
@@ -17,7 +18,20 @@ namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;
 
-template <typename scalar_t, typename acc_t, int ACT, int ORDER>
+// One row of `n` elements sharing the bias value `b`. Everything the loop reads is a
+// local value or a restrict pointer, so the compiler knows the stores to `out` change
+// none of it and vectorizes the loop.
+template <typename scalar_t, typename acc_t, int ACT, int ORDER, bool HAS_CLAMP>
+void run_row(const scalar_t* __restrict x, const scalar_t* __restrict grad, scalar_t* __restrict out, int64_t n,
+             acc_t b, acc_t alpha, acc_t gain, acc_t clamp) {
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t z = static_cast<acc_t>(x[k]) + b;
+    const acc_t g = ORDER > 0 ? static_cast<acc_t>(grad[k]) : acc_t(0);
+    out[k] = static_cast<scalar_t>(element<acc_t>(ACT, ORDER, HAS_CLAMP, z, g, alpha, gain, clamp));
+  }
+}
+
+template <typename scalar_t, typename acc_t, int ACT, int ORDER, bool HAS_CLAMP>
 void run_impl(const Args& a, const ParallelFor& parallel_for) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* bias = static_cast<const scalar_t*>(a.bias);
@@ -27,25 +41,28 @@ void run_impl(const Args& a, const ParallelFor& parallel_for) {
   const acc_t alpha = static_cast<acc_t>(a.alpha), gain = static_cast<acc_t>(a.gain);
   const acc_t clamp = static_cast<acc_t>(a.clamp);
   const int64_t grain = inner >= kGrainElements ? 1 : kGrainElements / inner;
-  parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for(rows, grain, [=](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[row % C]) : acc_t(0);
       const int64_t base = row * inner;
-      for (int64_t k = base; k < base + inner; ++k) {
-        const acc_t z = static_cast<acc_t>(x[k]) + b;
-        const acc_t g = ORDER > 0 ? static_cast<acc_t>(grad[k]) : acc_t(0);
-        out[k] = static_cast<scalar_t>(element<acc_t>(ACT, ORDER, z, g, alpha, gain, clamp));
-      }
+      run_row<scalar_t, acc_t, ACT, ORDER, HAS_CLAMP>(x + base, ORDER > 0 ? grad + base : nullptr, out + base, inner,
+                                                      b, alpha, gain, clamp);
     }
   });
+}
+
+template <typename scalar_t, typename acc_t, int ACT, int ORDER>
+void with_clamp(const Args& a, const ParallelFor& parallel_for) {
+  if (a.clamp >= 0) return run_impl<scalar_t, acc_t, ACT, ORDER, true>(a, parallel_for);
+  run_impl<scalar_t, acc_t, ACT, ORDER, false>(a, parallel_for);
 }
 
 template <typename scalar_t, typename acc_t, int ACT>
 void with_order(const Args& a, const ParallelFor& parallel_for) {
   switch (a.order) {
-    case 0: return run_impl<scalar_t, acc_t, ACT, 0>(a, parallel_for);
-    case 1: return run_impl<scalar_t, acc_t, ACT, 1>(a, parallel_for);
-    case 2: return run_impl<scalar_t, acc_t, ACT, 2>(a, parallel_for);
+    case 0: return with_clamp<scalar_t, acc_t, ACT, 0>(a, parallel_for);
+    case 1: return with_clamp<scalar_t, acc_t, ACT, 1>(a, parallel_for);
+    case 2: return with_clamp<scalar_t, acc_t, ACT, 2>(a, parallel_for);
   }
   throw std::invalid_argument("bias_act: order must be 0, 1 or 2");
 }

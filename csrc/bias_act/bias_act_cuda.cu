@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads)
     const A b = bias != nullptr ? ld(bias + (i / inner) % C) : A(0);
     const A z = ld(x + i) + b;
     const A g = grad != nullptr ? ld(grad + i) : A(0);
-    out[i] = Storage<T>::store(element<A>(act, order, z, g, alpha, gain, clamp));
+    out[i] = Storage<T>::store(element<A>(act, order, clamp >= A(0), z, g, alpha, gain, clamp));
   }
 }
 
