@@ -1,6 +1,7 @@
 // CUDA kernel of upfirdn2d. The per-output math is upfirdn2d_math.h, the same function
 // the CPU kernels call; this file owns the mapping: one thread per output element,
-// consecutive threads along a row (coalesced stores, neighbouring loads). 2x up and 2x
+// consecutive threads along a row (coalesced stores, neighbouring loads), 32-bit index
+// arithmetic when the sizes allow. 2x up and 2x
 // down with a 4-tap (4 x 4) filter are instantiated with the factors and filter size
 // fixed, so their tap loops unroll; other calls take them at run time.
 #include <cstdint>
@@ -18,18 +19,22 @@ namespace {
 constexpr const char* kOp = "upfirdn2d";
 constexpr int kThreads = 256;
 
-template <typename T, int UX, int UY, int DX, int DY, int FH, int FW, bool SEPARABLE>
+// Index: int32_t when every input and output index fits (nearly always), so that the
+// division of the flat index into (plane, oy, ox) is 32-bit, several times cheaper on
+// the GPU than 64-bit.
+template <typename T, typename Index, int UX, int UY, int DX, int DY, int FH, int FW, bool SEPARABLE>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ x, const typename Storage<T>::acc* __restrict__ taps, T* __restrict__ out,
                    Geometry g) {
   using A = typename Storage<T>::acc;
-  const int64_t total = g.planes * g.OH * g.OW;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const Index total = static_cast<Index>(g.planes * g.OH * g.OW);
+  const Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= total) return;
-  const int64_t ox = i % g.OW;
-  const int64_t rest = i / g.OW;
-  const int64_t oy = rest % g.OH;
-  const int64_t plane = rest / g.OH;
+  const Index OW = static_cast<Index>(g.OW), OH = static_cast<Index>(g.OH);
+  const Index ox = i % OW;
+  const Index rest = i / OW;
+  const Index oy = rest % OH;
+  const Index plane = rest / OH;
   const T* in = x + plane * g.H * g.W;
   const int64_t W = g.W;
   const auto load = [in, W](int64_t iy, int64_t ix) { return ld(in + iy * W + ix); };
@@ -64,13 +69,17 @@ void forward_cuda(const Args& a, void* stream) {
       const auto* x = static_cast<const T*>(a.x);
       const auto* taps = static_cast<const A*>(a.taps);
       auto* out = static_cast<T*>(a.out);
-      if (g.separable) {
+      const auto launch = [&](auto index_tag, auto separable) {
+        using Index = decltype(index_tag);
         HEAD4D_LAUNCH(blocks_for(total, kThreads, kOp), kThreads, 0, static_cast<cudaStream_t>(stream),
-                      forward_kernel<T, UX, UY, DX, DY, FH, FW, true>)(x, taps, out, g);
-      } else {
-        HEAD4D_LAUNCH(blocks_for(total, kThreads, kOp), kThreads, 0, static_cast<cudaStream_t>(stream),
-                      forward_kernel<T, UX, UY, DX, DY, FH, FW, false>)(x, taps, out, g);
-      }
+                      forward_kernel<T, Index, UX, UY, DX, DY, FH, FW, decltype(separable)::value>)(x, taps, out, g);
+      };
+      // the last thread's index is below total + kThreads
+      const bool fits_int32 = total + kThreads <= INT32_MAX && g.planes * g.H * g.W <= INT32_MAX;
+      if (fits_int32 && g.separable) return launch(int32_t{}, std::true_type{});
+      if (fits_int32) return launch(int32_t{}, std::false_type{});
+      if (g.separable) return launch(int64_t{}, std::true_type{});
+      launch(int64_t{}, std::false_type{});
     });
   });
   check_launch(kOp, "forward");
