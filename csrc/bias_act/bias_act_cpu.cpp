@@ -6,11 +6,10 @@
 #include <cstdint>
 #include <stdexcept>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "bias_act.h"
 #include "bias_act_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace bias_act {
@@ -87,13 +86,9 @@ void with_activation(const Args& a, const ParallelFor& parallel_for) {
 
 void run_cpu(const Args& args, const ParallelFor& parallel_for) {
   if (args.outer * args.C * args.inner == 0) return;
-  switch (args.dtype) {
-    case Dtype::kFloat32: return with_activation<float, float>(args, parallel_for);
-    case Dtype::kFloat64: return with_activation<double, double>(args, parallel_for);
-    case Dtype::kFloat16: return with_activation<c10::Half, float>(args, parallel_for);
-    case Dtype::kBFloat16: return with_activation<c10::BFloat16, float>(args, parallel_for);
-  }
-  throw std::invalid_argument("bias_act: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "bias_act", [&](auto s, auto acc) {
+    with_activation<decltype(s), decltype(acc)>(args, parallel_for);
+  });
 }
 
 }  // namespace bias_act

@@ -12,11 +12,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "compositing.h"
 #include "compositing_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace compositing {
@@ -158,24 +157,16 @@ void backward_impl(const BackwardArgs& a, const ParallelFor& parallel_for) {
 
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
   if (args.rays == 0) return;
-  switch (args.dtype) {
-    case Dtype::kFloat32: return forward_impl<float, float>(args, parallel_for);
-    case Dtype::kFloat64: return forward_impl<double, double>(args, parallel_for);
-    case Dtype::kFloat16: return forward_impl<c10::Half, float>(args, parallel_for);
-    case Dtype::kBFloat16: return forward_impl<c10::BFloat16, float>(args, parallel_for);
-  }
-  throw std::invalid_argument("composite_rays: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "composite_rays", [&](auto s, auto acc) {
+    forward_impl<decltype(s), decltype(acc)>(args, parallel_for);
+  });
 }
 
 void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for) {
   if (args.rays == 0) return;
-  switch (args.dtype) {
-    case Dtype::kFloat32: return backward_impl<float, float>(args, parallel_for);
-    case Dtype::kFloat64: return backward_impl<double, double>(args, parallel_for);
-    case Dtype::kFloat16: return backward_impl<c10::Half, float>(args, parallel_for);
-    case Dtype::kBFloat16: return backward_impl<c10::BFloat16, float>(args, parallel_for);
-  }
-  throw std::invalid_argument("composite_rays: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "composite_rays", [&](auto s, auto acc) {
+    backward_impl<decltype(s), decltype(acc)>(args, parallel_for);
+  });
 }
 
 }  // namespace compositing

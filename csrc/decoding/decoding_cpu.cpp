@@ -18,12 +18,11 @@
 #include <type_traits>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "../triplanes/triplanes.h"
 #include "decoding.h"
 #include "decoding_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace decoding {
@@ -289,17 +288,6 @@ void with_bounds(int64_t C, int64_t O, Fn&& fn) {
   return fn(std::integral_constant<int, kMaxFeatures>{}, std::integral_constant<int, kMaxOutputs>{});
 }
 
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{}, float{});
-    case Dtype::kFloat64: return fn(double{}, double{});
-    case Dtype::kFloat16: return fn(c10::Half{}, float{});
-    case Dtype::kBFloat16: return fn(c10::BFloat16{}, float{});
-  }
-  throw std::invalid_argument("decode_triplanes: unsupported dtype");
-}
-
 void check_sizes(int64_t C, int64_t hidden, int64_t outputs) {
   if (C < 1 || C > kMaxFeatures || hidden < 1 || hidden > kMaxHidden || outputs < 1 || outputs > kMaxOutputs)
     throw std::invalid_argument("decode_triplanes: unsupported sizes");
@@ -310,7 +298,7 @@ void check_sizes(int64_t C, int64_t hidden, int64_t outputs) {
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
   check_sizes(args.C, args.hidden, args.outputs);
   if (args.N * args.M == 0) return;
-  with_dtype(args.dtype, [&](auto storage, auto accumulate) {
+  with_cpu_storage_type(args.dtype, "decode_triplanes", [&](auto storage, auto accumulate) {
     using scalar_t = decltype(storage);
     using A = decltype(accumulate);
     with_bounds(args.C, args.outputs, [&](auto kc, auto ko) {
@@ -322,7 +310,7 @@ void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
 void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for, int num_threads) {
   check_sizes(args.C, args.hidden, args.outputs);
   if (args.N * args.M == 0) return;
-  with_dtype(args.dtype, [&](auto storage, auto accumulate) {
+  with_cpu_storage_type(args.dtype, "decode_triplanes", [&](auto storage, auto accumulate) {
     using scalar_t = decltype(storage);
     using A = decltype(accumulate);
     with_bounds(args.C, args.outputs, [&](auto kc, auto ko) {

@@ -18,11 +18,10 @@
 #include <stdexcept>
 #include <type_traits>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "grid3d.h"
 #include "grid3d_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace grid3d {
@@ -245,22 +244,11 @@ void with_channels(int64_t C, Fn&& fn) {
   return fn(std::integral_constant<int, 0>{});
 }
 
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{}, float{});
-    case Dtype::kFloat64: return fn(double{}, double{});
-    case Dtype::kFloat16: return fn(c10::Half{}, float{});
-    case Dtype::kBFloat16: return fn(c10::BFloat16{}, float{});
-  }
-  throw std::invalid_argument("sample_grid3d: unsupported dtype");
-}
-
 }  // namespace
 
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
   if (args.N * args.M * args.C == 0) return;
-  with_dtype(args.dtype, [&](auto s, auto acc) {
+  with_cpu_storage_type(args.dtype, "sample_grid3d", [&](auto s, auto acc) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
     with_channels(args.C, [&](auto cc) {
@@ -271,7 +259,7 @@ void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for) {
 
 void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for, int num_threads) {
   if (args.N * args.M == 0) return;
-  with_dtype(args.dtype, [&](auto s, auto acc) {
+  with_cpu_storage_type(args.dtype, "sample_grid3d", [&](auto s, auto acc) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
     with_channels(args.C, [&](auto cc) {

@@ -9,11 +9,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "importance.h"
 #include "importance_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace importance {
@@ -57,13 +56,9 @@ void sample_impl(const Args& a, const ParallelFor& parallel_for) {
 void sample_cpu(const Args& args, const ParallelFor& parallel_for) {
   if (args.rays == 0 || args.n == 0) return;
   if (args.S < 4) throw std::invalid_argument("sample_importance: needs S >= 4 samples per ray");
-  switch (args.dtype) {
-    case Dtype::kFloat32: return sample_impl<float, float>(args, parallel_for);
-    case Dtype::kFloat64: return sample_impl<double, double>(args, parallel_for);
-    case Dtype::kFloat16: return sample_impl<c10::Half, float>(args, parallel_for);
-    case Dtype::kBFloat16: return sample_impl<c10::BFloat16, float>(args, parallel_for);
-  }
-  throw std::invalid_argument("sample_importance: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "sample_importance", [&](auto s, auto acc) {
+    sample_impl<decltype(s), decltype(acc)>(args, parallel_for);
+  });
 }
 
 }  // namespace importance

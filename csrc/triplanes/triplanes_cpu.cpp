@@ -11,11 +11,10 @@
 #include <stdexcept>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "triplanes.h"
 #include "triplanes_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace triplanes {
@@ -236,24 +235,16 @@ void to_channels_last_cpu(const void* src, void* dst, int64_t P, int64_t C, int6
 
 void forward_cpu(const ForwardArgs& args, const ParallelFor& parallel_for, int) {
   if (args.N * args.M == 0) return;
-  switch (args.dtype) {
-    case Dtype::kFloat32: return forward_impl<float, float>(args, parallel_for);
-    case Dtype::kFloat64: return forward_impl<double, double>(args, parallel_for);
-    case Dtype::kFloat16: return forward_impl<c10::Half, float>(args, parallel_for);
-    case Dtype::kBFloat16: return forward_impl<c10::BFloat16, float>(args, parallel_for);
-  }
-  throw std::invalid_argument("sample_triplanes: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "sample_triplanes", [&](auto s, auto acc) {
+    forward_impl<decltype(s), decltype(acc)>(args, parallel_for);
+  });
 }
 
 void backward_cpu(const BackwardArgs& args, const ParallelFor& parallel_for, int num_threads) {
   if (args.N * args.M == 0) return;
-  switch (args.dtype) {
-    case Dtype::kFloat32: return backward_impl<float, float>(args, parallel_for, num_threads);
-    case Dtype::kFloat64: return backward_impl<double, double>(args, parallel_for, num_threads);
-    case Dtype::kFloat16: return backward_impl<c10::Half, float>(args, parallel_for, num_threads);
-    case Dtype::kBFloat16: return backward_impl<c10::BFloat16, float>(args, parallel_for, num_threads);
-  }
-  throw std::invalid_argument("sample_triplanes: unsupported dtype");
+  with_cpu_storage_type(args.dtype, "sample_triplanes", [&](auto s, auto acc) {
+    backward_impl<decltype(s), decltype(acc)>(args, parallel_for, num_threads);
+  });
 }
 
 }  // namespace triplanes

@@ -9,11 +9,10 @@
 #include <utility>
 #include <vector>
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include "upfirdn2d.h"
 #include "upfirdn2d_math.h"
+#include "../cpu_dispatch.h"
 
 namespace head4d {
 namespace upfirdn2d {
@@ -146,23 +145,12 @@ void with_specialization(const Geometry& g, Fn&& fn) {
   return fn(Zero{}, Zero{}, Zero{}, Zero{}, Zero{}, Zero{});
 }
 
-template <typename Fn>
-void with_dtype(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: return fn(float{}, float{});
-    case Dtype::kFloat64: return fn(double{}, double{});
-    case Dtype::kFloat16: return fn(c10::Half{}, float{});
-    case Dtype::kBFloat16: return fn(c10::BFloat16{}, float{});
-  }
-  throw std::invalid_argument("upfirdn2d: unsupported dtype");
-}
-
 }  // namespace
 
 void forward_cpu(const Args& args, const ParallelFor& parallel_for) {
   const Geometry& g = args.geometry;
   if (g.planes * g.OH * g.OW == 0) return;
-  with_dtype(args.dtype, [&](auto s, auto acc) {
+  with_cpu_storage_type(args.dtype, "upfirdn2d", [&](auto s, auto acc) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
     with_specialization(g, [&](auto ux, auto uy, auto dx, auto dy, auto fh, auto fw) {
