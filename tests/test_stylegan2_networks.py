@@ -231,11 +231,12 @@ def small_generator(seed=0, c_dim=5, **kwargs):
 
 
 def small_sr(seed=0, use_ws_ones=True, sr_antialias=True, channels=6):
-    """The super-resolution with narrow blocks of the upstream resolutions (256, 512)."""
+    """The super-resolution as GenHead builds it, its two blocks then replaced by narrow
+    ones (8 and 4 channels) of the upstream resolutions (256, 512) and settings."""
     torch.manual_seed(seed)
-    sr = hnn.SuperresolutionHybrid8XDC.__new__(hnn.SuperresolutionHybrid8XDC)
-    torch.nn.Module.__init__(sr)
-    sr.sr_antialias, sr.use_ws_ones, sr.channels = sr_antialias, use_ws_ones, channels
+    sr = hnn.SuperresolutionHybrid8XDC(channels=channels, img_resolution=512, sr_num_fp16_res=4,
+                                       sr_antialias=sr_antialias, use_ws_ones=use_ws_ones,
+                                       fused_modconv_default="inference_only")
     sr.block0 = hnn.SynthesisBlock(channels, 8, w_dim=512, resolution=256, img_channels=3, is_last=False,
                                    use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
     sr.block1 = hnn.SynthesisBlock(8, 4, w_dim=512, resolution=512, img_channels=3, is_last=True,
@@ -669,4 +670,4 @@ def test_fp16_blocks_on_cuda():
     out32 = fp32.synthesis(ws, noise_mode="const")
     assert out16.dtype == torch.float32
     assert rel_err(out16, out32) < 64 * torch.finfo(torch.float16).eps
-    assert torch.equal(fp16.synthesis(ws, noise_mode="const", force_fp32=True), out32)
+    assert rel_err(fp16.synthesis(ws, noise_mode="const", force_fp32=True), out32) < TOL32
