@@ -11,6 +11,14 @@
 - :class:`TransformerBlock`: ``x += scale * cross(LN(x), motion); x += attn(LN(x)); x += mlp(LN(x))``.
 - :mod:`head4d.nn.upstream`: renames the released reconstructor's parameters to these modules'.
 
+StyleGAN2's generator networks as GenHead uses them (:mod:`head4d.nn.stylegan2`,
+:mod:`head4d.nn.superresolution`), with the upstream names, so Portrait4D's state dicts
+load as they are: :class:`Generator` (``mapping`` + ``synthesis``),
+:class:`MappingNetwork`, :class:`SynthesisNetwork`, :class:`SynthesisBlock`,
+:class:`SynthesisLayer`, :class:`ToRGBLayer`, :class:`FullyConnectedLayer`,
+:class:`Conv2dLayer` and :class:`SuperresolutionHybrid8XDC`; their ops' backend is the
+layers' ``backend`` attribute (:func:`set_stylegan2_backend`).
+
 Tokens are ``[B, L, C]`` in row-major grid order (token ``i * w + j`` at row ``i``,
 column ``j``); modules that need the grid take ``h, w`` in ``forward``. Every module
 call opens the NVTX range ``head4d.nn.<Module>``; bad input raises ``TypeError`` /
@@ -36,3 +44,13 @@ from . import upstream
 
 __all__ = ["Attention", "CrossAttention", "FLAME_MOTION_DIM", "MOTION_DIM", "MixFFN", "MotionTokens", "PatchEmbed",
            "TransformerBlock", "set_attention_backend", "upstream"]
+
+# StyleGAN2's generator networks (GenHead's backbone, background and super-resolution),
+# with the upstream module, parameter and buffer names.
+from .stylegan2 import (Conv2dLayer, FullyConnectedLayer, Generator, MappingNetwork, SynthesisBlock,  # noqa: E402
+                        SynthesisLayer, SynthesisNetwork, ToRGBLayer, normalize_2nd_moment, set_stylegan2_backend)
+from .superresolution import SuperresolutionHybrid8XDC  # noqa: E402
+
+__all__ += ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "SuperresolutionHybrid8XDC",
+            "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
+            "set_stylegan2_backend"]
