@@ -198,13 +198,20 @@ class FullyConnectedLayer(_OpsBackend, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args:
-            x: ``[N, in_features]`` floating (the layer computes in x's dtype).
+            x: ``[..., in_features]`` floating, usually ``[N, in_features]`` (the layer
+                computes in x's dtype; leading dimensions are flattened and restored).
 
         Returns:
-            ``[N, out_features]`` in x's dtype.
+            ``[..., out_features]`` in x's dtype.
         """
         with nvtx(self):
-            _check_features(op_name(self), "x", x, self.in_features)
+            op = op_name(self)
+            rank = x.dim() if isinstance(x, torch.Tensor) else 2  # any rank: only the type and dtype checked here
+            check_tensor(op, "x", x, f"[..., {self.in_features}]", rank, dtypes=FLOATING)
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise ValueError(f"{op}: x must have shape [..., {self.in_features}], got {list(x.shape)}")
+            lead = x.shape[:-1]
+            x = x.reshape(-1, self.in_features)
             w = self.weight.to(x.dtype) * self.weight_gain
             b = self.bias
             if b is not None:
@@ -212,8 +219,19 @@ class FullyConnectedLayer(_OpsBackend, nn.Module):
                 if self.bias_gain != 1:
                     b = b * self.bias_gain
             if self.activation == "linear" and b is not None:
-                return torch.addmm(b.unsqueeze(0), x, w.t())
-            return _ops.bias_act(x.matmul(w.t()), b, act=self.activation, backend=self.backend)
+                y = torch.addmm(b.unsqueeze(0), x, w.t())
+            else:
+                y = _ops.bias_act(x.matmul(w.t()), b, act=self.activation, backend=self.backend)
+            return y.reshape(*lead, self.out_features)
+
+    def effective_weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight * weight_gain, bias * bias_gain)`` in the parameters' dtype: what
+        :meth:`forward` multiplies with (differentiable; the bias None without one).
+        The fused triplane decode takes these."""
+        bias = self.bias
+        if bias is not None and self.bias_gain != 1:
+            bias = bias * self.bias_gain
+        return self.weight * self.weight_gain, bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features:d}, out_features={self.out_features:d}, activation={self.activation}"

@@ -20,14 +20,13 @@ keys carry the prefix ``decoder.``. Parameters are stored as StyleGAN2 stores th
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._nvtx import nvtx_range
+from ..nn.stylegan2 import FullyConnectedLayer
 
 VARIANTS = ("eg3d", "portrait4d")
 
@@ -37,42 +36,6 @@ EG3D_KEY_MAP = {
     "portrait4d": {k: k for k in ("net.0.weight", "net.0.bias", "out_sigma.weight", "out_sigma.bias",
                                   "out_rgb.weight", "out_rgb.bias")},
 }
-
-
-class FullyConnectedLayer(nn.Module):
-    """StyleGAN2's equalized-learning-rate linear layer (no activation).
-
-    Stored: ``weight = randn([out, in]) * weight_init / lr_multiplier`` and
-    ``bias = bias_init / lr_multiplier``. Used: ``x @ (weight * lr_multiplier / sqrt(in)).T
-    + bias * lr_multiplier``, in the input's dtype.
-    """
-
-    def __init__(self, in_features: int, out_features: int, lr_multiplier: float = 1.0,
-                 weight_init: float = 1.0, bias_init: float = 0.0):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.lr_multiplier = float(lr_multiplier)
-        self.weight = nn.Parameter(torch.randn([out_features, in_features]) * (weight_init / lr_multiplier))
-        self.bias = nn.Parameter(torch.full([out_features], float(bias_init) / lr_multiplier))
-        self.weight_gain = lr_multiplier / math.sqrt(in_features)
-        self.bias_gain = lr_multiplier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.weight_gain
-        b = self.bias.to(x.dtype)
-        if self.bias_gain != 1:
-            b = b * self.bias_gain
-        return F.linear(x, w, b)
-
-    def effective_weights(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(weight * weight_gain, bias * bias_gain)`` in the parameters' dtype: what
-        :meth:`forward` multiplies with (differentiable)."""
-        bias = self.bias * self.bias_gain if self.bias_gain != 1 else self.bias
-        return self.weight * self.weight_gain, bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, lr_multiplier={self.lr_multiplier}"
 
 
 def map_upstream_decoder_state_dict(state_dict: Mapping[str, torch.Tensor], variant: Optional[str] = None,
@@ -135,14 +98,15 @@ class TriplaneDecoder(nn.Module):
         self.lr_multiplier = float(lr_multiplier)
         if variant == "eg3d":
             self.net = nn.Sequential(
-                FullyConnectedLayer(n_features, hidden, lr_multiplier),
+                FullyConnectedLayer(n_features, hidden, lr_multiplier=lr_multiplier),
                 nn.Softplus(),
-                FullyConnectedLayer(hidden, 1 + out_features, lr_multiplier),
+                FullyConnectedLayer(hidden, 1 + out_features, lr_multiplier=lr_multiplier),
             )
         else:
-            self.net = nn.Sequential(FullyConnectedLayer(n_features, hidden, lr_multiplier), nn.Softplus())
-            self.out_sigma = FullyConnectedLayer(hidden, 1, lr_multiplier)
-            self.out_rgb = FullyConnectedLayer(hidden, out_features, lr_multiplier)
+            self.net = nn.Sequential(FullyConnectedLayer(n_features, hidden, lr_multiplier=lr_multiplier),
+                                     nn.Softplus())
+            self.out_sigma = FullyConnectedLayer(hidden, 1, lr_multiplier=lr_multiplier)
+            self.out_rgb = FullyConnectedLayer(hidden, out_features, lr_multiplier=lr_multiplier)
             with torch.no_grad():
                 self.out_sigma.weight.zero_()
                 self.out_sigma.bias.zero_()
