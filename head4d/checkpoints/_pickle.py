@@ -35,6 +35,7 @@ are refused at the top level; storage blobs are parsed as data (`_tensors`).
 """
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import io
@@ -81,6 +82,9 @@ class _FrozenClass(type):
     def __delattr__(cls, name: str) -> None:
         raise pickle.UnpicklingError(f"a pickle may not delete attribute {name!r} of the class {cls.__name__}")
 
+    def __setstate__(cls, state: Any) -> None:
+        raise pickle.UnpicklingError(f"a pickle may not set the state of the class {cls.__name__}")
+
 
 class EasyDict(dict, metaclass=_FrozenClass):
     """A dict whose items are also attributes: the stand-in for ``dnnlib.util.EasyDict``."""
@@ -107,8 +111,8 @@ class _PlaceholderClass(_FrozenClass):
                                 "(NEWOBJ, copyreg's reconstructor)")
 
 
-class _Placeholder(ObjectRecord, metaclass=_PlaceholderClass):
-    """Base of the placeholder classes; its objects are plain `ObjectRecord`s."""
+class _Placeholder(metaclass=_PlaceholderClass):
+    """Base of the placeholder classes; what ``__new__`` makes is a plain `ObjectRecord`."""
 
     _global_module = ""
     _global_class = ""
@@ -195,7 +199,8 @@ def _build_persistent_record(meta: Any) -> PersistentRecord:
     if state is None:
         state = {}
     if not isinstance(state, dict):
-        raise pickle.UnpicklingError(f"persistent object {class_name}: state must be a dict, got {type(state).__name__}")
+        raise pickle.UnpicklingError(f"persistent object {class_name}: state must be a dict, "
+                                     f"got {type(state).__name__}")
     return PersistentRecord(class_name, module_src, meta.get("version"), dict(state))
 
 
@@ -279,15 +284,13 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch", "device")] = torch.device
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    for module in ("builtins", "__builtin__"):  # protocols 0-2 write Python 2's name
-        for builtin in (set, frozenset, dict, list, tuple, slice, complex):
-            allowed[(module, builtin.__name__)] = builtin
-        function(module, "bytearray", _bytearray)
-        allowed[(module, "object")] = _OBJECT_BASE
+    for builtin in (set, frozenset, dict, list, tuple, slice, complex):
+        allowed[("builtins", builtin.__name__)] = builtin
+    function("builtins", "bytearray", _bytearray)
+    allowed[("builtins", "object")] = _OBJECT_BASE
     function("_codecs", "encode", _text_to_bytes)
-    for module in ("copyreg", "copy_reg"):
-        function(module, "_reconstructor", _copyreg_reconstructor)
-        function(module, "__newobj__", _copyreg_newobj)
+    function("copyreg", "_reconstructor", _copyreg_reconstructor)
+    function("copyreg", "__newobj__", _copyreg_newobj)
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         function(module, "_reconstruct", _numpy_reconstruct)
         function(module, "scalar", _numpy_scalar)
@@ -304,6 +307,13 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
 _ALLOWED_GLOBALS = _allowed_globals()
 
 
+def _python3_name(module: str, name: str) -> Tuple[str, str]:
+    """Python 3's name of a global that protocols 0-2 wrote under its Python 2 name (``__builtin__``, ``copy_reg``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` whose globals follow the module docstring's three rules."""
 
@@ -312,6 +322,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._placeholders: Dict[Tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = _python3_name(module, name)
         allowed = _ALLOWED_GLOBALS.get((module, name))
         if allowed is not None:
             return allowed

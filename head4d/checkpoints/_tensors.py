@@ -130,7 +130,13 @@ def load_storage_blob(blob: Any) -> LoadedStorage:
     """Parse one legacy ``torch.save`` blob of a storage (``torch.storage._load_from_bytes``' argument)."""
     if not isinstance(blob, (bytes, bytearray)):
         raise pickle.UnpicklingError(f"_load_from_bytes expects bytes, got {type(blob).__name__}")
-    stream = io.BytesIO(blob)
+    try:
+        return _parse_storage_blob(io.BytesIO(blob))
+    except EOFError:
+        raise pickle.UnpicklingError("storage blob truncated") from None
+
+
+def _parse_storage_blob(stream: io.BytesIO) -> LoadedStorage:
     magic = _DataOnlyUnpickler(stream).load()
     version = _DataOnlyUnpickler(stream).load()
     if magic != LEGACY_MAGIC_NUMBER or version != LEGACY_PROTOCOL_VERSION:
@@ -190,7 +196,8 @@ def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any,
     size = _checked_shape("size", size)
     stride = _checked_shape("stride", stride)
     if len(size) != len(stride) or not _is_int(storage_offset) or storage_offset < 0:
-        raise pickle.UnpicklingError(f"inconsistent tensor view: offset {storage_offset!r:.50}, size {size}, stride {stride}")
+        raise pickle.UnpicklingError(f"inconsistent tensor view: offset {storage_offset!r:.50}, size {size}, "
+                                     f"stride {stride}")
     extent = 0 if 0 in size else storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
     available = storage.numel(dtype)
     if extent > available:
