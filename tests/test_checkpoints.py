@@ -680,22 +680,41 @@ def test_unknown_classes_become_records_in_every_protocol():
         assert not _upstream_modules_loaded()
 
 
-def test_pickle_cannot_modify_allowed_globals():
-    # BUILD applied to an allow-listed function, to EasyDict's class and to a placeholder class.
-    targets = [Global("torch._utils", "_rebuild_tensor_v2"), Global("dnnlib.util", "EasyDict"),
-               Global("some_upstream.helpers", "Thing")]
-    for target in targets:
-        out = io.BytesIO()
-        pickler = UpstreamPickler(out, legacy=False)
-        pickler.framer.start_framing()
-        pickler.write(pickle.PROTO + bytes([4]))
-        pickler.save(target)
-        pickler.save(({"__getattr__": 1}, {"__call__": 1}))
-        pickler.write(pickle.BUILD + pickle.STOP)
-        pickler.framer.end_framing()
-        with pytest.raises(pickle.UnpicklingError):
-            read_pickle(io.BytesIO(out.getvalue()))
+def _build_pickle(target, state) -> bytes:
+    """A pickle that applies BUILD(state) to `target`."""
+    out = io.BytesIO()
+    pickler = UpstreamPickler(out, legacy=False)
+    pickler.framer.start_framing()
+    pickler.write(pickle.PROTO + bytes([4]))
+    pickler.save(target)
+    pickler.save(state)
+    pickler.write(pickle.BUILD + pickle.STOP)
+    pickler.framer.end_framing()
+    return out.getvalue()
+
+
+def test_pickle_cannot_set_the_state_of_globals_or_tensors():
+    # BUILD applied to an allow-listed function, EasyDict's class, a placeholder class, torch.Size, a tensor.
+    tensor = torch.arange(4, dtype=torch.float32)
+    storage = Call(torch.storage._load_from_bytes, legacy_storage_blob(tensor))
+    tensor_call = Call(torch._utils._rebuild_tensor_v2, storage, 0, (4,), (1,), False, OrderedDict())
+    cases = {
+        "allow-listed function": (Global("torch._utils", "_rebuild_tensor_v2"), ({"__getattr__": 1}, {"__call__": 1})),
+        "EasyDict class": (Global("dnnlib.util", "EasyDict"), ({"__getattr__": 1}, {"__getattr__": 1})),
+        "placeholder class": (Global("some_upstream.helpers", "Thing"), ({"__new__": 1}, {"__new__": 1})),
+        "torch.Size": (Global("torch", "Size"), ({}, {"__new__": 1})),
+        "tensor (legacy set_)": (tensor_call, (tensor_call, 0, (8,), (1,))),
+        "tensor (hooks)": (tensor_call, (False, None, OrderedDict(hook=Global("torch._utils", "_rebuild_tensor")))),
+    }
+    for name, (target, state) in cases.items():
+        with pytest.raises(pickle.UnpicklingError, match="may not set the state"):
+            read_pickle(io.BytesIO(_build_pickle(target, state)))
     assert EasyDict(a=1).a == 1
+    # BUILD on a record is how a pickled object gets its state.
+    record = read_pickle(io.BytesIO(_build_pickle(Call(Global("copyreg", "_reconstructor"),
+                                                       Global("some_upstream.helpers", "Thing"),
+                                                       Global("builtins", "object"), None), {"size": 3})))
+    assert type(record) is ObjectRecord and record.size == 3 and record.qualified_name == "some_upstream.helpers.Thing"
 
 
 def test_bad_storage_blobs_and_views_are_refused():

@@ -48,8 +48,10 @@ os, posix, subprocess, sys, importlib, shutil, socket, pickle, marshal, types,
 functools, operator, runpy, code, pty, ctypes, ...) are refused with an
 `UnsafePickleError` naming ``module.name``; every other name is a placeholder that
 becomes a record when the pickle creates an object of it and is refused when the pickle
-calls it (an unknown name may be a function). Storage blobs (torch's legacy
-``torch.save`` of one storage, see `_tensors`) are parsed as data and bounds-checked.
+calls it (an unknown name may be a function). Setting an object's state (BUILD) is
+allowed only on records, numpy arrays and dtypes and dicts, never on tensors or globals.
+Storage blobs (torch's legacy ``torch.save`` of one storage, see `_tensors`) are parsed
+as data, and each tensor view is bounds-checked against its storage.
 """
 from ._pickle import DENIED_MODULES, EasyDict, UnsafePickleError, read_pickle
 from ._records import ObjectRecord, PersistentRecord

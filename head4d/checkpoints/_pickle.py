@@ -29,9 +29,15 @@ pickle names is ever imported:
    unknown name may be a function, and the only calls a network pickle needs are
    those of rule 1. Placeholders cannot be modified by the pickle (BUILD on them fails).
 
-Allow-listed functions are wrapped in objects whose state a pickle cannot change
-either, so one read cannot alter the next. Persistent ids (``torch.save`` archives)
-are refused at the top level; storage blobs are parsed as data (`_tensors`).
+BUILD (pickle's "set the state of the object on the stack") is allowed only on records,
+numpy arrays and dtypes, EasyDicts and OrderedDicts: never on a tensor (torch's legacy
+``Tensor.__setstate__`` would re-point it at another storage or install backward hooks)
+nor on a global. Allow-listed functions are also wrapped in objects whose state cannot
+be set, and the classes a pickle may reach cannot be modified, so one read cannot alter
+the next. This is why the unpickler is Python's own implementation (``pickle._Unpickler``,
+whose opcodes can be overridden; reading costs about the same as the C one, the time
+going into copying tensor data). Persistent ids (``torch.save`` archives) are refused
+at the top level; storage blobs are parsed as data (`_tensors`).
 """
 from __future__ import annotations
 
@@ -314,12 +320,30 @@ def _python3_name(module: str, name: str) -> Tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` whose globals follow the module docstring's three rules."""
+def _may_take_state(obj: Any) -> bool:
+    """Whether BUILD may set the state of `obj`: records, numpy arrays and dtypes, dicts of our types."""
+    return (isinstance(obj, (ObjectRecord, np.dtype, EasyDict, collections.OrderedDict))
+            or type(obj) is np.ndarray)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Python's unpickler with the module docstring's rules for globals, and a BUILD step (setting an
+    object's state) allowed only on records, numpy arrays and dtypes, EasyDicts and OrderedDicts: never
+    on a tensor (whose legacy ``__setstate__`` would re-point or re-hook it) nor on a global."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, stream: BinaryIO):
         super().__init__(stream)
         self._placeholders: Dict[Tuple[str, str], type] = {}
+
+    def load_build(self) -> None:
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if not _may_take_state(target):
+            raise pickle.UnpicklingError(f"a pickle may not set the state of a {type(target).__name__} object (BUILD)")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _python3_name(module, name)
