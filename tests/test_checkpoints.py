@@ -715,6 +715,9 @@ def test_pickle_cannot_set_the_state_of_globals_or_tensors():
                                                        Global("some_upstream.helpers", "Thing"),
                                                        Global("builtins", "object"), None), {"size": 3})))
     assert type(record) is ObjectRecord and record.size == 3 and record.qualified_name == "some_upstream.helpers.Thing"
+    # A class of a script's __main__ is a record too (a dunder module is not a dunder attribute chain).
+    record = read_pickle(io.BytesIO(dump_calls(Call(Global("copyreg", "__newobj__"), Global("__main__", "Config"), 5))))
+    assert type(record) is ObjectRecord and record.qualified_name == "__main__.Config" and record.new_args == (5,)
 
 
 def test_bad_storage_blobs_and_views_are_refused():

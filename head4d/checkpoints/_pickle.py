@@ -19,7 +19,7 @@ pickle names is ever imported:
    (builtins other than the data types, os / posix / nt, subprocess, sys, importlib,
    shutil, socket, pickle, marshal, types, functools, operator, runpy, code, pty,
    ctypes, io, ... see `DENIED_MODULES`) and any name with a dunder part (attribute
-   chains such as ``Popen.__init__``). `UnsafePickleError` names the global.
+   chains such as ``load.__globals__``). `UnsafePickleError` names the global.
 3. **Every other global becomes a placeholder class**, never imported. Creating an
    object of it the way pickle creates objects of classes (NEWOBJ / NEWOBJ_EX, OBJ or
    INST without arguments, copyreg's reconstructor) gives an inert `ObjectRecord`,
@@ -354,7 +354,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if module.split(".", 1)[0] in DENIED_MODULES:
             raise UnsafePickleError(global_name, f"module {module!r} can run code or reach the system, and a network "
                                                  "pickle never needs it")
-        if any(part.startswith("__") for part in name.split(".") + module.split(".")):
+        if any(part.startswith("__") for part in name.split(".")):
             raise UnsafePickleError(global_name, "names with dunder parts (attribute chains) are not allowed")
         key = (module, name)
         if key not in self._placeholders:
