@@ -740,6 +740,19 @@ def test_bad_storage_blobs_and_views_are_refused():
     assert_bit_exact(read_pickle(io.BytesIO(dump_calls(good))), tensor[1:])
 
 
+def test_plain_values_of_allowed_types():
+    values = {"size": torch.Size([2, 3]), "device": torch.device("cuda", 1), "dtype": torch.bfloat16,
+              "format": torch.channels_last, "layout": torch.strided, "set": {1, 2}, "frozenset": frozenset("ab"),
+              "slice": slice(1, None, 2), "complex": 1 - 2j, "range": range(0, 10, 3), "bytes": b"\x00\xff",
+              "bytearray": bytearray(b"\x01"), "ordered": OrderedDict(b=1, a=2), "tuple": (None, True, 1.5)}
+    for protocol in range(pickle.HIGHEST_PROTOCOL, -1, -1):
+        if protocol < 4:  # torch memory formats pickle only from protocol 4 on
+            values = {name: value for name, value in values.items() if name != "format"}
+        loaded = read_pickle(io.BytesIO(pickle.dumps(values, protocol=protocol)))
+        assert loaded == values and [type(v) for v in loaded.values()] == [type(v) for v in values.values()]
+        assert list(loaded["ordered"]) == ["b", "a"]
+
+
 def test_read_pickle_arguments(tmp_path):
     path = tmp_path / "snapshot.pkl"
     path.write_bytes(pickle.dumps({"a": torch.ones(2)}))

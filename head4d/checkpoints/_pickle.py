@@ -5,9 +5,10 @@ A pickle names each global it needs (module + name) and the unpickler's
 pickle names is ever imported:
 
 1. **Allow-listed globals are real** (or a stand-in with the same behaviour): torch's
-   tensor / parameter / storage rebuild functions (`_tensors`), torch's storage classes
-   and dtypes, ``torch.Size`` and ``torch.device``, ``collections.OrderedDict``, the
-   builtin data types (set, frozenset, dict, list, tuple, slice, complex; bytearray and
+   tensor / parameter / storage rebuild functions (`_tensors`), torch's storage classes,
+   dtypes, layouts and memory formats, ``torch.Size`` and ``torch.device``,
+   ``collections.OrderedDict``, the builtin data types (set, frozenset, dict, list,
+   tuple, slice, complex, range; bytearray and
    ``_codecs.encode`` only to turn text into bytes), numpy's array reconstruction
    (``_reconstruct`` with ``ndarray`` only, ``_frombuffer``), ``numpy.dtype`` and
    numpy scalars (``numpy.core`` and numpy 2's ``numpy._core`` names), copyreg's
@@ -262,6 +263,9 @@ _TORCH_DTYPE_NAMES = (
     "cfloat", "complex128", "cdouble", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "short", "int32",
     "int", "int64", "long", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
 )
+# torch constants a module may keep as attributes (layouts, memory formats).
+_TORCH_CONSTANT_NAMES = ("strided", "sparse_coo", "contiguous_format", "channels_last", "channels_last_3d",
+                         "preserve_format")
 
 
 def _allowed_globals() -> Dict[Tuple[str, str], Any]:
@@ -287,10 +291,26 @@ def _allowed_globals() -> Dict[Tuple[str, str], Any]:
         dtype = getattr(torch, name, None)
         if isinstance(dtype, torch.dtype):
             allowed[("torch", name)] = dtype
+    layouts = {}
+    for name in _TORCH_CONSTANT_NAMES:
+        constant = getattr(torch, name, None)
+        if isinstance(constant, (torch.layout, torch.memory_format)):
+            allowed[("torch", name)] = constant
+        if isinstance(constant, torch.memory_format):  # torch writes these as torch._utils' torch.<name>
+            allowed[("torch._utils", f"torch.{name}")] = constant
+        if isinstance(constant, torch.layout):
+            layouts[f"torch.{name}"] = constant
+
+    def layout_by_name(name):  # how torch pickles a layout: _get_layout('torch.strided')
+        if name not in layouts:
+            raise pickle.UnpicklingError(f"unknown torch layout {name!r:.100}")
+        return layouts[name]
+
+    function("torch.serialization", "_get_layout", layout_by_name)
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch", "device")] = torch.device
     allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    for builtin in (set, frozenset, dict, list, tuple, slice, complex):
+    for builtin in (set, frozenset, dict, list, tuple, slice, complex, range):
         allowed[("builtins", builtin.__name__)] = builtin
     function("builtins", "bytearray", _bytearray)
     allowed[("builtins", "object")] = _OBJECT_BASE
