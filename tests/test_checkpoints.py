@@ -715,6 +715,13 @@ def test_pickle_cannot_set_the_state_of_globals_or_tensors():
                                                        Global("some_upstream.helpers", "Thing"),
                                                        Global("builtins", "object"), None), {"size": 3})))
     assert type(record) is ObjectRecord and record.size == 3 and record.qualified_name == "some_upstream.helpers.Thing"
+    # State that is not a dict (a class with its own __getstate__) is kept as it is; slots go into the state.
+    record = read_pickle(io.BytesIO(_build_pickle(Call(Global("copyreg", "__newobj__"),
+                                                       Global("some_upstream.helpers", "Thing")), (1, [2.5]))))
+    assert record.raw_state == (1, [2.5]) and record.state == {}
+    record = read_pickle(io.BytesIO(_build_pickle(Call(Global("copyreg", "__newobj__"),
+                                                       Global("some_upstream.helpers", "Thing")), (None, {"a": 1}))))
+    assert record.raw_state is None and record.state == {"a": 1}
     # A class of a script's __main__ is a record too (a dunder module is not a dunder attribute chain).
     record = read_pickle(io.BytesIO(dump_calls(Call(Global("copyreg", "__newobj__"), Global("__main__", "Config"), 5))))
     assert type(record) is ObjectRecord and record.qualified_name == "__main__.Config" and record.new_args == (5,)

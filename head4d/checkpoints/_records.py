@@ -34,6 +34,8 @@ class ObjectRecord:
         new_args: positional arguments the pickle created the object with (NEWOBJ), a tuple.
         new_kwargs: keyword arguments it was created with (NEWOBJ_EX), a dict.
         state: the pickled state (the object's ``__dict__``), a dict.
+        raw_state: the pickled state when it is not a dict (a class with its own
+            ``__getstate__``), else ``None``.
 
     Other attribute names read the state, then (for module-like records) the
     parameters, buffers and submodules, as ``torch.nn.Module.__getattr__`` does;
@@ -47,20 +49,20 @@ class ObjectRecord:
         self.new_args = tuple(new_args)
         self.new_kwargs = dict(new_kwargs or {})
         self.state = dict(state or {})
+        self.raw_state = None
 
     # -- pickle's BUILD step (the object's state) -------------------------------------
     def __setstate__(self, pickled_state: Any) -> None:
-        """Take the pickled state of the object (BUILD): a dict, or (dict, slot dict)."""
-        if isinstance(pickled_state, tuple) and len(pickled_state) == 2:
-            dict_state, slot_state = pickled_state
+        """Take the pickled state of the object (BUILD): a dict, (dict or None, slot dict), or anything else,
+        which is kept as `raw_state`."""
+        parts = pickled_state if isinstance(pickled_state, tuple) and len(pickled_state) == 2 else None
+        if parts is not None and all(part is None or isinstance(part, dict) for part in parts):
+            for part in parts:
+                self.state.update(part or {})
+        elif isinstance(pickled_state, dict):
+            self.state.update(pickled_state)
         else:
-            dict_state, slot_state = pickled_state, None
-        for part in (dict_state, slot_state):
-            if part is None:
-                continue
-            if not isinstance(part, dict):
-                raise TypeError(f"pickled state of {self.qualified_name} must be a dict, got {type(part).__name__}")
-            self.state.update(part)
+            self.raw_state = pickled_state
 
     # -- copies of a record are records (pickle/copy use these, not __setstate__) ---------
     def __reduce__(self):
