@@ -121,7 +121,7 @@ class _StorageRootUnpickler(_DataOnlyUnpickler):
         if not isinstance(storage_class, StorageClass) or not isinstance(key, str) or not _is_int(numel) or numel < 0:
             raise pickle.UnpicklingError(f"malformed storage id in a storage blob: {pid!r:.200}")
         if view_metadata is not None:
-            raise pickle.UnpicklingError("storage views (the pre-1.0 torch.save format) are not supported")
+            raise pickle.UnpicklingError("storage views (an old torch.save format) are not supported")
         self.storages[key] = (storage_class, numel)
         return key
 
@@ -134,6 +134,8 @@ def load_storage_blob(blob: Any) -> LoadedStorage:
         return _parse_storage_blob(io.BytesIO(blob))
     except EOFError:
         raise pickle.UnpicklingError("storage blob truncated") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise pickle.UnpicklingError(f"malformed storage blob: {error}") from None
 
 
 def _parse_storage_blob(stream: io.BytesIO) -> LoadedStorage:
@@ -142,7 +144,9 @@ def _parse_storage_blob(stream: io.BytesIO) -> LoadedStorage:
     if magic != LEGACY_MAGIC_NUMBER or version != LEGACY_PROTOCOL_VERSION:
         raise pickle.UnpicklingError("not a legacy torch.save blob (wrong magic number or format version)")
     sys_info = _DataOnlyUnpickler(stream).load()
-    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+    if not isinstance(sys_info, dict):
+        raise pickle.UnpicklingError("a storage blob's header must describe its writer in a dict")
+    if sys_info.get("little_endian") is not True:
         raise pickle.UnpicklingError("storage blob written on a big-endian machine: not supported")
     if sys.byteorder != "little":
         raise pickle.UnpicklingError("reading torch storages needs a little-endian machine")
@@ -151,7 +155,8 @@ def _parse_storage_blob(stream: io.BytesIO) -> LoadedStorage:
     if not isinstance(root_key, str) or root_key not in root.storages:
         raise pickle.UnpicklingError("a storage blob's root must be its storage")
     keys = _DataOnlyUnpickler(stream).load()
-    if not isinstance(keys, list) or sorted(keys) != sorted(root.storages):
+    if (not isinstance(keys, list) or not all(isinstance(key, str) for key in keys)
+            or len(set(keys)) != len(keys) or set(keys) != set(root.storages)):
         raise pickle.UnpicklingError("a storage blob's key list does not match its storages")
     loaded: Dict[str, LoadedStorage] = {}
     for key in keys:
