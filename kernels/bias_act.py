@@ -23,8 +23,10 @@ contiguous. float16 and bfloat16 are computed in float32.
 Kernel design: one program per BLOCK contiguous elements; the bias index of element k
 is ``(k // inner) % C``. The activation, the derivative order and whether there is a
 bias or a clamp are compile-time constants, so each launch is branch-free straight-line
-code. ``alpha``, ``gain`` and ``clamp`` come in as a 3-element tensor of the compute
-dtype (Triton passes Python floats as float32, which would round them for float64).
+code. ``alpha``, ``gain`` and ``clamp`` come in as the bit patterns of their float64
+values (int64 scalars, rounded to the compute dtype in the kernel): Triton passes Python
+floats as float32, which would round them for float64, and a parameter tensor would
+cost a host-to-device copy per call, which a CUDA graph cannot capture.
 exp, expm1, log1p and tanh are libdevice's on a GPU (the functions the CUDA kernel
 calls); Triton's interpreter has no libdevice, so there they are built from exp and log
 (accurate to a few ulp, see the helpers).
@@ -34,6 +36,7 @@ Run this file to check it against the reference (and, with a GPU, time it).
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -184,25 +187,35 @@ def _activation(z, alpha, ACT: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _from_bits(bits, ct: tl.constexpr):
+    """The float64 whose bit pattern is ``bits`` (an int32 or int64 scalar: Triton types a
+    small one int32, and sign extension keeps its value), rounded to ``ct``."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ct)
+
+
+@triton.jit(do_not_specialize=["alpha_bits", "gain_bits", "clamp_bits"])
 def _bias_act_kernel(
     x_ptr,  # [numel] contiguous, storage dtype
     b_ptr,  # [C] (HAS_BIAS), storage dtype
     grad_ptr,  # [numel] (ORDER > 0), storage dtype
     out_ptr,  # [numel], storage dtype
-    params_ptr,  # [3] compute dtype: alpha, gain, clamp
+    alpha_bits, gain_bits, clamp_bits,  # float64 bit patterns
     numel, C, inner,
     ACT: tl.constexpr, ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    IDX64: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
+    COMPUTE_F64: tl.constexpr, IDX64: tl.constexpr, LIBDEVICE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    ct = params_ptr.dtype.element_ty  # compute dtype: float32, or float64
+    if COMPUTE_F64:
+        ct: tl.constexpr = tl.float64
+    else:
+        ct: tl.constexpr = tl.float32
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
-    alpha = tl.load(params_ptr + 0)
-    gain = tl.load(params_ptr + 1)
-    clamp = tl.load(params_ptr + 2)
+    alpha = _from_bits(alpha_bits, ct)
+    gain = _from_bits(gain_bits, ct)
+    clamp = _from_bits(clamp_bits, ct)
 
     z = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ct)
     if HAS_BIAS:
@@ -231,6 +244,11 @@ def _bias_act_kernel(
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _float64_bits(value: float) -> int:
+    """The bit pattern of ``value`` as a float64, as a signed 64-bit integer."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
 def _interpreting() -> bool:
@@ -267,8 +285,6 @@ def run(x: torch.Tensor, b, grad, dim: int, act: int, order: int, alpha: float, 
     numel = out.numel()
     if numel == 0:
         return out
-    compute = _compute_dtype(x.dtype)
-    params = torch.tensor([alpha, gain, clamp], dtype=compute, device=x.device)
     channels, inner = 1, 1
     if b is not None:
         channels = x.shape[dim]
@@ -278,10 +294,10 @@ def run(x: torch.Tensor, b, grad, dim: int, act: int, order: int, alpha: float, 
     g = grad.to(x.dtype).contiguous() if order > 0 else None
     grid = (triton.cdiv(numel, BLOCK),)
     _bias_act_kernel[grid](
-        xc, b if b is not None else xc, g if g is not None else xc, out, params,
-        numel, channels, inner,
+        xc, b if b is not None else xc, g if g is not None else xc, out,
+        _float64_bits(alpha), _float64_bits(gain), _float64_bits(clamp), numel, channels, inner,
         ACT=act, ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=float(clamp) >= 0.0,
-        IDX64=numel + BLOCK >= 2 ** 31, LIBDEVICE=not _interpreting(), BLOCK=BLOCK,
+        COMPUTE_F64=_compute_dtype(x.dtype) == torch.float64, IDX64=numel + BLOCK >= 2 ** 31, LIBDEVICE=not _interpreting(), BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
     return out
