@@ -9,12 +9,11 @@ filter unless ``flip_filter``, the filter scaled by ``gain ** (f.ndim / 2)``, a 
 filter applied separably (along x, then y), decimation keeping the first sample.
 
 Backends: ``cpu`` and ``cuda`` (head4d._C, csrc/upfirdn2d/), ``triton``
-(kernels/upfirdn2d.py); each compiles 2x up and 2x down with a 4-tap filter with the
-sizes fixed; ``torch`` (the reference). The
-gradient w.r.t. ``x`` is upfirdn2d again (up and down swapped, the filter flipped, the
-padding transformed), so second derivatives (R1) work on every backend. The compiled
-backends treat the filter as a constant: a filter that requires grad runs the
-reference.
+(kernels/upfirdn2d.py), each with 2x up and 2x down with a 4-tap filter compiled with
+the sizes fixed; ``torch`` (the reference). The gradient w.r.t. ``x`` is upfirdn2d
+again (up and down swapped, the filter flipped, the padding transformed), so second
+derivatives (R1) work on every backend. The compiled backends treat the filter as a
+constant: a filter that requires grad runs the reference.
 """
 from __future__ import annotations
 
