@@ -297,8 +297,8 @@ def run(x: torch.Tensor, b, grad, dim: int, act: int, order: int, alpha: float, 
         xc, b if b is not None else xc, g if g is not None else xc, out,
         _float64_bits(alpha), _float64_bits(gain), _float64_bits(clamp), numel, channels, inner,
         ACT=act, ORDER=order, HAS_BIAS=b is not None, HAS_CLAMP=float(clamp) >= 0.0,
-        COMPUTE_F64=_compute_dtype(x.dtype) == torch.float64, IDX64=numel + BLOCK >= 2 ** 31, LIBDEVICE=not _interpreting(), BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
+        COMPUTE_F64=_compute_dtype(x.dtype) == torch.float64, IDX64=numel + BLOCK >= 2 ** 31,
+        LIBDEVICE=not _interpreting(), BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return out
 

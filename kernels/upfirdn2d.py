@@ -21,14 +21,15 @@ head4d/ops/_library.py; its gradient is the same op, see there)::
 in x's dtype.
 
 Kernel design: one program per BLOCK_H x BLOCK_W tile of outputs, its rows taken from
-the output rows of all planes (``[N * C * OH, OW]``, so small images share a program). Each output row (column) finds its first
-tap that lands on an input sample and the input index it reads; the tap loops then
-read masked input tiles (rows along W are contiguous, so the loads coalesce) and
-gather the taps (a tiny array, cached). The general kernel takes up, down, padding and
-the filter size at run time and loops over the taps at run time; 2x upsampling and 2x
-downsampling with a 4-tap (4 x 4) filter, the cases around every resolution change of
-StyleGAN2's networks, are compiled with those sizes fixed (``tl.constexpr``) and their
-tap loops unrolled, as the C++ kernels specialise them.
+the output rows of all planes (``[N * C * OH, OW]``, so small images share a program).
+Each output row (column) finds its first tap that lands on an input sample and the
+input index it reads; the tap loops then read masked input tiles (rows along W are
+contiguous, so the loads coalesce) and gather the taps (a tiny array, cached). The
+general kernel takes up, down, padding and the filter size at run time and loops over
+the taps at run time; 2x upsampling and 2x downsampling with a 4-tap (4 x 4) filter,
+the cases around every resolution change of StyleGAN2's networks, are compiled with
+those sizes fixed (``tl.constexpr``) and their tap loops unrolled, as the C++ kernels
+specialise them.
 
 Run this file to check it against the reference (and, with a GPU, time it).
 """
