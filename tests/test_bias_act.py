@@ -1,6 +1,7 @@
 """``bias_act`` (StyleGAN2's fused bias + activation + gain + clamp): the reference
 against independent formulas and its default table, and the compiled backends (``cpu``,
-``cuda``; csrc/bias_act/) against the reference on fresh random inputs: every
+``cuda``: csrc/bias_act/; ``triton``: kernels/bias_act.py, in Triton's interpreter
+without a GPU) against the reference on fresh random inputs: every
 activation and dtype, with and without bias and clamp, the bias along different
 dimensions, non-contiguous x, gradients, second derivatives (gradgradcheck in float64
 and the reference's autograd through ``create_graph=True``), the clamp boundary, and
@@ -17,7 +18,7 @@ from head4d.reference.bias_act import ACTIVATIONS
 
 from conftest import CUDA_EMULATED, require_backend
 
-BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
+BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu), CUDA_EMULATED]
 ALL_BACKENDS = ["torch"] + BACKENDS
 ACTS = list(ACTIVATIONS)
 F64 = torch.float64
@@ -161,13 +162,13 @@ def test_forward_and_gradients_match_reference(backend, dtype, act, layout, clam
         torch.testing.assert_close(bk.grad.double(), br.grad, **tol(dtype, 2 * grad_scale * per_channel))
 
 
-def test_non_contiguous_x():
-    for backend in ["cpu"]:
-        require_backend(backend)
-        x = rand((4, 6, 5), 7).transpose(0, 2)  # [5, 6, 4], not contiguous
-        b = rand((6,), 8)
-        out = bias_act(x, b, 1, "lrelu", clamp=2.0, backend=backend)
-        torch.testing.assert_close(out, reference_bias_act(x, b, 1, "lrelu", clamp=2.0), atol=1e-12, rtol=1e-12)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_non_contiguous_x(backend):
+    require_backend(backend)
+    x = rand((4, 6, 5), 7).transpose(0, 2)  # [5, 6, 4], not contiguous
+    b = rand((6,), 8)
+    out = bias_act(x, b, 1, "lrelu", clamp=2.0, backend=backend)
+    torch.testing.assert_close(out, reference_bias_act(x, b, 1, "lrelu", clamp=2.0), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -203,10 +204,11 @@ def test_second_derivatives_match_reference_autograd(backend, act):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
-def test_third_derivative_through_x_raises():
-    require_backend("cpu")
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_third_derivative_through_x_raises(backend):
+    require_backend(backend)
     x = rand((2, 3), 31).requires_grad_(True)
-    y = bias_act(x, None, act="tanh", backend="cpu")
+    y = bias_act(x, None, act="tanh", backend=backend)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="third order"):
@@ -251,15 +253,19 @@ def test_bad_input(backend):
 # The custom operators
 # ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_opcheck(with_bias):
-    """Schemas, fakes and autograd registrations of both custom operators."""
-    require_backend("cpu")
+def test_opcheck(backend, with_bias):
+    """Schemas, fakes and autograd registrations of both custom operators of the backend."""
+    require_backend(backend)
     from head4d.ops import _library
+
+    forward, derivative = ((_library.bias_act_triton, _library.bias_act_triton_derivative) if backend == "triton"
+                           else (_library.bias_act, _library.bias_act_derivative))
 
     x = rand((2, 3, 4), 41).requires_grad_(True)
     b = rand((3,), 42).requires_grad_(True) if with_bias else None
     grad = rand((2, 3, 4), 43).requires_grad_(True)
     code = ACTIVATIONS["swish"].code
-    torch.library.opcheck(_library.bias_act, (x, b, 1, code, 0.0, 1.4, 2.0))
-    torch.library.opcheck(_library.bias_act_derivative, (grad, x, b, 1, code, 1, 0.0, 1.4, 2.0))
+    torch.library.opcheck(forward, (x, b, 1, code, 0.0, 1.4, 2.0))
+    torch.library.opcheck(derivative, (grad, x, b, 1, code, 1, 0.0, 1.4, 2.0))

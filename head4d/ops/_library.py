@@ -20,8 +20,8 @@ Ops, one section each below (``X`` runs ``head4d._C`` on CPU and CUDA tensors,
     closest_triangles, closest_triangles_search        (no gradient: the public op
     surface_field_grid, surface_field_grid_search       recomputes values with autograd)
     attention_triton                                   (+ _backward)
-    bias_act                                           (+ _derivative, twice differentiable)
-    upfirdn2d                                          (its backward is itself)
+    bias_act, bias_act_triton                          (+ _derivative, twice differentiable)
+    upfirdn2d, upfirdn2d_triton                        (its backward is itself)
 
 Backward ops take one ``need`` flag per differentiable input and return the list of
 the gradients asked for, in input order (a custom op cannot return ``None``);
@@ -572,28 +572,6 @@ attention_triton.register_autograd(_attention_gradient, setup_context=_attention
 # derivatives; a third derivative through x raises.
 # ---------------------------------------------------------------------------------
 
-@_custom_op("bias_act", EXTENSION_DEVICES)
-def bias_act(x: Tensor, b: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
-             clamp: float) -> Tensor:
-    return _extension().bias_act_run(x, b, None, dim, act, 0, alpha, gain, clamp)
-
-
-@bias_act.register_fake
-def _(x, b, dim, act, alpha, gain, clamp):
-    return x.new_empty(x.shape)
-
-
-@_custom_op("bias_act_derivative", EXTENSION_DEVICES)
-def bias_act_derivative(grad: Tensor, x: Tensor, b: Optional[Tensor], dim: int, act: int, order: int,
-                        alpha: float, gain: float, clamp: float) -> Tensor:
-    return _extension().bias_act_run(x, b, grad, dim, act, order, alpha, gain, clamp)
-
-
-@bias_act_derivative.register_fake
-def _(grad, x, b, dim, act, order, alpha, gain, clamp):
-    return x.new_empty(x.shape)
-
-
 def _bias_act_bias_grad(grad_x: Tensor, b: Tensor, dim: int) -> Tensor:
     """The bias gradient: ``grad_x`` summed over every dimension but ``dim``, in float32
     (float64 for float64), returned in b's dtype."""
@@ -602,54 +580,88 @@ def _bias_act_bias_grad(grad_x: Tensor, b: Tensor, dim: int) -> Tensor:
     return grad_x.to(compute).sum(dim=dims).to(b.dtype)
 
 
-def _bias_act_setup_context(ctx, inputs, output):
-    x, b, dim, act, alpha, gain, clamp = inputs
-    ctx.save_for_backward(x, b)
-    ctx.args = (dim, act, alpha, gain, clamp)
+def _define_bias_act(name: str, derivative_name: str, kernels, devices: Sequence[str]):
+    """``head4d::<name>`` (the activation) and ``head4d::<derivative_name>`` (its first or
+    second derivative times a gradient) running ``kernels()``, an object with
+    ``run(x, b, grad, dim, act, order, alpha, gain, clamp)`` (``grad`` None for order 0),
+    each differentiable through the other as described above. Returns both ops."""
+
+    @_custom_op(name, devices)
+    def forward(x: Tensor, b: Optional[Tensor], dim: int, act: int, alpha: float, gain: float,
+                clamp: float) -> Tensor:
+        return kernels().run(x, b, None, dim, act, 0, alpha, gain, clamp)
+
+    @forward.register_fake
+    def _(x, b, dim, act, alpha, gain, clamp):
+        return x.new_empty(x.shape)
+
+    @_custom_op(derivative_name, devices)
+    def derivative(grad: Tensor, x: Tensor, b: Optional[Tensor], dim: int, act: int, order: int,
+                   alpha: float, gain: float, clamp: float) -> Tensor:
+        return kernels().run(x, b, grad, dim, act, order, alpha, gain, clamp)
+
+    @derivative.register_fake
+    def _(grad, x, b, dim, act, order, alpha, gain, clamp):
+        return x.new_empty(x.shape)
+
+    def forward_setup_context(ctx, inputs, output):
+        x, b, dim, act, alpha, gain, clamp = inputs
+        ctx.save_for_backward(x, b)
+        ctx.args = (dim, act, alpha, gain, clamp)
+
+    def forward_gradient(ctx, grad_out):
+        x, b = ctx.saved_tensors
+        dim, act, alpha, gain, clamp = ctx.args
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = derivative(grad_out, x, b, dim, act, 1, alpha, gain, clamp)
+            if b is not None and ctx.needs_input_grad[1]:
+                grad_b = _bias_act_bias_grad(grad_x, b, dim)
+        return grad_x, grad_b, None, None, None, None, None
+
+    forward.register_autograd(forward_gradient, setup_context=forward_setup_context)
+
+    def derivative_setup_context(ctx, inputs, output):
+        grad, x, b, dim, act, order, alpha, gain, clamp = inputs
+        ctx.save_for_backward(grad, x, b)
+        ctx.args = (dim, act, order, alpha, gain, clamp)
+
+    def derivative_gradient(ctx, grad_grad):
+        grad, x, b = ctx.saved_tensors
+        dim, act, order, alpha, gain, clamp = ctx.args
+        need_grad, need_x, need_b = ctx.needs_input_grad[:3]
+        grad_grad_out = grad_x = grad_b = None
+        if need_grad:  # linear in grad: the same derivative applied to grad_grad
+            grad_grad_out = derivative(grad_grad, x, b, dim, act, order, alpha, gain, clamp)
+        if need_x or need_b:
+            if order != 1:
+                raise RuntimeError("bias_act: derivatives of third order with respect to x or b are not implemented")
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            product = grad.to(compute) * grad_grad.to(compute)
+            grad_x = derivative(product.to(x.dtype), x, b, dim, act, 2, alpha, gain, clamp)
+            if b is not None and need_b:
+                grad_b = _bias_act_bias_grad(grad_x, b, dim)
+            if not need_x:
+                grad_x = None
+        return grad_grad_out, grad_x, grad_b, None, None, None, None, None, None
+
+    derivative.register_autograd(derivative_gradient, setup_context=derivative_setup_context)
+    return forward, derivative
 
 
-def _bias_act_gradient(ctx, grad_out):
-    x, b = ctx.saved_tensors
-    dim, act, alpha, gain, clamp = ctx.args
-    grad_x = grad_b = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = bias_act_derivative(grad_out, x, b, dim, act, 1, alpha, gain, clamp)
-        if b is not None and ctx.needs_input_grad[1]:
-            grad_b = _bias_act_bias_grad(grad_x, b, dim)
-    return grad_x, grad_b, None, None, None, None, None
+class _BiasActExtension:
+    @staticmethod
+    def run(x, b, grad, dim, act, order, alpha, gain, clamp):
+        return _extension().bias_act_run(x, b, grad, dim, act, order, alpha, gain, clamp)
 
 
-bias_act.register_autograd(_bias_act_gradient, setup_context=_bias_act_setup_context)
+bias_act, bias_act_derivative = _define_bias_act("bias_act", "bias_act_derivative", lambda: _BiasActExtension,
+                                                 EXTENSION_DEVICES)
+bias_act_triton, bias_act_triton_derivative = _define_bias_act(
+    "bias_act_triton", "bias_act_triton_derivative", lambda: _triton_kernels("bias_act"), TRITON_DEVICES)
 
 
-def _bias_act_derivative_setup_context(ctx, inputs, output):
-    grad, x, b, dim, act, order, alpha, gain, clamp = inputs
-    ctx.save_for_backward(grad, x, b)
-    ctx.args = (dim, act, order, alpha, gain, clamp)
-
-
-def _bias_act_derivative_gradient(ctx, grad_grad):
-    grad, x, b = ctx.saved_tensors
-    dim, act, order, alpha, gain, clamp = ctx.args
-    need_grad, need_x, need_b = ctx.needs_input_grad[:3]
-    grad_grad_out = grad_x = grad_b = None
-    if need_grad:  # linear in grad: the same derivative applied to grad_grad
-        grad_grad_out = bias_act_derivative(grad_grad, x, b, dim, act, order, alpha, gain, clamp)
-    if need_x or need_b:
-        if order != 1:
-            raise RuntimeError("bias_act: derivatives of third order with respect to x or b are not implemented")
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        product = grad.to(compute) * grad_grad.to(compute)
-        grad_x = bias_act_derivative(product.to(x.dtype), x, b, dim, act, 2, alpha, gain, clamp)
-        if b is not None and need_b:
-            grad_b = _bias_act_bias_grad(grad_x, b, dim)
-        if not need_x:
-            grad_x = None
-    return grad_grad_out, grad_x, grad_b, None, None, None, None, None, None
-
-
-bias_act_derivative.register_autograd(_bias_act_derivative_gradient,
-                                      setup_context=_bias_act_derivative_setup_context)
+# ---------------------------------------------------------------------------------
 # upfirdn2d: x [N, C, H, W], f [fh, fw] or [fw] -> [N, C, OH, OW]
 #
 # The gradient w.r.t. x is this same op on the output gradient, with up and down
@@ -661,20 +673,6 @@ bias_act_derivative.register_autograd(_bias_act_derivative_gradient,
 
 def _upfirdn2d_output_size(size: int, up: int, down: int, pad0: int, pad1: int, taps: int) -> int:
     return (size * up + pad0 + pad1 - taps) // down + 1
-
-
-@_custom_op("upfirdn2d", EXTENSION_DEVICES)
-def upfirdn2d(x: Tensor, f: Tensor, up: List[int], down: List[int], padding: List[int], flip_filter: bool,
-              gain: float) -> Tensor:
-    return _extension().upfirdn2d_forward(x, f, up[0], up[1], down[0], down[1], padding[0], padding[1],
-                                          padding[2], padding[3], flip_filter, gain)
-
-
-@upfirdn2d.register_fake
-def _(x, f, up, down, padding, flip_filter, gain):
-    out_h = _upfirdn2d_output_size(x.shape[2], up[1], down[1], padding[2], padding[3], f.shape[0])
-    out_w = _upfirdn2d_output_size(x.shape[3], up[0], down[0], padding[0], padding[1], f.shape[-1])
-    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
 
 def _upfirdn2d_gradient_args(in_h: int, in_w: int, out_h: int, out_w: int, f_h: int, f_w: int,
@@ -690,17 +688,44 @@ def _upfirdn2d_gradient_args(in_h: int, in_w: int, out_h: int, out_w: int, f_h: 
     return [downx, downy], [upx, upy], grad_padding
 
 
-def _upfirdn2d_setup_context(ctx, inputs, output):
-    x, f, up, down, padding, flip_filter, gain = inputs
-    ctx.save_for_backward(f)
-    ctx.args = _upfirdn2d_gradient_args(x.shape[2], x.shape[3], output.shape[2], output.shape[3], f.shape[0],
-                                        f.shape[-1], up, down, padding) + (not flip_filter, gain)
+def _define_upfirdn2d(name: str, kernels, devices: Sequence[str]):
+    """``head4d::<name>`` running ``kernels()``, an object with ``forward(x, f, upx, upy,
+    downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain)``; its gradient is the
+    op itself (above)."""
+
+    @_custom_op(name, devices)
+    def forward(x: Tensor, f: Tensor, up: List[int], down: List[int], padding: List[int], flip_filter: bool,
+                gain: float) -> Tensor:
+        return kernels().forward(x, f, up[0], up[1], down[0], down[1], padding[0], padding[1], padding[2],
+                                 padding[3], flip_filter, gain)
+
+    @forward.register_fake
+    def _(x, f, up, down, padding, flip_filter, gain):
+        out_h = _upfirdn2d_output_size(x.shape[2], up[1], down[1], padding[2], padding[3], f.shape[0])
+        out_w = _upfirdn2d_output_size(x.shape[3], up[0], down[0], padding[0], padding[1], f.shape[-1])
+        return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+
+    def setup_context(ctx, inputs, output):
+        x, f, up, down, padding, flip_filter, gain = inputs
+        ctx.save_for_backward(f)
+        ctx.args = _upfirdn2d_gradient_args(x.shape[2], x.shape[3], output.shape[2], output.shape[3], f.shape[0],
+                                            f.shape[-1], up, down, padding) + (not flip_filter, gain)
+
+    def gradient(ctx, grad_out):
+        (f,) = ctx.saved_tensors
+        grad_x = forward(grad_out.contiguous(), f, *ctx.args) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, None, None
+
+    forward.register_autograd(gradient, setup_context=setup_context)
+    return forward
 
 
-def _upfirdn2d_gradient(ctx, grad_out):
-    (f,) = ctx.saved_tensors
-    grad_x = upfirdn2d(grad_out.contiguous(), f, *ctx.args) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None, None, None, None, None
+class _Upfirdn2dExtension:
+    @staticmethod
+    def forward(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
+        return _extension().upfirdn2d_forward(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1,
+                                              flip_filter, gain)
 
 
-upfirdn2d.register_autograd(_upfirdn2d_gradient, setup_context=_upfirdn2d_setup_context)
+upfirdn2d = _define_upfirdn2d("upfirdn2d", lambda: _Upfirdn2dExtension, EXTENSION_DEVICES)
+upfirdn2d_triton = _define_upfirdn2d("upfirdn2d_triton", lambda: _triton_kernels("upfirdn2d"), TRITON_DEVICES)

@@ -3,7 +3,8 @@
 Where things live:
     reference   head4d/reference/bias_act.py   (the ``torch`` backend, the activation table)
     C++ / CUDA  csrc/bias_act/                 (``cpu`` and ``cuda`` backends)
-    custom ops  head4d/ops/_library.py         (``bias_act``, ``bias_act_derivative``)
+    Triton      kernels/bias_act.py            (``triton`` backend, ``head4d.kernels.bias_act``)
+    custom ops  head4d/ops/_library.py         (``bias_act``, ``bias_act_derivative``, their ``_triton`` twins)
     tests       tests/test_bias_act.py
     benchmark   head4d/bench/op_cases/bias_act.py
 """
@@ -24,12 +25,13 @@ from ..reference.bias_act import resolve_parameters
 from . import _library
 from ._common import resolve_implemented
 
-#: Backend preference per device type, fastest first.
+#: Backend preference per device type, fastest first. CUDA: the expected order (the
+#: CUDA kernels before the Triton ones) until a committed GPU run says otherwise.
 PREFERENCES = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("cuda", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
 }
-IMPLEMENTED = ("cpu", "cuda", "torch")
+IMPLEMENTED = ("cpu", "cuda", "triton", "torch")
 _backend.declare("bias_act", IMPLEMENTED, PREFERENCES)  # every input on every backend
 
 #: The activation names, as StyleGAN2 spells them.
@@ -83,8 +85,9 @@ def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, ac
         act: one of :data:`ACTIVATIONS`.
         alpha, gain: real numbers, or None for the activation's defaults.
         clamp: None (no clamp) or a real number >= 0.
-        backend: ``"cpu"`` (CPU tensors), ``"cuda"`` (CUDA tensors), ``"torch"`` (the
-            reference) or ``None``/``"auto"``.
+        backend: ``"cpu"`` (CPU tensors), ``"cuda"`` (CUDA tensors), ``"triton"`` (CUDA
+            tensors; CPU ones under ``TRITON_INTERPRET=1``), ``"torch"`` (the reference)
+            or ``None``/``"auto"``.
 
     Returns:
         x's shape and dtype (contiguous).
@@ -123,4 +126,6 @@ def bias_act(x: torch.Tensor, b: Optional[torch.Tensor] = None, dim: int = 1, ac
         if chosen == "torch":
             return _reference_bias_act(x, b, dim, act, alpha, gain, clamp)
         alpha_f, gain_f, clamp_f = resolve_parameters(act, alpha, gain, clamp)
-        return _library.bias_act(x, b, dim, _ACTIVATIONS[act].code, alpha_f, gain_f, clamp_f)
+        # head4d::bias_act (head4d._C) or head4d::bias_act_triton, custom operators (_library)
+        op_fn = _library.bias_act_triton if chosen == "triton" else _library.bias_act
+        return op_fn(x, b, dim, _ACTIVATIONS[act].code, alpha_f, gain_f, clamp_f)

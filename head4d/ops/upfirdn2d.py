@@ -8,12 +8,12 @@ after each sample, padding where a negative amount crops, a true convolution wit
 filter unless ``flip_filter``, the filter scaled by ``gain ** (f.ndim / 2)``, a 1-D
 filter applied separably (along x, then y), decimation keeping the first sample.
 
-Backends: ``cpu`` and ``cuda`` (head4d._C, csrc/upfirdn2d/; 2x up and 2x down with a
-4-tap filter are compiled with the sizes fixed), ``torch`` (the reference). The
-gradient w.r.t. ``x`` is upfirdn2d again (up and down swapped, the filter flipped, the
-padding transformed), so second derivatives (R1) work on every backend. The compiled
-backends treat the filter as a constant: a filter that requires grad runs the
-reference.
+Backends: ``cpu`` and ``cuda`` (head4d._C, csrc/upfirdn2d/), ``triton``
+(kernels/upfirdn2d.py), each with 2x up and 2x down with a 4-tap filter compiled with
+the sizes fixed; ``torch`` (the reference). The gradient w.r.t. ``x`` is upfirdn2d
+again (up and down swapped, the filter flipped, the padding transformed), so second
+derivatives (R1) work on every backend. The compiled backends treat the filter as a
+constant: a filter that requires grad runs the reference.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from ._common import check_bool, check_int, resolve_implemented
 
 PREFERENCES = {
     "cpu": ("cpu", "torch"),
-    "cuda": ("cuda", "torch"),
+    "cuda": ("cuda", "triton", "torch"),
 }
 
 
@@ -43,9 +43,9 @@ def _constant_filter(x: torch.Tensor, f: torch.Tensor) -> Optional[str]:
     return None
 
 
-IMPLEMENTED = {"upfirdn2d": ("cpu", "cuda", "torch")}
-SUPPORT = {"upfirdn2d": {"cpu": _constant_filter, "cuda": _constant_filter}}
-for _op, _implemented in IMPLEMENTED.items():  # cpu / cuda: every input but a filter that requires grad
+IMPLEMENTED = {"upfirdn2d": ("cpu", "cuda", "triton", "torch")}
+SUPPORT = {"upfirdn2d": {"cpu": _constant_filter, "cuda": _constant_filter, "triton": _constant_filter}}
+for _op, _implemented in IMPLEMENTED.items():  # compiled: every input but a filter that requires grad
     _backend.declare(_op, _implemented, PREFERENCES, SUPPORT[_op])
 
 IntPair = Union[int, Sequence[int]]
@@ -159,7 +159,8 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up: IntPair = 1, down:
         padding: an int, ``[x, y]`` or ``[x0, x1, y0, y1]``, in upsampled pixels.
         flip_filter: correlate with ``f`` instead of convolving (``f`` not flipped).
         gain: the filter is scaled by ``gain ** (f.ndim / 2)`` (>= 0 for a 1-D filter).
-        backend: ``"cpu"``, ``"cuda"``, ``"torch"`` (the reference) or ``None``/``"auto"``.
+        backend: ``"cpu"``, ``"cuda"``, ``"triton"``, ``"torch"`` (the reference) or
+            ``None``/``"auto"``.
 
     Returns:
         ``[N, C, (H * upy + y0 + y1 - fh) // downy + 1, (W * upx + x0 + x1 - fw) // downx + 1]``
@@ -190,8 +191,9 @@ def upfirdn2d(x: torch.Tensor, f: Optional[torch.Tensor], up: IntPair = 1, down:
     with nvtx_range("head4d.upfirdn2d"):
         if chosen == "torch":
             return _reference.upfirdn2d(x, f, (upx, upy), (downx, downy), padding, flip_filter, gain)
-        # head4d::upfirdn2d: head4d._C's kernels as a custom operator (:mod:`head4d.ops._library`)
-        return _library.upfirdn2d(x, f, [upx, upy], [downx, downy], list(padding), flip_filter, gain)
+        # head4d::upfirdn2d (head4d._C) or head4d::upfirdn2d_triton, custom operators (:mod:`head4d.ops._library`)
+        op_fn = _library.upfirdn2d_triton if chosen == "triton" else _library.upfirdn2d
+        return op_fn(x, f, [upx, upy], [downx, downy], list(padding), flip_filter, gain)
 
 
 def filter2d(x: torch.Tensor, f: Optional[torch.Tensor], padding: IntQuad = 0, flip_filter: bool = False,
