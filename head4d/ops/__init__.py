@@ -21,3 +21,6 @@ __all__ += ["bias_act"]
 from .upfirdn2d import downsample2d, filter2d, setup_filter, upfirdn2d, upsample2d  # noqa: E402
 
 __all__ += ["downsample2d", "filter2d", "setup_filter", "upfirdn2d", "upsample2d"]
+from .rasterize import interpolate, rasterize_triangles  # noqa: E402
+
+__all__ += ["interpolate", "rasterize_triangles"]

@@ -18,4 +18,5 @@ from . import decoding  # noqa: F401  (decode_triplanes)
 from . import deformation  # noqa: F401  (sample_grid3d, one_ring_deform, surface_field_grid, deform)
 from . import attention  # noqa: F401
 from . import upfirdn2d  # noqa: F401
+from . import rasterize  # noqa: F401  (rasterize_triangles)
 from . import render  # noqa: F401
