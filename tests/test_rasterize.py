@@ -153,7 +153,7 @@ def test_backends_agree_exactly(backend, dtype):
     for cull in (False, True):
         got = rasterize_triangles(clip.to(device), faces.to(device), (33, 20), cull_backfaces=cull, backend=backend)
         ref = rasterize_triangles(clip, faces, (33, 20), cull_backfaces=cull, backend="torch")
-        assert (ref[0] >= 0).sum() > 500
+        assert (ref[0] >= 0).sum() > 300
         for a, b in zip(got, ref):
             assert a.dtype == b.dtype
             assert torch.equal(a.cpu(), b), "backends must agree bit for bit"
@@ -170,7 +170,7 @@ def test_backends_agree_on_a_head(backend):
     with torch.no_grad():
         verts = head.v_template[None].double()
     verts = (verts - verts.mean(1, keepdim=True)) / verts.abs().amax() * 0.9
-    cam = verts + torch.tensor([0.0, 0.0, -3.0], dtype=F64)
+    cam = verts + torch.tensor([0.0, 0.0, -2.2], dtype=F64)
     clip = to_clip(cam).float()
     faces = head.faces
     got = rasterize_triangles(clip.to(device), faces.to(device), (48, 40), backend=backend)

@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = pixel / per_image, within = pixel - n * per_image;
   const int row = static_cast<int>(within / width), col = static_cast<int>(within - row * static_cast<int64_t>(width));
   const uint64_t key = keys[pixel];
-  A e[3], z = A(0), b[3] = {A(0), A(0), A(0)};
+  A e[3] = {A(0), A(0), A(0)}, z = A(0), b[3] = {A(0), A(0), A(0)};
   int64_t face = -1;
   if (key != kEmptyKey) {
     face = key_face(key);
