@@ -375,3 +375,35 @@ def test_opcheck():
     cam, faces = random_scene(2, 5, g)
     torch.library.opcheck(_library.rasterize_triangles, (to_clip(cam).float(), faces, 6, 7, False))
     torch.library.opcheck(_library.rasterize_triangles, (to_clip(cam), faces.int(), 5, 3, True))
+
+
+def test_torch_compile_fullgraph():
+    """The public ops trace into one graph (the custom op, the interpolation around it)."""
+    require_backend("cpu")
+    g = torch.Generator().manual_seed(9)
+    cam, faces = random_scene(2, 12, g)
+    clip = to_clip(cam).float()
+
+    def draw(clip, faces, attributes):
+        face_index, barycentric, depth = rasterize_triangles(clip, faces, (14, 11), cull_backfaces=True, backend="cpu")
+        return interpolate(attributes, faces, face_index, barycentric), depth
+
+    compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")
+    got = compiled(clip, faces, cam.float())
+    expected = draw(clip, faces, cam.float())
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert (expected[1] != 0).sum() > 20
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_no_depth_clipping(backend):
+    """Only w > 0 is required: faces beyond NDC z = +-1 are drawn, with their depth."""
+    device = require_backend(backend)
+    faces = torch.tensor([[0, 1, 2]], device=device)
+    for z in (-1.5, 2.5):
+        verts = torch.tensor([[[-0.5 * 2, -0.5 * 2, z * 2, 2.0], [0.5 * 2, -0.5 * 2, z * 2, 2.0],
+                               [0.0, 0.5 * 2, z * 2, 2.0]]], device=device)
+        face, _, depth = rasterize_triangles(verts, faces, (10, 10), backend=backend)
+        assert (face == 0).sum() > 10
+        assert (depth[face == 0] == z).all() and (depth[face < 0] == 0).all()
