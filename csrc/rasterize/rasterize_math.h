@@ -162,7 +162,7 @@ HEAD4D_HD void perspective_barycentrics(const FaceSetup<A>& s, const A e[3], A b
 // the high word, in an order-preserving encoding, the face index in the low word.
 template <typename A>
 HEAD4D_HD uint64_t depth_key(A depth, int64_t face) {
-  const float d = static_cast<float>(depth) + 0.0f;  // -0 + 0 = +0
+  const float d = add(static_cast<float>(depth), 0.0f);  // -0 + 0 = +0
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(d);
