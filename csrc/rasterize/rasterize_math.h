@@ -10,7 +10,8 @@
 //     sy = (1 - y / w) * (H / 2), so pixel (row i, column j) has its centre at
 //     (j + 0.5, i + 0.5), exact in floating point;
 //   - edge function of vertex k: e_k = cross(v_b - v_a, p - v_a) over the edge (a, b)
-//     opposite k; the pixel-space signed area A is negative for a face that is
+//     opposite k, evaluated from the edge's first endpoint in (x, y) order so that
+//     faces sharing the edge agree on it exactly (watertight); the pixel-space signed area A is negative for a face that is
 //     counter-clockwise in NDC (y up), the front face (as OpenGL);
 //   - inclusive edge rule: a pixel centre is covered when it lies in the face's pixel
 //     bounding box and every e_k has the sign of A or is zero; a zero-area face covers
@@ -121,14 +122,34 @@ HEAD4D_HD bool setup_face(const A* va, const A* vb, const A* vc, int height, int
   return setup.x0 <= setup.x1 && setup.y0 <= setup.y1;
 }
 
-// Edge functions of the centre of pixel (row, col): e[k] is the one of the edge opposite vertex k.
+// The edge function cross(b - a, p - a) of point p and the edge from a to b, evaluated
+// from the endpoint that comes first in (x, then y) order and negated when that is b:
+// the two faces that share an edge compute the same magnitude with opposite signs, so a
+// pixel centre near a shared edge belongs to one of them, never to neither (no cracks)
+// nor, unless exactly on it, to both.
+template <typename A>
+HEAD4D_HD A edge_function(A ax, A ay, A bx, A by, A px, A py) {
+  const bool swapped = bx < ax || (bx == ax && by < ay);
+  if (swapped) {
+    const A tx = ax, ty = ay;
+    ax = bx;
+    ay = by;
+    bx = tx;
+    by = ty;
+  }
+  const A e = sub(mul(sub(bx, ax), sub(py, ay)), mul(sub(by, ay), sub(px, ax)));
+  return swapped ? -e : e;
+}
+
+// Edge functions of the centre of pixel (row, col): e[k] is the one of the edge from
+// vertex k + 1 to vertex k + 2 (mod 3), opposite vertex k.
 template <typename A>
 HEAD4D_HD void edge_functions(const FaceSetup<A>& s, int row, int col, A e[3]) {
   const A px = add(A(col), A(0.5)), py = add(A(row), A(0.5));
   const int next[3] = {1, 2, 0}, prev[3] = {2, 0, 1};
   for (int k = 0; k < 3; ++k) {
     const int a = next[k], b = prev[k];
-    e[k] = sub(mul(sub(s.sx[b], s.sx[a]), sub(py, s.sy[a])), mul(sub(s.sy[b], s.sy[a]), sub(px, s.sx[a])));
+    e[k] = edge_function(s.sx[a], s.sy[a], s.sx[b], s.sy[b], px, py);
   }
 }
 

@@ -18,7 +18,10 @@ Conventions:
   every backend and whatever the order the faces are processed in.
 - Edge rule: inclusive. A pixel centre exactly on an edge is covered by the face, so a
   centre on an edge shared by two faces belongs to both and the depth test (then the
-  lower face index) picks one. Zero-area faces cover nothing.
+  lower face index) picks one. Both faces evaluate a shared edge's function the same
+  way (from its endpoint first in x, then y order; one of them negates it), so meshes
+  are watertight: a centre near a shared edge is never missed by both faces. Zero-area
+  faces cover nothing.
 - Orientation: a face counter-clockwise in NDC (y up) is front-facing, as in OpenGL.
   ``cull_backfaces=True`` skips the clockwise ones; otherwise both rasterize.
 - Barycentrics are perspective-correct: the screen-space weights divided by each

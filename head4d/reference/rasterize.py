@@ -69,12 +69,19 @@ def setup_faces(vertices_clip: torch.Tensor, faces: torch.Tensor, height: int, w
 def edge_functions(sx: torch.Tensor, sy: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """``[..., 3]`` edge functions of pixel centres ``(col + 0.5, row + 0.5)`` for faces
     with screen vertices ``sx, sy`` ``[..., 3]``: entry k is the one of the edge opposite
-    vertex k, ``(b - a) x (p - a)`` for ``(a, b) = (k + 1, k + 2) mod 3``."""
+    vertex k, ``(b - a) x (p - a)`` for ``(a, b) = (k + 1, k + 2) mod 3``, computed as
+    ``-((a - b) x (p - b))`` when ``b`` comes before ``a`` in (x, y) order."""
     px = (col.to(sx.dtype) + 0.5)[..., None]
     py = (row.to(sx.dtype) + 0.5)[..., None]
     a, b = [1, 2, 0], [2, 0, 1]
     ax, ay, bx, by = sx[..., a], sy[..., a], sx[..., b], sy[..., b]
-    return (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+    # evaluated from the endpoint first in (x, y) order, negated when that is b: faces
+    # sharing an edge get the same value with opposite signs (watertight)
+    swapped = (bx < ax) | ((bx == ax) & (by < ay))
+    ax, bx = torch.where(swapped, bx, ax), torch.where(swapped, ax, bx)
+    ay, by = torch.where(swapped, by, ay), torch.where(swapped, ay, by)
+    e = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+    return torch.where(swapped, -e, e)
 
 
 def coverage(front: torch.Tensor, z: torch.Tensor, e: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
