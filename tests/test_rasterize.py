@@ -434,15 +434,15 @@ def shared_edge_pair(size, direction, s0, s1):
 def test_shared_edges_leave_no_crack(backend):
     """Pixel centres (nearly) on an edge shared by two faces are covered by one of them:
     evaluating the edge from each face's own corner lets both miss some of these
-    (41 of 3,213 here when tried)."""
+    (17 of 1,593 here when tried)."""
     device = require_backend(backend)
-    size, tested = 256, 0
+    size, tested = 128, 0
     for direction in [(1, 2), (2, 3), (3, 1), (1, 3), (3, 2), (2, 5), (5, 3), (1, 1), (4, 1)]:
         for s0 in (-0.37, -0.11, -0.73):
-            for s1 in (40.41, 37.29, 45.83):
+            for s1 in (20.41, 17.29, 25.83):
                 clip, faces, centres = shared_edge_pair(size, direction, s0, s1)
                 face, _, _ = rasterize_triangles(clip.to(device), faces.to(device), (size, size), backend=backend)
                 rows, cols = torch.tensor(centres).T
                 assert (face[0].cpu()[rows, cols] >= 0).all(), f"crack along the edge in direction {direction}"
                 tested += len(centres)
-    assert tested > 3000
+    assert tested > 1500
