@@ -117,3 +117,16 @@ def test_correspondence_map(backend):
     hole = hole_pixels(2)[:, 0] > 0
     torch.testing.assert_close(out[:, 2][hole], torch.full_like(out[:, 2][hole], -0.5))
     assert (out[:, 0][~hole & (face >= 0)] != -1).all() and (out == -1).any()
+
+
+def test_bad_input():
+    verts, faces = plate_and_quad(True)
+    quad = torch.arange(8, 12)
+    with pytest.raises(ValueError, match=r"rasterize_masks: faces must index vertices in \[0, 12\)"):
+        rasterize_masks(verts, faces + 5, (SIZE, SIZE), quad, quad)
+    with pytest.raises(ValueError, match=r"rasterize_masks: eyeball_vertices must hold vertex indices in \[0, 12\)"):
+        rasterize_masks(verts, faces, (SIZE, SIZE), quad + 4, quad)
+    with pytest.raises(TypeError, match="rasterize_masks: inner_mouth_vertices must be a 1-D int32 / int64 tensor"):
+        rasterize_masks(verts, faces, (SIZE, SIZE), quad, quad.float())
+    with pytest.raises(ValueError, match=r"correspondence_map: canonical_vertices must have shape \[N, V, 3\]"):
+        correspondence_map(verts, faces, (SIZE, SIZE), torch.zeros(2, 11, 3), quad, quad)

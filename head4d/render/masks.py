@@ -27,7 +27,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import FLOATING, check_tensor
 from ..ops import filter2d, interpolate, rasterize_triangles
+from ..ops.rasterize import _check_faces
 
 #: Blur sigma of the eye and the mouth mask (pixels).
 EYE_SIGMA = 1.0
@@ -96,7 +98,9 @@ def rasterize_masks(vertices_clip: torch.Tensor, faces: torch.Tensor, resolution
         ``(eye_mask, mouth_mask)``, each ``[N, 1, H, W]`` float32 in ``[0, 1]``.
     """
     op = "rasterize_masks"
-    v_count = vertices_clip.shape[1] if isinstance(vertices_clip, torch.Tensor) and vertices_clip.dim() == 3 else 0
+    check_tensor(op, "vertices_clip", vertices_clip, "[N, V, 4]", 3, FLOATING)
+    v_count = vertices_clip.shape[1]
+    _check_faces(op, faces, v_count)
     eyeball_vertices = _index_set(op, "eyeball_vertices", eyeball_vertices, v_count)
     inner_mouth_vertices = _index_set(op, "inner_mouth_vertices", inner_mouth_vertices, v_count)
     eyeball = faces_within(faces, eyeball_vertices, v_count)
@@ -138,7 +142,9 @@ def correspondence_map(vertices_clip: torch.Tensor, faces: torch.Tensor, resolut
         ``[N, 3, H, W]`` in the promoted dtype of the canonical vertices and float32.
     """
     op = "correspondence_map"
+    check_tensor(op, "vertices_clip", vertices_clip, "[N, V, 4]", 3, FLOATING)
     n, v_count = vertices_clip.shape[0], vertices_clip.shape[1]
+    _check_faces(op, faces, v_count)
     face_vertices = _index_set(op, "face_vertices", face_vertices, v_count)
     eyeball_vertices = _index_set(op, "eyeball_vertices", eyeball_vertices, v_count)
     if canonical_vertices.dim() == 2:
