@@ -11,13 +11,14 @@
 //     (j + 0.5, i + 0.5), exact in floating point;
 //   - edge function of vertex k: e_k = cross(v_b - v_a, p - v_a) over the edge (a, b)
 //     opposite k, evaluated from the edge's first endpoint in (x, y) order so that
-//     faces sharing the edge agree on it exactly (watertight); the pixel-space signed area A is negative for a face that is
-//     counter-clockwise in NDC (y up), the front face (as OpenGL);
+//     faces sharing the edge agree on it exactly (watertight); the pixel-space signed
+//     area A is negative for a face that is counter-clockwise in NDC (y up), the front
+//     face (as OpenGL);
 //   - inclusive edge rule: a pixel centre is covered when it lies in the face's pixel
 //     bounding box and every e_k has the sign of A or is zero; a zero-area face covers
 //     nothing; a pixel where the e_k sum to zero, or whose depth is not finite, is not covered;
 //   - depth = the NDC z interpolated with the screen-space weights e_k / sum(e);
-//   - perspective-correct barycentrics: p_k = e_k / w_k, b_k = p_k / sum(p);
+//   - perspective-correct barycentrics: p_k = e_k * (1 / w_k), b_k = p_k / sum(p);
 //   - depth test on the key (depth rounded to float32, face index): the smaller wins,
 //     so equal depths go to the lower face index, whatever the order of evaluation.
 //
