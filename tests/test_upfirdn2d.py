@@ -112,15 +112,16 @@ def test_forward_and_gradient_float64(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("separable", [False, True])
-@pytest.mark.parametrize("factor", ["up", "down"])
-def test_specialized_2x_cases_over_paddings_and_sizes(backend, factor, separable):
-    """The 2x cases with a 4-tap filter run a bounds-free loop in the interior of each
-    row and the general code near the borders: every padding from cropping to wide and
-    widths from too narrow for an interior to wide must give the reference's answer."""
+@pytest.mark.parametrize("factor", ["up", "down", "filter"])
+def test_specialized_4_tap_cases_over_paddings_and_sizes(backend, factor, separable):
+    """2x up, 2x down and filtering alone with a 4-tap filter run a bounds-free loop in
+    the interior of each row and the general code near the borders: every padding from
+    cropping to wide and widths from too narrow for an interior to wide must give the
+    reference's answer."""
     device = require_backend(backend)
     g = torch.Generator().manual_seed(11)
     fshape = (4,) if separable else (4, 4)
-    up, down = ((2, 2), (1, 1)) if factor == "up" else ((1, 1), (2, 2))
+    up, down = {"up": ((2, 2), (1, 1)), "down": ((1, 1), (2, 2)), "filter": ((1, 1), (1, 1))}[factor]
     for w in (1, 2, 3, 4, 5, 8, 13):
         for px0, px1, py0 in ((0, 0, 0), (2, 1, 2), (-3, 4, 1), (5, -2, -1), (-1, -1, 3), (3, 3, 0)):
             x, f = make_inputs((1, 2, 6, w), fshape, F64, g, device)

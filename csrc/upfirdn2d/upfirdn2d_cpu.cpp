@@ -56,22 +56,22 @@ std::pair<int64_t, int64_t> up2_row_interior(const scalar_t* __restrict in0, con
   return {padx0 + 2 * m_lo, padx0 + 2 * m_hi + 2};
 }
 
-// Interior of one output row of 2x downsampling with 4 x 4 taps over input rows
-// rows[0..3]: output ox reads columns 2 ox - padx0 + j, j < 4, all in range for
-// ox in the returned [begin, end).
-template <typename scalar_t, typename acc_t>
-std::pair<int64_t, int64_t> down2_row_interior(const scalar_t* const (&rows)[4], scalar_t* __restrict dst,
-                                               const acc_t (&t)[4][4], int64_t W, int64_t OW, int padx0) {
-  // 2 ox - padx0 >= 0 and 2 ox - padx0 + 3 <= W - 1, and ox < OW
-  const int64_t begin = padx0 > 0 ? (padx0 + 1) / 2 : 0;
-  const int64_t end = std::min<int64_t>(OW, W - 4 + padx0 >= 0 ? (W - 4 + padx0) / 2 + 1 : 0);
+// Interior of one output row of a 4 x 4 filter with decimation by D (1: filter only,
+// 2: 2x downsampling) over input rows rows[0..3]: output ox reads columns
+// D ox - padx0 + j, j < 4, all in range for ox in the returned [begin, end).
+template <int D, typename scalar_t, typename acc_t>
+std::pair<int64_t, int64_t> decimate_row_interior(const scalar_t* const (&rows)[4], scalar_t* __restrict dst,
+                                                  const acc_t (&t)[4][4], int64_t W, int64_t OW, int padx0) {
+  // D ox - padx0 >= 0 and D ox - padx0 + 3 <= W - 1, and ox < OW
+  const int64_t begin = padx0 > 0 ? (padx0 + D - 1) / D : 0;
+  const int64_t end = std::min<int64_t>(OW, W - 4 + padx0 >= 0 ? (W - 4 + padx0) / D + 1 : 0);
   if (end <= begin) return {0, 0};
   const scalar_t* __restrict r0 = rows[0] - padx0;
   const scalar_t* __restrict r1 = rows[1] - padx0;
   const scalar_t* __restrict r2 = rows[2] - padx0;
   const scalar_t* __restrict r3 = rows[3] - padx0;
   for (int64_t ox = begin; ox < end; ++ox) {
-    const int64_t c = 2 * ox;
+    const int64_t c = D * ox;
     acc_t sum = acc_t(0);
     for (int j = 0; j < 4; ++j) {
       sum += t[0][j] * static_cast<acc_t>(r0[c + j]) + t[1][j] * static_cast<acc_t>(r1[c + j]) +
@@ -88,12 +88,14 @@ void forward_impl(const Args& a, const ParallelFor& parallel_for) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* taps = static_cast<const acc_t*>(a.taps);
   auto* out = static_cast<scalar_t*>(a.out);
-  // 2x up / 2x down with 4 x 4 taps: the interior of each row runs a bounds-free loop,
+  // 2x up, 2x down and filtering only, with 4 x 4 taps: the interior of each row runs a
+  // bounds-free loop,
   // the columns and rows near the borders the general per-output code below.
   constexpr bool kUp2 = UX == 2 && UY == 2 && DX == 1 && DY == 1 && FH == 4 && FW == 4;
   constexpr bool kDown2 = UX == 1 && UY == 1 && DX == 2 && DY == 2 && FH == 4 && FW == 4;
+  constexpr bool kFilter4 = UX == 1 && UY == 1 && DX == 1 && DY == 1 && FH == 4 && FW == 4;
   acc_t t[4][4] = {};
-  if (kUp2 || kDown2) taps_4x4<acc_t, SEPARABLE>(taps, t);
+  if (kUp2 || kDown2 || kFilter4) taps_4x4<acc_t, SEPARABLE>(taps, t);
   // the column spans are the same for every row and plane: computed once
   std::vector<TapSpan> col_spans(static_cast<size_t>(g.OW));
   for (int64_t ox = 0; ox < g.OW; ++ox) {
@@ -114,11 +116,11 @@ void forward_impl(const Args& a, const ParallelFor& parallel_for) {
       if (kUp2 && row_span.count == 2) {
         done = up2_row_interior<scalar_t, acc_t>(in + row_span.first_index * W, in + (row_span.first_index + 1) * W,
                                                  dst, t, row_span.first_tap, W, g.OW, g.padx0);
-      } else if (kDown2 && row_span.count == 4) {
+      } else if ((kDown2 || kFilter4) && row_span.count == 4) {
         const scalar_t* const row_ptrs[4] = {in + row_span.first_index * W, in + (row_span.first_index + 1) * W,
                                              in + (row_span.first_index + 2) * W,
                                              in + (row_span.first_index + 3) * W};
-        done = down2_row_interior<scalar_t, acc_t>(row_ptrs, dst, t, W, g.OW, g.padx0);
+        done = decimate_row_interior<kDown2 ? 2 : 1, scalar_t, acc_t>(row_ptrs, dst, t, W, g.OW, g.padx0);
       }
       for (int64_t ox = 0; ox < g.OW; ++ox) {
         if (ox == done.first && done.second > done.first) ox = done.second;
@@ -128,21 +130,6 @@ void forward_impl(const Args& a, const ParallelFor& parallel_for) {
       }
     }
   });
-}
-
-// fn(UX, UY, DX, DY, FH, FW) as integral constants: 2x up or 2x down (both axes) with a
-// 4-tap (4 x 4) filter fixed at compile time, everything else at run time.
-template <typename Fn>
-void with_specialization(const Geometry& g, Fn&& fn) {
-  using Zero = std::integral_constant<int, 0>;
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
-  using Four = std::integral_constant<int, 4>;
-  const bool four_taps = g.fh == 4 && g.fw == 4;
-  const bool no_up = g.upx == 1 && g.upy == 1, no_down = g.downx == 1 && g.downy == 1;
-  if (four_taps && no_down && g.upx == 2 && g.upy == 2) return fn(Two{}, Two{}, One{}, One{}, Four{}, Four{});
-  if (four_taps && no_up && g.downx == 2 && g.downy == 2) return fn(One{}, One{}, Two{}, Two{}, Four{}, Four{});
-  return fn(Zero{}, Zero{}, Zero{}, Zero{}, Zero{}, Zero{});
 }
 
 }  // namespace

@@ -1,9 +1,10 @@
 // CUDA kernel of upfirdn2d. The per-output math is upfirdn2d_math.h, the same function
 // the CPU kernels call; this file owns the mapping: one thread per output element,
 // consecutive threads along a row (coalesced stores, neighbouring loads), 32-bit index
-// arithmetic when the sizes allow. 2x up and 2x
-// down with a 4-tap (4 x 4) filter are instantiated with the factors and filter size
-// fixed, so their tap loops unroll; other calls take them at run time.
+// arithmetic when the sizes allow. 2x up, 2x down and filtering alone with a 4-tap
+// (4 x 4) filter are instantiated with the factors and filter size fixed
+// (with_specialization in upfirdn2d_math.h), so their tap loops unroll; other calls take
+// them at run time.
 #include <cstdint>
 #include <type_traits>
 
@@ -39,19 +40,6 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t W = g.W;
   const auto load = [in, W](int64_t iy, int64_t ix) { return ld(in + iy * W + ix); };
   out[i] = Storage<T>::store(output_value<UX, UY, DX, DY, FH, FW, SEPARABLE, A>(g, taps, oy, ox, load));
-}
-
-template <typename Fn>
-void with_specialization(const Geometry& g, Fn&& fn) {
-  using Zero = std::integral_constant<int, 0>;
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
-  using Four = std::integral_constant<int, 4>;
-  const bool four_taps = g.fh == 4 && g.fw == 4;
-  const bool no_up = g.upx == 1 && g.upy == 1, no_down = g.downx == 1 && g.downy == 1;
-  if (four_taps && no_down && g.upx == 2 && g.upy == 2) return fn(Two{}, Two{}, One{}, One{}, Four{}, Four{});
-  if (four_taps && no_up && g.downx == 2 && g.downy == 2) return fn(One{}, One{}, Two{}, Two{}, Four{}, Four{});
-  return fn(Zero{}, Zero{}, Zero{}, Zero{}, Zero{}, Zero{});
 }
 
 }  // namespace

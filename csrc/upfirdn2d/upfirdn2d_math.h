@@ -8,11 +8,12 @@
 // with a 4-tap filter, 2 x 2 of the 16 taps per output.
 //
 // Compile-time specializations: UX, UY, DX, DY, FH, FW > 0 fix the factor or filter
-// size (the kernels instantiate 2x up and 2x down with 4 x 4 and 4-tap filters); 0
-// reads it from the Geometry at run time.
+// size (the kernels instantiate 2x up, 2x down and filtering alone with 4 x 4 and
+// 4-tap filters: with_specialization below); 0 reads it from the Geometry at run time.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common.h"
 #include "upfirdn2d.h"
@@ -83,6 +84,25 @@ HEAD4D_HD A output_value(const Geometry& g, const A* taps, int64_t oy, int64_t o
   const TapSpan rows = tap_span(oy, fixed_or<DY>(g.downy), g.pady0, fixed_or<UY>(g.upy), fixed_or<FH>(g.fh), g.H);
   const TapSpan cols = tap_span(ox, fixed_or<DX>(g.downx), g.padx0, fixed_or<UX>(g.upx), fixed_or<FW>(g.fw), g.W);
   return output_value_in_spans<UX, UY, FW, SEPARABLE, A>(g, taps, rows, cols, load);
+}
+
+// fn(UX, UY, DX, DY, FH, FW) as std::integral_constant values: the compile-time
+// specializations of the kernels (2x up, 2x down and filtering alone, each with a 4-tap
+// or 4 x 4 filter: the cases around every resolution change of StyleGAN2's networks);
+// zeros (everything at run time) otherwise. Host code: the CPU and CUDA launchers both
+// dispatch through it.
+template <typename Fn>
+void with_specialization(const Geometry& g, Fn&& fn) {
+  using Zero = std::integral_constant<int, 0>;
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Four = std::integral_constant<int, 4>;
+  const bool four_taps = g.fh == 4 && g.fw == 4;
+  const bool no_up = g.upx == 1 && g.upy == 1, no_down = g.downx == 1 && g.downy == 1;
+  if (four_taps && no_down && g.upx == 2 && g.upy == 2) return fn(Two{}, Two{}, One{}, One{}, Four{}, Four{});
+  if (four_taps && no_up && g.downx == 2 && g.downy == 2) return fn(One{}, One{}, Two{}, Two{}, Four{}, Four{});
+  if (four_taps && no_up && no_down) return fn(One{}, One{}, One{}, One{}, Four{}, Four{});
+  return fn(Zero{}, Zero{}, Zero{}, Zero{}, Zero{}, Zero{});
 }
 
 }  // namespace upfirdn2d
