@@ -20,6 +20,8 @@ struct Args {
   void* barycentric;      // [N, H, W, 3] out, A: perspective-correct, 0 where empty
   void* depth;            // [N, H, W] out, A: NDC z, 0 where empty
   uint64_t* keys;         // [N, H, W] scratch: the depth-test keys (rasterize_math.h)
+  int64_t* large_faces;   // CUDA only, [N * F + 1] scratch: a count, then (mesh, face) entries
+                          // n * F + f of the faces whose pixel box is large (rasterize_cuda.cu)
   int64_t N, V, F;
   int height, width;
   bool cull_backfaces;

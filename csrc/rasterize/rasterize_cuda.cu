@@ -1,22 +1,28 @@
 // CUDA kernels of the triangle rasterizer. The face and pixel math is rasterize_math.h,
-// the same functions the CPU kernel calls. Three launches:
+// the same functions the CPU kernel calls. Four launches:
 //
-//   1. fill: every key of the z-buffer set to the empty key;
-//   2. depth test: one thread per (mesh, face) sets the face up and walks the pixels of
-//      its bounding box, taking an atomicMin of the packed 64-bit key (depth rounded to
-//      float32, face index) at each covered pixel: the minimum does not depend on the
-//      order the threads run in, so the result is deterministic, ties included;
-//   3. resolve: one thread per pixel reads its key, sets the winning face up again and
+//   1. fill: every key of the z-buffer set to the empty key, the large-face count to 0;
+//   2. depth test, small faces: one thread per (mesh, face) sets the face up and, when
+//      its pixel box holds at most kLargeFacePixels pixels, walks them, taking an
+//      atomicMin of the packed 64-bit key (depth rounded to float32, face index) at
+//      each covered pixel; a larger face is appended to a list instead;
+//   3. depth test, large faces: one block per listed face (a grid-stride loop over the
+//      list, whose length only the device knows), its threads spread over the face's
+//      pixel box, the same atomicMin per covered pixel;
+//   4. resolve: one thread per pixel reads its key, sets the winning face up again and
 //      writes the face index, the perspective-correct barycentrics and the depth.
+// The minimum of the keys does not depend on the order the threads or blocks run in,
+// so the result is deterministic, ties included, and equals the CPU kernel's.
 //
-// Why not tiles: the meshes this op is for (a FLAME head, ~10k faces at 512^2) have
-// small faces, a few dozen pixels each, so a thread per face does a short, nearly even
-// walk and the atomics spread over the image; binning faces into tiles would add a
-// sort or a prefix sum for little gain. Estimated for the issue's shape (8 x 9,976
-// faces, 512^2, about 2 covered pixels per pixel): ~2 M 64-bit atomics into a 16 MB
-// buffer, then one pass reading keys and vertices and writing 72 MB; both well under
-// the 0.3 ms goal on an H100 (not measured: no GPU here). A mesh with large faces
-// would serialize each face's pixels on one thread; tiling is the step for that case.
+// Why not a full tile binning: the meshes this op is for (a FLAME head, ~10k faces at
+// 512^2) have small faces, a few dozen pixels each, so a thread per face does a short,
+// nearly even walk and the atomics spread over the image; binning every face into
+// screen tiles would add a sort or a prefix sum for little gain. The faces that would
+// serialize a thread (a large triangle, a close-up, a background quad) get a block
+// each (step 3), which is where tiling's parallelism matters. Estimated for the issue's
+// shape (8 x 9,976 faces, 512^2, about 2 covered pixels per pixel): ~2 M 64-bit atomics
+// into a 16 MB buffer, then one pass reading keys and vertices and writing 72 MB; both
+// well under the 0.3 ms goal on an H100 (not measured: no GPU here).
 #include <cstdint>
 
 #include "../cuda_launch.cuh"
@@ -29,10 +35,25 @@ namespace {
 
 constexpr const char* kOp = "rasterize_triangles";
 constexpr int kThreads = 256;
+// A face whose pixel box holds more pixels than this is rasterized by a block of its own.
+constexpr int64_t kLargeFacePixels = 256;
+// Blocks of the large-face pass (it loops over however many faces were listed).
+constexpr int64_t kLargeFaceBlocks = 1024;
 
-__global__ void __launch_bounds__(kThreads) fill_kernel(uint64_t* __restrict__ keys, int64_t count) {
+__global__ void __launch_bounds__(kThreads)
+    fill_kernel(uint64_t* __restrict__ keys, int64_t count, int64_t* __restrict__ large_face_count) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) keys[i] = kEmptyKey;
+  if (i == 0) *large_face_count = 0;
+}
+
+template <typename A>
+__device__ __forceinline__ void depth_test_pixel(const FaceSetup<A>& s, uint64_t* image, int width, int row, int col,
+                                                 int64_t f) {
+  A e[3], z;
+  if (!covers(s, row, col, e, z)) return;
+  atomicMin(reinterpret_cast<unsigned long long*>(image + static_cast<int64_t>(row) * width + col),
+            static_cast<unsigned long long>(depth_key(z, f)));
 }
 
 // The setup of face f of mesh n; false when it covers nothing (bad index, dropped, empty box).
@@ -49,19 +70,42 @@ __device__ __forceinline__ bool face_setup_of(const A* __restrict__ vertices, co
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     depth_test_kernel(const A* __restrict__ vertices, const int32_t* __restrict__ faces, uint64_t* __restrict__ keys,
-                      int64_t N, int64_t V, int64_t F, int height, int width, bool cull_backfaces) {
+                      int64_t* __restrict__ large_faces, int64_t N, int64_t V, int64_t F, int height, int width,
+                      bool cull_backfaces) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * F) return;
   const int64_t n = i / F, f = i - n * F;
   FaceSetup<A> s;
   if (!face_setup_of(vertices, faces, n, f, V, height, width, cull_backfaces, s)) return;
+  const int64_t box = static_cast<int64_t>(s.x1 - s.x0 + 1) * (s.y1 - s.y0 + 1);
+  if (box > kLargeFacePixels) {  // large_faces[0] counts, entries follow
+    const unsigned long long slot = atomicAdd(reinterpret_cast<unsigned long long*>(large_faces), 1ull);
+    large_faces[1 + slot] = i;
+    return;
+  }
   uint64_t* image = keys + n * height * static_cast<int64_t>(width);
   for (int row = s.y0; row <= s.y1; ++row) {
-    for (int col = s.x0; col <= s.x1; ++col) {
-      A e[3], z;
-      if (!covers(s, row, col, e, z)) continue;
-      atomicMin(reinterpret_cast<unsigned long long*>(image + static_cast<int64_t>(row) * width + col),
-                static_cast<unsigned long long>(depth_key(z, f)));
+    for (int col = s.x0; col <= s.x1; ++col) depth_test_pixel(s, image, width, row, col, f);
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+    large_face_kernel(const A* __restrict__ vertices, const int32_t* __restrict__ faces, uint64_t* __restrict__ keys,
+                      const int64_t* __restrict__ large_faces, int64_t V, int64_t F, int height, int width,
+                      bool cull_backfaces) {
+  const int64_t count = large_faces[0];
+  for (int64_t entry = blockIdx.x; entry < count; entry += gridDim.x) {
+    const int64_t i = large_faces[1 + entry];
+    const int64_t n = i / F, f = i - n * F;
+    FaceSetup<A> s;
+    face_setup_of(vertices, faces, n, f, V, height, width, cull_backfaces, s);  // true: it was listed
+    uint64_t* image = keys + n * height * static_cast<int64_t>(width);
+    const int box_width = s.x1 - s.x0 + 1;
+    const int64_t box = static_cast<int64_t>(box_width) * (s.y1 - s.y0 + 1);
+    for (int64_t p = threadIdx.x; p < box; p += blockDim.x) {
+      const int row = s.y0 + static_cast<int>(p / box_width), col = s.x0 + static_cast<int>(p % box_width);
+      depth_test_pixel(s, image, width, row, col, f);
     }
   }
 }
@@ -99,15 +143,19 @@ void forward_cuda(const Args& a, void* stream_ptr) {
   const int64_t pixels = a.N * a.height * static_cast<int64_t>(a.width);
   if (pixels == 0) return;
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  HEAD4D_LAUNCH(blocks_for(pixels, kThreads, kOp), kThreads, 0, stream, fill_kernel)(a.keys, pixels);
+  HEAD4D_LAUNCH(blocks_for(pixels, kThreads, kOp), kThreads, 0, stream, fill_kernel)(a.keys, pixels, a.large_faces);
   check_launch(kOp, "fill");
   with_float_type(a.dtype, kOp, [&](auto tag) {
     using A = decltype(tag);
     const auto* vertices = static_cast<const A*>(a.vertices);
     if (a.F > 0) {
       HEAD4D_LAUNCH(blocks_for(a.N * a.F, kThreads, kOp), kThreads, 0, stream, depth_test_kernel<A>)(
-          vertices, a.faces, a.keys, a.N, a.V, a.F, a.height, a.width, a.cull_backfaces);
+          vertices, a.faces, a.keys, a.large_faces, a.N, a.V, a.F, a.height, a.width, a.cull_backfaces);
       check_launch(kOp, "depth test");
+      const int64_t large_blocks = a.N * a.F < kLargeFaceBlocks ? a.N * a.F : kLargeFaceBlocks;
+      HEAD4D_LAUNCH(checked_grid(large_blocks, kOp), kThreads, 0, stream, large_face_kernel<A>)(
+          vertices, a.faces, a.keys, a.large_faces, a.V, a.F, a.height, a.width, a.cull_backfaces);
+      check_launch(kOp, "depth test of large faces");
     }
     HEAD4D_LAUNCH(blocks_for(pixels, kThreads, kOp), kThreads, 0, stream, resolve_kernel<A>)(
         vertices, a.faces, a.keys, a.face_index, static_cast<A*>(a.barycentric), static_cast<A*>(a.depth), a.N, a.V,

@@ -46,12 +46,15 @@ std::vector<at::Tensor> rasterize_triangles_forward(const at::Tensor& vertices_c
   at::Tensor barycentric = at::empty({N, height, width, 3}, vertices.options());
   at::Tensor depth = at::empty({N, height, width}, vertices.options());
   at::Tensor keys = at::empty({N, height, width}, vertices.options().dtype(at::kLong));
+  const bool on_cuda = uses_cuda_kernels(vertices);
+  at::Tensor large_faces = at::empty({on_cuda ? N * F + 1 : 0}, vertices.options().dtype(at::kLong));
   rasterize::Args args{vertices.data_ptr(),
                        faces32.data_ptr<int32_t>(),
                        face_index.data_ptr<int64_t>(),
                        barycentric.data_ptr(),
                        depth.data_ptr(),
                        reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>()),
+                       on_cuda ? large_faces.data_ptr<int64_t>() : nullptr,
                        N,
                        V,
                        F,
@@ -59,7 +62,7 @@ std::vector<at::Tensor> rasterize_triangles_forward(const at::Tensor& vertices_c
                        static_cast<int>(width),
                        cull_backfaces,
                        compute == at::kDouble ? Dtype::kFloat64 : Dtype::kFloat32};
-  if (uses_cuda_kernels(vertices)) {
+  if (on_cuda) {
     HEAD4D_ON_CUDA(vertices, kOp, rasterize::forward_cuda(args, stream));
   } else {
     HEAD4D_ON_CPU(vertices, kOp, rasterize::forward_cpu(args, host_parallel_for()));
