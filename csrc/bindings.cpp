@@ -84,4 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("downx"), py::arg("downy"), py::arg("padx0"), py::arg("padx1"), py::arg("pady0"), py::arg("pady1"),
         py::arg("flip_filter"), py::arg("gain"),
         "x [N,C,H,W], f [fh,fw] or [fw] -> [N,C,OH,OW]: zero insertion, padding, FIR filter, decimation.");
+  m.def("rasterize_triangles_forward", &head4d::rasterize_triangles_forward, py::arg("vertices_clip"),
+        py::arg("faces"), py::arg("height"), py::arg("width"), py::arg("cull_backfaces"),
+        "vertices_clip [N,V,4], faces [F,3] -> [face_index [N,H,W] int64, barycentric [N,H,W,3], depth [N,H,W]].");
 }

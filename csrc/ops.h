@@ -120,4 +120,10 @@ at::Tensor upfirdn2d_forward(const at::Tensor& x, const at::Tensor& f, int64_t u
                              int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1,
                              bool flip_filter, double gain);
 
+// rasterize_triangles (csrc/rasterize/): vertices_clip [N, V, 4] floating (clip space), faces [F, 3]
+// int32/int64 -> [face_index [N, H, W] int64 (-1 empty), barycentric [N, H, W, 3], depth [N, H, W]] in
+// float32 (float64 for float64 vertices): z-buffer rasterization, conventions in rasterize/rasterize_math.h.
+std::vector<at::Tensor> rasterize_triangles_forward(const at::Tensor& vertices_clip, const at::Tensor& faces,
+                                                    int64_t height, int64_t width, bool cull_backfaces);
+
 }  // namespace head4d

@@ -24,3 +24,6 @@ __all__ += ["downsample2d", "filter2d", "setup_filter", "upfirdn2d", "upsample2d
 from .conv2d_resample import conv2d_resample, modulated_conv2d  # noqa: E402
 
 __all__ += ["conv2d_resample", "modulated_conv2d"]
+from .rasterize import interpolate, rasterize_triangles  # noqa: E402
+
+__all__ += ["interpolate", "rasterize_triangles"]

@@ -22,6 +22,7 @@ Ops, one section each below (``X`` runs ``head4d._C`` on CPU and CUDA tensors,
     attention_triton                                   (+ _backward)
     bias_act                                           (+ _derivative, twice differentiable)
     upfirdn2d                                          (its backward is itself)
+    rasterize_triangles                                (no gradient)
 
 Backward ops take one ``need`` flag per differentiable input and return the list of
 the gradients asked for, in input order (a custom op cannot return ``None``);
@@ -704,3 +705,24 @@ def _upfirdn2d_gradient(ctx, grad_out):
 
 
 upfirdn2d.register_autograd(_upfirdn2d_gradient, setup_context=_upfirdn2d_setup_context)
+# ---------------------------------------------------------------------------------
+# rasterize_triangles: vertices_clip [N, V, 4], faces [F, 3]
+#   -> (face_index [N, H, W] int64, barycentric [N, H, W, 3], depth [N, H, W])
+#
+# No gradient (the outputs are piecewise constant in the vertices; the public op
+# refuses vertices that require grad). Outputs in float32, float64 for float64 vertices.
+# ---------------------------------------------------------------------------------
+
+@_custom_op("rasterize_triangles", EXTENSION_DEVICES)
+def rasterize_triangles(vertices_clip: Tensor, faces: Tensor, height: int, width: int,
+                        cull_backfaces: bool) -> List[Tensor]:
+    return list(_extension().rasterize_triangles_forward(vertices_clip, faces, height, width, cull_backfaces))
+
+
+@rasterize_triangles.register_fake
+def _(vertices_clip, faces, height, width, cull_backfaces):
+    n = vertices_clip.shape[0]
+    dtype = torch.float64 if vertices_clip.dtype == torch.float64 else torch.float32
+    return [vertices_clip.new_empty((n, height, width), dtype=torch.int64),
+            vertices_clip.new_empty((n, height, width, 3), dtype=dtype),
+            vertices_clip.new_empty((n, height, width), dtype=dtype)]

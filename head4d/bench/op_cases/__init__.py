@@ -19,4 +19,5 @@ from . import deformation  # noqa: F401  (sample_grid3d, one_ring_deform, surfac
 from . import attention  # noqa: F401
 from . import upfirdn2d  # noqa: F401
 from . import conv2d_resample  # noqa: F401  (modulated_conv2d, discriminator_r1)
+from . import rasterize  # noqa: F401  (rasterize_triangles)
 from . import render  # noqa: F401
