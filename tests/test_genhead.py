@@ -27,6 +27,8 @@ from head4d.head import ProceduralHead
 from head4d.models import FlameCodes, GenHead, GenHeadConfig
 from head4d.models import genhead as genhead_module
 
+from conftest import require_backend
+
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 EPS32 = torch.finfo(torch.float32).eps
 DECODER_KEYS = [("decoder.net.0.weight", (64, 32)), ("decoder.net.0.bias", (64,)),
@@ -215,6 +217,56 @@ def test_kernels_match_torch_backend(model, inputs, forward_out):
     for key, value in forward_out.items():
         assert rel_err(value, expected[key]) < 64 * EPS32, key  # measured: under 3 eps
     assert model.backend is None
+
+
+@pytest.mark.emulated
+def test_emulated_cuda_kernels_match_torch_backend(model, head):
+    """Every op of a render on head4d's CUDA kernels (run on the CPU by the emulation)
+    against the references; one image, no super-resolution (its kernels are tested with
+    the StyleGAN2 networks)."""
+    require_backend("cuda_emulated")
+    G = copy.copy(model)
+    G._modules = dict(model._modules)
+    G._modules["superresolution"] = None
+    planes = torch.randn(1, 6, 32, 16, 16, generator=torch.Generator().manual_seed(0))
+    codes = posed_codes(head, 1)
+    results = {}
+    for backend in ("cuda_emulated", "torch"):
+        G.backend = backend
+        with torch.no_grad():
+            results[backend] = G.render(planes, camera(1), codes, neural_rendering_resolution=8,
+                                        generator=torch.Generator().manual_seed(1))
+    G.backend = None
+    for key, value in results["cuda_emulated"].items():
+        assert rel_err(value, results["torch"][key]) < 64 * EPS32, key
+
+
+def test_fused_decode_matches_unfused(model, head, monkeypatch):
+    """Each triplane decoded by the fused decode_triplanes or by sample_triplanes + decoder:
+    the same render and gradients, to float32 rounding."""
+    calls = []
+    real = genhead_module.decode_triplanes
+    monkeypatch.setattr(genhead_module, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    G = copy.deepcopy(model)
+    G.superresolution = None
+    codes = posed_codes(head, 1)
+    results = {}
+    for fused in (False, True):
+        G.config.fused = fused
+        G.zero_grad(set_to_none=True)
+        planes = torch.randn(1, 6, 32, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        out = G.render(planes, camera(1), codes, neural_rendering_resolution=8,
+                       generator=torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(2)
+        sum((t * torch.randn(t.shape, generator=gen)).sum() for k, t in out.items() if t.requires_grad).backward()
+        results[fused] = (out, planes.grad, {k: p.grad for k, p in G.decoder.named_parameters()})
+    assert len(calls) == 4  # fused: both triplanes, coarse and fine passes
+    (out_u, planes_u, dec_u), (out_f, planes_f, dec_f) = results[False], results[True]
+    for key in out_u:
+        assert rel_err(out_f[key], out_u[key]) < 64 * EPS32, key
+    assert rel_err(planes_f, planes_u) < 64 * EPS32
+    for name in dec_u:
+        assert rel_err(dec_f[name], dec_u[name]) < 64 * EPS32, name
 
 
 def test_canonical_codes_render_as_without_warp(model, head):

@@ -33,7 +33,8 @@ resolution):
    plus importance samples): at each sample the head triplane is read at the
    head-canonical point and the part triplane at the eye point, or at the mouth point on
    rays whose mouth mask is > 0; one decoder (``decoder``) turns both into raw density and
-   32 features. The part density is multiplied by ``inside_eye_box + mouth``; with
+   32 features (each triplane read and decoded by the fused
+   :func:`~head4d.ops.decode_triplanes` where the renderer would fuse, see ``fused``). The part density is multiplied by ``inside_eye_box + mouth``; with
    ``e = eye_mask * inside_eye_box`` and ``m = mouth_mask`` (per ray),
    ``sigma = sigma_part * e + sigma_part * m + sigma_head * (1 - e - m)`` and the same mix
    of the features (after the decoder's sigmoid). This is Portrait4D's blend at neural
@@ -71,7 +72,8 @@ from .._nvtx import nvtx_range
 from ..deform import PartwiseDeformation
 from ..head.base import HeadModel
 from ..nn import Generator, SuperresolutionHybrid8XDC, set_stylegan2_backend
-from ..ops import generate_rays, sample_triplanes
+from ..nn.stylegan2 import STYLEGAN2_BACKENDS
+from ..ops import decode_triplanes, generate_rays, sample_triplanes
 from ..render import TriplaneDecoder, TriplaneRenderer, rasterize_masks
 
 NAME = "GenHead"
@@ -108,6 +110,10 @@ class GenHeadConfig:
     ``neural_rendering_resolution`` (the default of :meth:`GenHead.forward`).
     Deformation: ``fine_resolution``, ``coarse_resolution`` (the neck grids).
     Masks: ``mask_resolution`` (rasterized there, then resized to the neural resolution).
+    ``fused``: how each triplane is decoded: None (auto: the renderer's rule per device,
+    :meth:`~head4d.render.TriplaneRenderer.uses_fused`: fused on CUDA, unfused on the CPU),
+    True (:func:`~head4d.ops.decode_triplanes`, which keeps far less for the backward) or
+    False (:func:`~head4d.ops.sample_triplanes` then ``decoder``).
     ``backend``: None (each op's default) or an op backend for every op in the model
     (``"torch"``: the references).
     """
@@ -146,6 +152,7 @@ class GenHeadConfig:
     fine_resolution: int = 24
     coarse_resolution: int = 8
     mask_resolution: int = 512
+    fused: Optional[bool] = None
     backend: Optional[str] = None
 
     @property
@@ -158,8 +165,7 @@ class GenHeadConfig:
         return {"box_warp": self.box_warp, "ray_start": self.ray_start, "ray_end": self.ray_end,
                 "depth_resolution": self.depth_resolution,
                 "depth_resolution_importance": self.depth_resolution_importance,
-                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d",
-                "fused": False}
+                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d"}
 
 
 @dataclass
@@ -319,7 +325,7 @@ class GenHead(nn.Module):
         self.has_mouth = bool(head_model.has_lips)
         self.deformation = PartwiseDeformation(head_model, box_side=c.box_warp, fine_resolution=c.fine_resolution,
                                                coarse_resolution=c.coarse_resolution, mouth=self.has_mouth)
-        self.renderer = TriplaneRenderer(plane_layout="portrait4d", fused=False)
+        self.renderer = TriplaneRenderer(plane_layout="portrait4d")
         self.backend = c.backend
 
     # ------------------------------------------------------------------ settings
@@ -344,7 +350,9 @@ class GenHead(nn.Module):
             pass
         self._ops_backend = value
         self.config.backend = value
-        set_stylegan2_backend(self, value)
+        # the StyleGAN2 layers name their backend themselves; one they do not take (a test
+        # backend) reaches their ops through the scope instead
+        set_stylegan2_backend(self, value if value in STYLEGAN2_BACKENDS else None)
 
     def _scope(self):
         return _backend.backend_scope(self._ops_backend)
@@ -419,6 +427,17 @@ class GenHead(nn.Module):
         """The renderer's point field: warp, read both triplanes, decode, blend (module docstring)."""
         box_warp = self.config.box_warp
         backend = self._ops_backend
+        fused_weights = None
+        if self.renderer.uses_fused(self.decoder, head_planes.device, self.config.fused):
+            fused_weights = self.decoder.effective_weights()
+
+        def decode(planes: torch.Tensor, points: torch.Tensor) -> Dict[str, torch.Tensor]:
+            if fused_weights is not None:
+                rgb, sigma = decode_triplanes(planes, points, *fused_weights, box_warp=box_warp,
+                                              plane_layout="portrait4d", backend=backend)
+                return {"rgb": rgb, "sigma": sigma}
+            return self.decoder(sample_triplanes(planes, points, box_warp=box_warp, plane_layout="portrait4d",
+                                                 backend=backend))
 
         def field(points: torch.Tensor, directions: torch.Tensor) -> Dict[str, torch.Tensor]:
             n, m, _ = points.shape
@@ -435,10 +454,8 @@ class GenHead(nn.Module):
                         rel = (points.unsqueeze(2) - fields.eye_box_centre.unsqueeze(1)).abs()
                         inside = (rel < fields.eye_box_half.unsqueeze(1)).all(-1).any(-1).to(points.dtype)
                 with nvtx_range("head4d.genhead.decode"):
-                    head_out = self.decoder(sample_triplanes(head_planes, head_points, box_warp=box_warp,
-                                                             plane_layout="portrait4d", backend=backend))
-                    part_out = self.decoder(sample_triplanes(part_planes, part_points, box_warp=box_warp,
-                                                             plane_layout="portrait4d", backend=backend))
+                    head_out = decode(head_planes, head_points)
+                    part_out = decode(part_planes, part_points)
                 with nvtx_range("head4d.genhead.blend"):
                     eye = eye_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
                     mouth = mouth_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
