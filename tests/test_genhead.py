@@ -8,7 +8,10 @@
   blocks narrowed at their upstream resolutions), random weights with non-zero biases,
   noise strengths and ``w_avg``:
   the full forward's shapes and value ranges; head4d's kernels against
-  ``backend="torch"`` (every op on its reference) within float32 rounding; canonical
+  ``backend="torch"`` (every op on its reference) within float32 rounding (and the CUDA
+  kernels, emulated, in the emulated process); ``render`` against the part/head blend
+  and the background compositing written out from the parts; the fused decode against
+  the unfused one; canonical
   codes leave the render equal to rendering without the warp; a neck rotation moves a
   density blob placed at the nose the right way in the opacity image; gradients reach
   every parameter; truncation; planes once then renders (batched cameras) equal the
@@ -25,6 +28,8 @@ import torch
 import head4d.nn as hnn
 from head4d.head import ProceduralHead
 from head4d.models import FlameCodes, GenHead, GenHeadConfig
+from head4d.ops import generate_rays, sample_triplanes
+from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
@@ -267,6 +272,65 @@ def test_fused_decode_matches_unfused(model, head, monkeypatch):
     assert rel_err(planes_f, planes_u) < 64 * EPS32
     for name in dec_u:
         assert rel_err(dec_f[name], dec_u[name]) < 64 * EPS32, name
+
+
+def test_render_equals_plain_composition(model, head):
+    """``render`` against the blend written out here from the parts (the warp, the
+    reference triplane sampling, the decoder, TriplaneRenderer with a point field), with
+    masks made up so that both the eye and the mouth terms weigh in, and a background."""
+    r = RES
+    G = copy.copy(model)
+    G._modules = dict(model._modules)
+    G._modules["superresolution"] = None
+    gen = torch.Generator().manual_seed(0)
+    eye = (torch.rand(1, 1, r, r, generator=gen) - 0.3).clamp(0, 1)
+    mouth = (torch.rand(1, 1, r, r, generator=gen) - 0.5).clamp(0, 1) * (1 - eye)
+    G.masks = lambda codes, camera, resolution: {"eye_mask": eye, "mouth_mask": mouth}
+    planes = torch.randn(1, 6, 32, 16, 16, generator=gen)
+    background = torch.rand(1, 32, 5, 5, generator=gen)
+    codes, cam = posed_codes(head, 1), camera(1)
+    with torch.no_grad():
+        got = G.render(planes, cam, codes, background=background, neural_rendering_resolution=r,
+                       generator=torch.Generator().manual_seed(1))
+
+        fields = G.deformation.build(**codes)
+        e_ray, m_ray = eye.reshape(1, r * r), mouth.reshape(1, r * r)
+        inside_counts = []
+
+        def field(points, directions):
+            per_ray = points.shape[1] // (r * r)
+            e = e_ray.repeat_interleave(per_ray, 1)[..., None]
+            m = m_ray.repeat_interleave(per_ray, 1)[..., None]
+            w = G.deformation.warp(points, fields)
+            inbox = w.inside_eye_box[..., None].float()
+            inside_counts.append(int(inbox.sum()))
+            part_points = torch.where(m > 0, w.mouth, w.eyes)
+            decode = lambda p, x: G.decoder(sample_triplanes(p, x, box_warp=1.3, plane_layout="portrait4d",  # noqa
+                                                             backend="torch"))
+            head_out, part_out = decode(planes[:, 3:], w.head), decode(planes[:, :3], part_points)
+            part_sigma = part_out["sigma"] * (inbox + m)
+            sigma = part_sigma * (e * inbox) + part_sigma * m + head_out["sigma"] * (1 - e * inbox - m)
+            rgb = part_out["rgb"] * (e * inbox) + part_out["rgb"] * m + head_out["rgb"] * (1 - e * inbox - m)
+            return {"rgb": rgb, "sigma": sigma}
+
+        c2w, k = cam[:, :16].reshape(1, 4, 4), cam[:, 16:].reshape(1, 3, 3)
+        origins, directions = generate_rays(c2w, k, r, convention="opengl")
+        bg = torch.nn.functional.interpolate(background, size=(r, r), mode="bilinear", align_corners=False)
+        options = dict(box_warp=1.3, ray_start="auto-plane", ray_end="auto-plane", depth_resolution=8,
+                       depth_resolution_importance=8, plane_layout="portrait4d")
+        features, depth, opacity = TriplaneRenderer("portrait4d")(
+            field, None, origins, directions, options, background=bg.permute(0, 2, 3, 1).reshape(1, r * r, 32),
+            generator=torch.Generator().manual_seed(1), cam2world=c2w)
+    assert sum(inside_counts) > 0  # some samples are inside the eye boxes
+    image = lambda t: t.permute(0, 2, 1).reshape(1, t.shape[-1], r, r)  # noqa: E731
+    expected = {"image_feature": image(features), "image_depth": image(depth), "opacity": image(opacity)}
+    for key, value in expected.items():
+        assert rel_err(got[key], value) < 64 * EPS32, key
+    # the background adds T_bg * background before * 2 - 1
+    with torch.no_grad():
+        bare = G.render(planes, cam, codes, neural_rendering_resolution=r, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got["image_feature"] - bare["image_feature"], 2 * (1 - bare["opacity"]) * bg,
+                               rtol=0, atol=16 * EPS32)
 
 
 def test_canonical_codes_render_as_without_warp(model, head):
