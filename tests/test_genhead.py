@@ -27,7 +27,7 @@ import torch
 
 import head4d.nn as hnn
 from head4d.head import ProceduralHead
-from head4d.models import FlameCodes, GenHead, GenHeadConfig
+from head4d.models import FlameCodes, GenHead, GenHeadConfig, clip_vertices
 from head4d.ops import generate_rays, sample_triplanes
 from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
@@ -182,6 +182,28 @@ def test_full_size_state_dict_is_upstreams(head):
     for key in ("backbone.synthesis.b256.torgb.weight", "background.mapping.fc7.bias",
                 "superresolution.block1.conv1.affine.weight", "decoder.out_rgb.weight"):
         assert torch.equal(G.state_dict()[key], upstream[key])
+
+
+def test_clip_vertices_inverts_the_rays():
+    """Points on the ray through pixel (i, j) project to that pixel's centre in NDC (the
+    rasterizer's convention: row 0 at the top), farther points to a larger NDC z."""
+    r = 5
+    cams = torch.cat([camera(1, yaw=0.4), camera(1, distance=3.0, yaw=-0.2)]).double()
+    cams[1, 16 + 1] = 0.05  # some skew
+    cams[1, 16 + 2] = 0.45  # an off-centre principal point
+    c2w, k = cams[:, :16].reshape(2, 4, 4), cams[:, 16:].reshape(2, 3, 3)
+    origins, directions = generate_rays(c2w, k, r, convention="opengl")
+    t = torch.tensor([2.0, 4.0])
+    points = origins[:, :, None] + t[None, None, :, None].double() * directions[:, :, None]  # [2, R*R, 2, 3]
+    clip = clip_vertices(points.reshape(2, -1, 3), c2w, k).reshape(2, r * r, 2, 4)
+    ndc = clip[..., :3] / clip[..., 3:]
+    i, j = torch.arange(r).repeat_interleave(r), torch.arange(r).repeat(r)
+    expected = torch.stack([-1 + (2 * j + 1) / r, 1 - (2 * i + 1) / r], dim=-1).double()
+    torch.testing.assert_close(ndc[..., 0, :2], expected.expand(2, -1, -1))
+    torch.testing.assert_close(ndc[..., 1, :2], expected.expand(2, -1, -1))
+    assert (ndc[..., 1, 2] > ndc[..., 0, 2]).all() and (clip[..., 3] > 0).all()
+    with pytest.raises(ValueError, match="clip_vertices: expected vertices"):
+        clip_vertices(points.reshape(2, -1, 3), c2w[:1], k)
 
 
 # ----------------------------------------------------------------------------------

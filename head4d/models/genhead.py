@@ -230,6 +230,14 @@ def clip_vertices(vertices: torch.Tensor, cam2world: torch.Tensor, intrinsics: t
     Returns:
         ``[N, V, 4]`` clip-space vertices in ``vertices.dtype``.
     """
+    op = "clip_vertices"
+    check_tensor(op, "vertices", vertices, "[N, V, 3]", 3, FLOATING)
+    check_tensor(op, "cam2world", cam2world, "[N, 4, 4]", 3, FLOATING)
+    check_tensor(op, "intrinsics", intrinsics, "[N, 3, 3]", 3, FLOATING)
+    n = vertices.shape[0]
+    if vertices.shape[2] != 3 or tuple(cam2world.shape) != (n, 4, 4) or tuple(intrinsics.shape) != (n, 3, 3):
+        raise ValueError(f"{op}: expected vertices [N, V, 3], cam2world [N, 4, 4] and intrinsics [N, 3, 3] with one "
+                         f"N, got {list(vertices.shape)}, {list(cam2world.shape)} and {list(intrinsics.shape)}")
     dtype = vertices.dtype
     cam2world, intrinsics = cam2world.to(dtype), intrinsics.to(dtype)
     rotation, centre = cam2world[:, :3, :3], cam2world[:, :3, 3]
