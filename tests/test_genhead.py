@@ -497,8 +497,10 @@ def test_planes_once_then_render(model, inputs, forward_out, monkeypatch):
                                 neural_rendering_resolution=6, ws=ws[:1].repeat(3, 1, 1),
                                 background=background[:1].repeat(3, 1, 1, 1),
                                 generator=torch.Generator().manual_seed(1))
+        flat = model.render(planes[:1].flatten(1, 2), cams, one, neural_rendering_resolution=6, ws=ws[:1],
+                            background=background[:1], generator=torch.Generator().manual_seed(1))
     for key, value in batched.items():
-        assert torch.equal(value, repeated[key]), key
+        assert torch.equal(value, repeated[key]) and torch.equal(value, flat[key]), key
     assert (batched["image_raw"][0] - batched["image_raw"][1]).abs().max() > 1e-3
 
 
