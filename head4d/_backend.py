@@ -27,9 +27,10 @@ PyTorch's ``scaled_dot_product_attention``, the implementation it is measured ag
 How one is chosen, first match wins:
 
 1. the op's ``backend=`` argument;
-2. the environment variable ``HEAD4D_BACKEND_<OP>`` (``HEAD4D_BACKEND_SAMPLE_TRIPLANES=triton``);
-3. the environment variable ``HEAD4D_BACKEND`` (all ops);
-4. the op's preference list for the tensor's device type: the fastest measured
+2. an enclosing :func:`backend_scope` (a model-wide choice, as ``HEAD4D_BACKEND``);
+3. the environment variable ``HEAD4D_BACKEND_<OP>`` (``HEAD4D_BACKEND_SAMPLE_TRIPLANES=triton``);
+4. the environment variable ``HEAD4D_BACKEND`` (all ops);
+5. the op's preference list for the tensor's device type: the fastest measured
    backend that is available (see ``PREFERENCES`` in each op's module and the
    committed benchmark results under ``benchmarks/results/``).
 
@@ -54,6 +55,8 @@ first op that would have used it warns once and falls back to the reference.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -278,10 +281,42 @@ def unsupported_reason(op: str, backend: str, inputs: Optional[Sequence] = None)
     return None if predicate is None else predicate(*inputs)
 
 
+#: The backend of :func:`backend_scope` (None outside one).
+_SCOPED_BACKEND: contextvars.ContextVar = contextvars.ContextVar("head4d_backend_scope", default=None)
+
+
+@contextlib.contextmanager
+def backend_scope(backend: Optional[str]):
+    """Within the ``with`` block, every op call without a ``backend=`` argument uses
+    ``backend`` as if ``HEAD4D_BACKEND`` were set to it (an op that lacks it keeps its
+    default), ahead of the environment variables. ``None`` or ``"auto"`` changes nothing
+    (an enclosing scope, if any, still applies). Scopes nest (the innermost wins) and are per thread / task (a context
+    variable). Models use it to run every op inside them on one backend (for example
+    ``"torch"``, the references)."""
+    if backend is not None and backend != "auto" and backend not in BACKENDS + TEST_BACKENDS + PEER_BACKENDS:
+        raise ValueError(f"backend_scope: backend must be None, 'auto' or one of "
+                         f"{BACKENDS + TEST_BACKENDS + PEER_BACKENDS}, got {backend!r}")
+    if backend is None or backend == "auto":
+        yield
+        return
+    token = _SCOPED_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
+
+
 def _requested(op: str, requested: Optional[str], known: Sequence[str]) -> Tuple[Optional[str], str]:
     """The backend asked for (None: the default) and where it was asked for."""
     if requested is not None and requested != "auto":
         return requested, "backend="
+    scoped = _SCOPED_BACKEND.get()
+    if scoped is not None:
+        if scoped in BACKENDS + PEER_BACKENDS and scoped not in known:
+            return None, "default"
+        if scoped == "cuda_emulated" and "cpu" not in known:
+            return None, "default"
+        return scoped, "backend_scope"
     env_key = "HEAD4D_BACKEND_" + op.upper()
     choice = os.environ.get(env_key) or None
     if choice is not None and choice != "auto":

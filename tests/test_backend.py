@@ -66,6 +66,24 @@ def test_backends_the_op_lacks(throwaway_op, monkeypatch):
         assert _backend.resolve(OP, CPU, None, inputs=(torch.zeros(2),)) == "cpu"
 
 
+def test_backend_scope(throwaway_op, monkeypatch):
+    """A scope forces its backend on every call without backend=, ahead of the variables;
+    an op lacking it keeps its default; scopes nest and end."""
+    monkeypatch.setenv("HEAD4D_BACKEND_" + OP.upper(), "cpu")
+    with _backend.backend_scope("torch"):
+        assert _backend.resolve(OP, CPU, None) == "torch"
+        assert _backend.resolve(OP, CPU, "cpu") == "cpu"  # the argument wins
+        with _backend.backend_scope("triton"):  # this op lacks it: its default
+            assert _backend.resolve(OP, CPU, None) == "cpu"
+        with _backend.backend_scope(None):  # None leaves the choice as it is (the outer scope)
+            assert _backend.resolve(OP, CPU, None) == "torch"
+        assert _backend.resolve(OP, CPU, None) == "torch"
+    assert _backend.resolve(OP, CPU, None) == "cpu"
+    with pytest.raises(ValueError, match="backend_scope: backend must be None, 'auto' or one of"):
+        with _backend.backend_scope("opencl"):
+            pass
+
+
 def test_declare_rejects_inconsistent_declarations(throwaway_op):
     with pytest.raises(ValueError, match="implemented must hold 'torch'"):
         _backend.declare("x", ("cpu",), {})

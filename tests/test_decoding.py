@@ -13,7 +13,7 @@ import torch
 
 import head4d
 from head4d import _backend
-from head4d.ops import decode_triplanes, generate_rays
+from head4d.ops import decode_triplanes, generate_rays, sample_triplanes
 from head4d.ops import decoding as decoding_op
 from head4d.reference import decode_triplanes as reference_decode
 from head4d.reference import sample_triplanes as reference_sample
@@ -552,6 +552,36 @@ def test_renderer_fused_matches_unfused(case, dtype):
         assert rel_err(gd_f[name], gd_u[name]) <= (1e-10 if dtype == F64 else 1e-4), name
     opacity = out_u[2]
     assert opacity.min() < 0.45 and opacity.max() > 0.55  # a non-trivial picture
+
+
+def test_renderer_point_field_equals_planes_and_decoder():
+    """A point field that samples the planes and decodes renders exactly as the planes and
+    the decoder (same random numbers), gradients included; misuse is an error."""
+    planes, decoder, o, d = _scene("portrait4d", F64, n=2)
+    opts = dict(box_warp=1.0, depth_resolution=10, depth_resolution_importance=10, ray_start=2.0, ray_end=3.4,
+                plane_layout="portrait4d", density_noise=0.2)
+    renderer = TriplaneRenderer(plane_layout="portrait4d", fused=False)
+    p_planes, p_field = planes.clone().requires_grad_(True), planes.clone().requires_grad_(True)
+    seen = []
+
+    def field(points, directions):
+        seen.append((tuple(points.shape), tuple(directions.shape)))
+        return decoder(sample_triplanes(p_field, points, box_warp=1.0, plane_layout="portrait4d"), directions)
+
+    expected = renderer(p_planes, decoder, o, d, opts, generator=torch.Generator().manual_seed(3))
+    got = renderer(field, None, o, d, opts, generator=torch.Generator().manual_seed(3))
+    assert seen == [((2, 36 * 10, 3), (2, 36 * 10, 3))] * 2  # coarse then fine, the samples of a ray contiguous
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    sum(t.sum() for t in got).backward()
+    sum(t.sum() for t in expected).backward()
+    assert torch.equal(p_field.grad, p_planes.grad)
+    with pytest.raises(ValueError, match="with a point field as planes, decoder must be None"):
+        renderer(field, decoder, o, d, opts)
+    with pytest.raises(ValueError, match="fused = True needs planes and a TriplaneDecoder"):
+        TriplaneRenderer(fused=True)(field, None, o, d, opts)
+    with pytest.raises(TypeError, match="a point field must return a dict"):
+        renderer(lambda points, directions: points, None, o, d, opts)
 
 
 def test_renderer_fused_choice(monkeypatch):

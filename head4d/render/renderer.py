@@ -86,7 +86,14 @@ def _run_model(planes: torch.Tensor, decoder: Callable, origins: torch.Tensor, d
     :func:`~head4d.ops.decode_triplanes` replaces ``sample_triplanes`` + ``decoder``."""
     n, r, s, _ = depths.shape
     points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(n, r * s, 3)
-    if fused_weights is not None:
+    if _is_field(planes):
+        point_dirs = directions.unsqueeze(-2).expand(n, r, s, 3).reshape(n, r * s, 3)
+        out = planes(points, point_dirs)
+        if not isinstance(out, Mapping) or "rgb" not in out or "sigma" not in out:
+            raise TypeError(f"{NAME}: a point field must return a dict with 'rgb' [N, M, C] and 'sigma' [N, M, 1], "
+                            f"got {type(out).__name__}")
+        rgb, sigma = out["rgb"], out["sigma"]
+    elif fused_weights is not None:
         rgb, sigma = decode_triplanes(planes, points, *fused_weights, box_warp=box_warp,
                                       plane_layout=plane_layout)
     else:
@@ -110,6 +117,11 @@ def _run_model(planes: torch.Tensor, decoder: Callable, origins: torch.Tensor, d
                                 device=generator.device).to(sigma.device)
         sigma = sigma + noise * density_noise
     return rgb.reshape(n, r, s, rgb.shape[-1]).to(depths.dtype), sigma.reshape(n, r, s, 1).to(depths.dtype)
+
+
+def _is_field(planes) -> bool:
+    """Whether ``planes`` is a point field (a callable, not a tensor of planes)."""
+    return callable(planes) and not isinstance(planes, torch.Tensor)
 
 
 class TriplaneRenderer(nn.Module):
@@ -205,8 +217,14 @@ class TriplaneRenderer(nn.Module):
         """Render rays through a triplane.
 
         Args:
-            planes: ``[N, 3, C, H, W]`` floating point.
-            decoder: see the class docstring.
+            planes: ``[N, 3, C, H, W]`` floating point; or a point field: a callable
+                ``field(points [N, M, 3], directions [N, M, 3]) -> {"rgb": [N, M, C],
+                "sigma": [N, M, 1]}`` that decodes the sample points itself (M = R * S,
+                the S samples of each ray contiguous), with ``decoder=None``. A field is
+                how a model renders what one triplane and decoder cannot express
+                (Portrait4D's deformed points and its blend of a part and a head triplane,
+                :class:`head4d.models.GenHead`); it is never fused.
+            decoder: see the class docstring (None with a point field).
             ray_origins: ``[N, R, 3]`` floating point, same device.
             ray_directions: ``[N, R, 3]`` unit vectors, same dtype and device.
             options: see the class docstring.
@@ -249,7 +267,16 @@ class TriplaneRenderer(nn.Module):
         fused = options.get("fused", None)
         _check_fused("options['fused']", fused)
         device = planes.device if isinstance(planes, torch.Tensor) else ray_origins.device
-        fused_weights = decoder.effective_weights() if self.uses_fused(decoder, device, fused) else None
+        if _is_field(planes):
+            if decoder is not None:
+                raise ValueError(f"{NAME}: with a point field as planes, decoder must be None (the field decodes), "
+                                 f"got {type(decoder).__name__}")
+            if (self.fused if fused is None else fused) is True:
+                raise ValueError(f"{NAME}: fused = True needs planes and a TriplaneDecoder, "
+                                 f"not a point field")
+            fused_weights = None
+        else:
+            fused_weights = decoder.effective_weights() if self.uses_fused(decoder, device, fused) else None
 
         with nvtx_range("head4d.render"):
             with nvtx_range("head4d.render.coarse"):

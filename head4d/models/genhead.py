@@ -1,0 +1,600 @@
+"""``GenHead``: Portrait4D's part-wise 4D head generator (stage one), composed from head4d's
+modules: the StyleGAN2 networks (:mod:`head4d.nn`), the part-wise deformation
+(:class:`~head4d.deform.PartwiseDeformation`), the mask rasterizer
+(:func:`~head4d.render.rasterize_masks`) and the ray marcher
+(:class:`~head4d.render.TriplaneRenderer`).
+
+Drop-in compatibility: the module tree and the parameter and buffer names are the upstream
+generator's, so for the prefixes ``backbone.`` (``mapping`` + ``synthesis``),
+``background.``, ``superresolution.`` (``block0``, ``block1``) and ``decoder.`` a
+Portrait4D state dict loads as it is. The deformation lives under ``deformation.`` and
+holds no state-dict entry (the head model's arrays are non-persistent buffers); the
+upstream ``deformer.*`` buffers and ``dataset_label_std`` are not modules here, so load
+an upstream state dict with ``strict=False`` or drop those keys first.
+
+What one image goes through (:meth:`GenHead.forward`; N images, r the neural rendering
+resolution):
+
+1. **Mapping**: the condition is the 25-number camera label followed by the 300 shape
+   coefficients (325 numbers, times ``c_scale``); ``backbone.mapping`` turns ``(z, c)``
+   into 14 ws, truncated towards ``w_avg`` over the first ``truncation_cutoff`` of them.
+2. **Backbone**: ``backbone.synthesis(ws)`` gives ``[N, 192, 256, 256]``, viewed as six
+   planes of 32 channels: planes 0-2 are the part triplane (eyes and mouth share it),
+   planes 3-5 the head triplane, each in the order XY, YZ, ZX (layout ``"portrait4d"``).
+3. **Background**: a StyleGAN2 generator of its own, on ``z_bg`` (``z`` by default) with no
+   condition and no truncation; sigmoid, then a bilinear resize (no antialiasing) to r.
+4. **Deformation**: :meth:`PartwiseDeformation.build` on the codes (neck grids, posed
+   meshes, eye boxes); every sample point is warped by
+   :meth:`~PartwiseDeformation.warp` into head, eye and mouth canonical points.
+5. **Masks**: the posed head is projected with the image's camera and rasterized at
+   ``mask_resolution`` into the eye and mouth masks (:func:`~head4d.render.rasterize_masks`),
+   then resized to r (bilinear, antialiased).
+6. **Rendering** (:class:`~head4d.render.TriplaneRenderer`, 'auto-plane' depths, coarse
+   plus importance samples): at each sample the head triplane is read at the
+   head-canonical point and the part triplane at the eye point, or at the mouth point on
+   rays whose mouth mask is > 0; one decoder (``decoder``) turns both into raw density and
+   32 features (each triplane read and decoded by the fused
+   :func:`~head4d.ops.decode_triplanes` where the renderer would fuse, see ``fused``). The part density is multiplied by ``inside_eye_box + mouth``; with
+   ``e = eye_mask * inside_eye_box`` and ``m = mouth_mask`` (per ray),
+   ``sigma = sigma_part * e + sigma_part * m + sigma_head * (1 - e - m)`` and the same mix
+   of the features (after the decoder's sigmoid). This is Portrait4D's blend at neural
+   resolutions up to 64; its other blend above 64 is not implemented (a ``ValueError``).
+   The composited features get the background added with the transmittance
+   ``T_bg = 1 - opacity``, then ``* 2 - 1``: ``image_feature``; its channels 0-2 are
+   ``image_raw``.
+7. **Super-resolution**: ``superresolution(image_raw, image_feature, ws, noise_mode='none')``
+   with w = ones (``use_ws_ones``): ``image`` at 512.
+
+The split for repeated renders: ``ws = G.mapping(z, G.condition(camera, shape))``,
+``planes = G.planes(ws)``, ``background = G.background_image(z)``, then any number of
+``G.render(planes, camera, codes, ws=ws, background=background)`` with new cameras and
+codes; a triplane batch of B renders B * K cameras (K views per identity).
+
+Backends: ``GenHead(backend=None)`` runs every op on its default (head4d's compiled
+kernels where built); ``backend="torch"`` runs every op inside the model on the plain
+PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), through
+:func:`head4d._backend.backend_scope`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _backend
+from .._checks import FLOATING, check_tensor
+from .._nvtx import nvtx_range
+from ..deform import PartwiseDeformation
+from ..head.base import HeadModel
+from ..nn import Generator, SuperresolutionHybrid8XDC, set_stylegan2_backend
+from ..nn.stylegan2 import STYLEGAN2_BACKENDS
+from ..ops import decode_triplanes, generate_rays, sample_triplanes
+from ..render import TriplaneDecoder, TriplaneRenderer, rasterize_masks
+
+NAME = "GenHead"
+
+#: Planes per triplane and the two triplanes' slices of the backbone's six planes.
+PART_PLANES = slice(0, 3)
+HEAD_PLANES = slice(3, 6)
+#: Camera label size (cam2world 16 + normalized intrinsics 9) and FLAME shape size.
+CAMERA_SIZE = 25
+SHAPE_SIZE = 300
+#: The largest neural rendering resolution whose part/head blend is implemented.
+MAX_BLEND_RESOLUTION = 64
+#: Near and far planes of the mask rasterizer's projection (world units; the camera
+#: sits about 4 units from the head).
+MASK_NEAR, MASK_FAR = 0.1, 20.0
+
+
+@dataclass
+class GenHeadConfig:
+    """GenHead's settings; the defaults are the released ``genhead-ffhq512`` ones.
+
+    Backbone: ``z_dim``, ``w_dim``, ``mapping_layers`` (its mapping depth), ``channel_base``,
+    ``channel_max``, ``triplane_resolution``, ``triplane_channels`` (six planes, so six
+    times the decoder's input features), ``num_fp16_res``, ``conv_clamp``,
+    ``fused_modconv_default``, ``c_scale`` (the condition's scale).
+    Background: ``has_background``, ``background_resolution``, ``background_channels``,
+    ``background_channel_base``, ``background_channel_max``, ``background_mapping_layers``
+    (the rest are StyleGAN2's defaults: FP16 in its 4 highest blocks on CUDA, clamp 256).
+    Super-resolution: ``has_superresolution``, ``img_resolution`` (512), ``sr_num_fp16_res``,
+    ``sr_antialias``, ``use_ws_ones``.
+    Decoder: ``decoder_hidden``, ``decoder_lr_mul``.
+    Rendering (EG3D's ``rendering_kwargs``): ``box_warp``, ``ray_start``, ``ray_end``,
+    ``depth_resolution``, ``depth_resolution_importance``, ``density_noise``,
+    ``neural_rendering_resolution`` (the default of :meth:`GenHead.forward`).
+    Deformation: ``fine_resolution``, ``coarse_resolution`` (the neck grids).
+    Masks: ``mask_resolution`` (rasterized there, then resized to the neural resolution).
+    ``fused``: how each triplane is decoded: None (auto: the renderer's rule per device,
+    :meth:`~head4d.render.TriplaneRenderer.uses_fused`: fused on CUDA, unfused on the CPU),
+    True (:func:`~head4d.ops.decode_triplanes`, which keeps far less for the backward) or
+    False (:func:`~head4d.ops.sample_triplanes` then ``decoder``).
+    ``backend``: None (each op's default) or an op backend for every op in the model
+    (``"torch"``: the references).
+    """
+
+    z_dim: int = 512
+    w_dim: int = 512
+    c_scale: float = 1.0
+    mapping_layers: int = 2
+    channel_base: int = 32768
+    channel_max: int = 512
+    triplane_resolution: int = 256
+    triplane_channels: int = 192
+    num_fp16_res: int = 0
+    conv_clamp: Optional[float] = None
+    fused_modconv_default: Union[bool, str] = "inference_only"
+    has_background: bool = True
+    background_resolution: int = 64
+    background_channels: int = 32
+    background_channel_base: int = 16384
+    background_channel_max: int = 512
+    background_mapping_layers: int = 8
+    has_superresolution: bool = True
+    img_resolution: int = 512
+    sr_num_fp16_res: int = 4
+    sr_antialias: bool = True
+    use_ws_ones: bool = True
+    decoder_hidden: int = 64
+    decoder_lr_mul: float = 1.0
+    box_warp: float = 1.3
+    ray_start: Union[float, str] = "auto-plane"
+    ray_end: Union[float, str] = "auto-plane"
+    depth_resolution: int = 48
+    depth_resolution_importance: int = 48
+    density_noise: float = 0.0
+    neural_rendering_resolution: int = 64
+    fine_resolution: int = 24
+    coarse_resolution: int = 8
+    mask_resolution: int = 512
+    fused: Optional[bool] = None
+    backend: Optional[str] = None
+
+    @property
+    def plane_features(self) -> int:
+        """Channels per plane (the decoder's input): ``triplane_channels // 6``."""
+        return self.triplane_channels // 6
+
+    def rendering_options(self) -> Dict[str, object]:
+        """The renderer's options (EG3D's ``rendering_kwargs`` that the renderer reads)."""
+        return {"box_warp": self.box_warp, "ray_start": self.ray_start, "ray_end": self.ray_end,
+                "depth_resolution": self.depth_resolution,
+                "depth_resolution_importance": self.depth_resolution_importance,
+                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d"}
+
+
+@dataclass
+class FlameCodes:
+    """FLAME-style codes of N heads (the head model's parameters), floating tensors:
+
+    ``shape [N, 300]``, ``expression [N, 100]``, ``neck_pose [N, 3]`` (axis-angle),
+    ``jaw_pose [N, 3]`` (axis-angle; Portrait4D's canonical mouth is ``(0.3, 0, 0)``),
+    ``eye_pose [N, 6]`` (left then right eye axis-angles). A dict with these keys (as
+    ``HeadModel.canonical_codes`` returns) is accepted wherever these are.
+    """
+
+    shape: torch.Tensor
+    expression: torch.Tensor
+    neck_pose: torch.Tensor
+    jaw_pose: torch.Tensor
+    eye_pose: torch.Tensor
+
+    FIELDS = ("shape", "expression", "neck_pose", "jaw_pose", "eye_pose")
+
+    @classmethod
+    def of(cls, codes: Union["FlameCodes", Mapping[str, torch.Tensor]]) -> "FlameCodes":
+        """``codes`` as :class:`FlameCodes` (from itself or from a dict with the five keys)."""
+        if isinstance(codes, FlameCodes):
+            return codes
+        if not isinstance(codes, Mapping):
+            raise TypeError(f"{NAME}: codes must be a FlameCodes or a dict with keys {cls.FIELDS}, "
+                            f"got {type(codes).__name__}")
+        missing = [k for k in cls.FIELDS if k not in codes]
+        if missing:
+            raise ValueError(f"{NAME}: codes lacks {missing}; it needs {cls.FIELDS}")
+        return cls(**{k: codes[k] for k in cls.FIELDS})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.shape.shape[0])
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def repeat_interleave(self, repeats: int) -> "FlameCodes":
+        """Each head's codes repeated ``repeats`` times in a row."""
+        return FlameCodes(**{k: v.repeat_interleave(repeats, dim=0) for k, v in self.as_dict().items()})
+
+
+def clip_vertices(vertices: torch.Tensor, cam2world: torch.Tensor, intrinsics: torch.Tensor,
+                  near: float = MASK_NEAR, far: float = MASK_FAR) -> torch.Tensor:
+    """World points to the rasterizer's clip space for Portrait4D's OpenGL cameras.
+
+    The projection is the one :func:`head4d.ops.generate_rays` inverts with
+    ``convention="opengl"``: a camera-space point ``p`` (the camera looks along -z) lands
+    at normalized image coordinates ``u = cx + (fx * p_x - sk * p_y) / (-p_z)``,
+    ``v = cy - fy * p_y / (-p_z)`` (``v`` down the rows), i.e. NDC ``x = 2u - 1``,
+    ``y = 1 - 2v`` (:mod:`head4d.ops.rasterize`: row 0 at the top). ``w = -p_z``; ``z`` is
+    OpenGL's depth for the ``near`` / ``far`` planes (smaller is nearer).
+
+    Args:
+        vertices: ``[N, V, 3]`` floating, world space.
+        cam2world: ``[N, 4, 4]`` camera-to-world (rotation columns right, up, backward).
+        intrinsics: ``[N, 3, 3]`` normalized intrinsics.
+
+    Returns:
+        ``[N, V, 4]`` clip-space vertices in ``vertices.dtype``.
+    """
+    op = "clip_vertices"
+    check_tensor(op, "vertices", vertices, "[N, V, 3]", 3, FLOATING)
+    check_tensor(op, "cam2world", cam2world, "[N, 4, 4]", 3, FLOATING)
+    check_tensor(op, "intrinsics", intrinsics, "[N, 3, 3]", 3, FLOATING)
+    n = vertices.shape[0]
+    if vertices.shape[2] != 3 or tuple(cam2world.shape) != (n, 4, 4) or tuple(intrinsics.shape) != (n, 3, 3):
+        raise ValueError(f"{op}: expected vertices [N, V, 3], cam2world [N, 4, 4] and intrinsics [N, 3, 3] with one "
+                         f"N, got {list(vertices.shape)}, {list(cam2world.shape)} and {list(intrinsics.shape)}")
+    dtype = vertices.dtype
+    cam2world, intrinsics = cam2world.to(dtype), intrinsics.to(dtype)
+    rotation, centre = cam2world[:, :3, :3], cam2world[:, :3, 3]
+    p = torch.einsum("nji,nvj->nvi", rotation, vertices - centre[:, None])  # R^T (x - c)
+    depth = -p[..., 2]
+    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
+    cx, cy, sk = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None], intrinsics[:, 0, 1, None]
+    x = (2 * cx - 1) * depth + 2 * (fx * p[..., 0] - sk * p[..., 1])
+    y = (1 - 2 * cy) * depth + 2 * fy * p[..., 1]
+    z = (far + near) / (far - near) * depth - 2 * far * near / (far - near)
+    return torch.stack([x, y, z, depth], dim=-1)
+
+
+def _check_batch(op: str, name: str, value: torch.Tensor, size: int, batch: Optional[int] = None) -> torch.Tensor:
+    check_tensor(op, name, value, f"[N, {size}]", 2, FLOATING)
+    if value.shape[1] != size:
+        raise ValueError(f"{op}: {name} must have shape [N, {size}], got {list(value.shape)}")
+    if batch is not None and value.shape[0] != batch:
+        raise ValueError(f"{op}: {name} has {value.shape[0]} rows but {batch} were expected")
+    return value
+
+
+def _repeat_rows(op: str, name: str, value: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+    """``value`` with ``batch`` rows: as it is, or each of its B rows repeated batch / B times."""
+    if value is None or value.shape[0] == batch:
+        return value
+    if value.shape[0] == 0 or batch % value.shape[0] != 0:
+        raise ValueError(f"{op}: {name} has {value.shape[0]} rows; the cameras ({batch}) must be a multiple of it")
+    return value.repeat_interleave(batch // value.shape[0], dim=0)
+
+
+class GenHead(nn.Module):
+    """Portrait4D's GenHead (``PartTriPlaneGeneratorDeform``) on head4d's kernels (see the
+    module docstring for the computation).
+
+    Modules (upstream names): ``backbone`` (:class:`~head4d.nn.Generator`: ``mapping`` with
+    the 325-number condition, ``synthesis`` to the 192-channel planes), ``background``
+    (:class:`~head4d.nn.Generator`, no condition), ``superresolution``
+    (:class:`~head4d.nn.SuperresolutionHybrid8XDC`), ``decoder``
+    (:class:`~head4d.render.TriplaneDecoder`, variant ``"portrait4d"``); head4d's own:
+    ``deformation`` (:class:`~head4d.deform.PartwiseDeformation`, holding the head model),
+    ``renderer`` (:class:`~head4d.render.TriplaneRenderer`). ``background`` and
+    ``superresolution`` are None when the config turns them off.
+
+    Args:
+        config: :class:`GenHeadConfig` (None: the released defaults).
+        head_model: a :class:`~head4d.head.HeadModel` (None: ``ProceduralHead()``;
+            ``FLAME.from_file(...)`` for the real one). Its eyeball set makes the eye mask;
+            the mouth mask uses its ``inner_mouth_indices`` when it has them, else its lips
+            set (the built-in procedural head has no separate inner-mouth surface: its
+            mouth is a pocket of the head mesh, and the lips mark the region); a head
+            without lips renders without the mouth part (mouth mask 0).
+    """
+
+    def __init__(self, config: Optional[GenHeadConfig] = None, head_model: Optional[HeadModel] = None):
+        super().__init__()
+        if config is None:
+            config = GenHeadConfig()
+        if not isinstance(config, GenHeadConfig):
+            raise TypeError(f"{NAME}: config must be a GenHeadConfig, got {type(config).__name__}")
+        if config.triplane_channels % 6 != 0:
+            raise ValueError(f"{NAME}: config.triplane_channels must be a multiple of 6 (six planes), "
+                             f"got {config.triplane_channels}")
+        if head_model is None:
+            from ..head import ProceduralHead
+            head_model = ProceduralHead()
+        if not isinstance(head_model, HeadModel):
+            raise TypeError(f"{NAME}: head_model must be a head4d.head.HeadModel (FLAME or ProceduralHead), "
+                            f"got {type(head_model).__name__}")
+        self.config = dataclasses.replace(config)
+        c = self.config
+        self.c_dim = CAMERA_SIZE + SHAPE_SIZE
+        self.backbone = Generator(c.z_dim, self.c_dim, c.w_dim, img_resolution=c.triplane_resolution,
+                                  img_channels=c.triplane_channels, mapping_kwargs={"num_layers": c.mapping_layers},
+                                  channel_base=c.channel_base, channel_max=c.channel_max,
+                                  num_fp16_res=c.num_fp16_res, conv_clamp=c.conv_clamp,
+                                  fused_modconv_default=c.fused_modconv_default)
+        self.background = None
+        if c.has_background:
+            self.background = Generator(c.z_dim, 0, c.w_dim, img_resolution=c.background_resolution,
+                                        img_channels=c.background_channels,
+                                        mapping_kwargs={"num_layers": c.background_mapping_layers},
+                                        channel_base=c.background_channel_base,
+                                        channel_max=c.background_channel_max)
+        self.superresolution = None
+        if c.has_superresolution:
+            self.superresolution = SuperresolutionHybrid8XDC(
+                channels=c.plane_features, img_resolution=c.img_resolution, sr_num_fp16_res=c.sr_num_fp16_res,
+                sr_antialias=c.sr_antialias, channel_base=c.channel_base, channel_max=c.channel_max,
+                fused_modconv_default=c.fused_modconv_default, use_ws_ones=c.use_ws_ones)
+        self.decoder = TriplaneDecoder(c.plane_features, c.decoder_hidden, c.plane_features, variant="portrait4d",
+                                       lr_multiplier=c.decoder_lr_mul)
+        self.has_mouth = bool(head_model.has_lips)
+        self.deformation = PartwiseDeformation(head_model, box_side=c.box_warp, fine_resolution=c.fine_resolution,
+                                               coarse_resolution=c.coarse_resolution, mouth=self.has_mouth)
+        self.renderer = TriplaneRenderer(plane_layout="portrait4d")
+        self.backend = c.backend
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def head_model(self) -> HeadModel:
+        return self.deformation.head_model
+
+    @property
+    def num_ws(self) -> int:
+        return self.backbone.num_ws
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The ops' backend inside the model (None: each op's default)."""
+        return self._ops_backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{NAME}: backend must be None or a backend name, got {type(value).__name__}")
+        with _backend.backend_scope(value):  # validates the name
+            pass
+        self._ops_backend = value
+        self.config.backend = value
+        # the StyleGAN2 layers name their backend themselves; one they do not take (a test
+        # backend) reaches their ops through the scope instead
+        set_stylegan2_backend(self, value if value in STYLEGAN2_BACKENDS else None)
+
+    def _scope(self):
+        return _backend.backend_scope(self._ops_backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self._ops_backend!r}, num_ws={self.num_ws}"
+
+    # ------------------------------------------------------------------ stages
+    def condition(self, camera: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        """The mapping's condition ``[N, 325]``: the camera label ``[N, 25]`` then the shape
+        coefficients ``[N, 300]``, times ``c_scale``."""
+        op = f"{NAME}.condition"
+        _check_batch(op, "camera", camera, CAMERA_SIZE)
+        _check_batch(op, "shape", shape, SHAPE_SIZE, camera.shape[0])
+        return torch.cat([camera, shape.to(camera.dtype)], dim=1) * self.config.c_scale
+
+    def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1,
+                truncation_cutoff: Optional[int] = None, update_emas: bool = False) -> torch.Tensor:
+        """ws ``[N, 14, w_dim]`` float32 from ``z [N, z_dim]`` and the condition ``c [N, 325]``
+        (:meth:`condition`); upstream's ``G.mapping``."""
+        with self._scope(), nvtx_range("head4d.genhead.mapping"):
+            return self.backbone.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff,
+                                         update_emas=update_emas)
+
+    def planes(self, ws: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        """The six planes ``[N, 6, C, H, W]`` float32 (part triplane 0-2, head triplane 3-5)
+        from ws ``[N, 14, w_dim]``; ``noise_mode`` as the synthesis network's."""
+        with self._scope(), nvtx_range("head4d.genhead.backbone"):
+            planes = self.backbone.synthesis(ws, noise_mode=noise_mode)
+            n, _, h, w = planes.shape
+            return planes.view(n, 6, self.config.plane_features, h, w)
+
+    def background_image(self, z_bg: torch.Tensor, noise_mode: str = "const") -> Optional[torch.Tensor]:
+        """The background features ``[N, 32, B, B]`` in (0, 1) (sigmoid of the background
+        generator, at its own resolution B), or None without a background."""
+        if self.background is None:
+            return None
+        with self._scope(), nvtx_range("head4d.genhead.background"):
+            return torch.sigmoid(self.background(z_bg, None, noise_mode=noise_mode))
+
+    def masks(self, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], camera: torch.Tensor,
+              resolution: int) -> Dict[str, torch.Tensor]:
+        """Portrait4D's eye and mouth masks ``[N, 1, r, r]`` float32 in [0, 1], r = ``resolution``:
+        the posed head rasterized at ``mask_resolution`` with the image's camera, then resized
+        (bilinear, antialiased). No gradient."""
+        codes = FlameCodes.of(codes)
+        head = self.head_model
+        n = camera.shape[0]
+        with self._scope(), nvtx_range("head4d.genhead.masks"), torch.no_grad():
+            verts = head(**codes.as_dict())
+            cam2world = camera[:, :16].reshape(n, 4, 4)
+            intrinsics = camera[:, 16:25].reshape(n, 3, 3)
+            clip = clip_vertices(verts, cam2world, intrinsics)
+            size = self.config.mask_resolution
+            if self.has_mouth:
+                inner = getattr(head, "inner_mouth_indices", None)
+                inner = head.lips_indices if inner is None else inner
+            else:
+                inner = head.eye_indices.new_zeros(0)
+            eye, mouth = rasterize_masks(clip, head.faces, (size, size), head.eye_indices, inner,
+                                         backend=self._ops_backend)
+            if not self.has_mouth:
+                mouth = torch.zeros_like(mouth)
+            if size != resolution:
+                eye = F.interpolate(eye, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                                    antialias=True)
+                mouth = F.interpolate(mouth, size=(resolution, resolution), mode="bilinear", align_corners=False,
+                                      antialias=True)
+            return {"eye_mask": eye, "mouth_mask": mouth}
+
+    def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool):
+        """The renderer's point field: warp, read both triplanes, decode, blend (module docstring)."""
+        box_warp = self.config.box_warp
+        backend = self._ops_backend
+        fused_weights = None
+        if self.renderer.uses_fused(self.decoder, head_planes.device, self.config.fused):
+            fused_weights = self.decoder.effective_weights()
+
+        def decode(planes: torch.Tensor, points: torch.Tensor) -> Dict[str, torch.Tensor]:
+            if fused_weights is not None:
+                rgb, sigma = decode_triplanes(planes, points, *fused_weights, box_warp=box_warp,
+                                              plane_layout="portrait4d", backend=backend)
+                return {"rgb": rgb, "sigma": sigma}
+            return self.decoder(sample_triplanes(planes, points, box_warp=box_warp, plane_layout="portrait4d",
+                                                 backend=backend))
+
+        def field(points: torch.Tensor, directions: torch.Tensor) -> Dict[str, torch.Tensor]:
+            n, m, _ = points.shape
+            per_ray = m // eye_rays.shape[1]
+            with nvtx_range("head4d.genhead.field"):
+                if deform:
+                    warped = self.deformation.warp(points, fields)
+                    head_points = warped.head
+                    part_points = warped.part_points(mouth_rays if self.has_mouth else None)
+                    inside = warped.inside_eye_box.to(points.dtype)
+                else:
+                    head_points = part_points = points
+                    with torch.no_grad():
+                        rel = (points.unsqueeze(2) - fields.eye_box_centre.unsqueeze(1)).abs()
+                        inside = (rel < fields.eye_box_half.unsqueeze(1)).all(-1).any(-1).to(points.dtype)
+                with nvtx_range("head4d.genhead.decode"):
+                    head_out = decode(head_planes, head_points)
+                    part_out = decode(part_planes, part_points)
+                with nvtx_range("head4d.genhead.blend"):
+                    eye = eye_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
+                    mouth = mouth_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
+                    w_eye = (eye * inside).unsqueeze(-1)
+                    w_mouth = mouth.unsqueeze(-1)
+                    w_head = 1 - w_eye - w_mouth
+                    part_sigma = part_out["sigma"] * (inside.unsqueeze(-1) + w_mouth)
+                    sigma = part_sigma * (w_eye + w_mouth) + head_out["sigma"] * w_head
+                    rgb = part_out["rgb"] * (w_eye + w_mouth) + head_out["rgb"] * w_head
+            return {"rgb": rgb, "sigma": sigma}
+
+        return field
+
+    def render(self, planes: torch.Tensor, camera: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]],
+               *, ws: Optional[torch.Tensor] = None, background: Optional[torch.Tensor] = None,
+               neural_rendering_resolution: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               deform: bool = True) -> Dict[str, torch.Tensor]:
+        """Render given planes with new cameras and codes (no backbone).
+
+        Args:
+            planes: ``[B, 6, C, H, W]`` from :meth:`planes` (or ``[B, 6 * C, H, W]``).
+            camera: ``[N, 25]`` camera labels (cam2world 16 + normalized intrinsics 9), N a
+                multiple of B: row ``b * K + k`` is view k of identity b (K = N / B).
+            codes: :class:`FlameCodes` (or a dict) with N or B rows.
+            ws: ``[N or B, 14, w_dim]`` for the super-resolution (unused with
+                ``use_ws_ones``, but its batch must fit); needed when it is on.
+            background: ``[N or B, 32, Hb, Wb]`` from :meth:`background_image`, or None (no
+                background: the features are composited over 0).
+            neural_rendering_resolution: r (None: the config's), at most 64.
+            generator: ``torch.Generator`` for the renderer's random numbers (depth jitter,
+                importance sampling), or None (the global one).
+            deform: False samples both triplanes at the observation-space points (no warp;
+                the masks and the blend stay), to compare against.
+
+        Returns:
+            A dict: ``image`` ``[N, 3, 512, 512]`` (only with the super-resolution),
+            ``image_raw`` ``[N, 3, r, r]``, ``image_depth`` ``[N, 1, r, r]``,
+            ``image_feature`` ``[N, 32, r, r]`` (in [-1, 1] when the background is in [0, 1]),
+            ``opacity`` ``[N, 1, r, r]``, ``eye_mask`` and ``mouth_mask`` ``[N, 1, r, r]``;
+            float32.
+        """
+        op = f"{NAME}.render"
+        c = self.config
+        r = c.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
+        if r > MAX_BLEND_RESOLUTION:
+            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_BLEND_RESOLUTION} (Portrait4D's "
+                             f"part/head blend above 64 is not implemented here), got {r}")
+        check_tensor(op, "planes", planes, f"[B, 6, {c.plane_features}, H, W]", planes.dim()
+                     if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
+        if planes.dim() == 4 and planes.shape[1] == 6 * c.plane_features:
+            planes = planes.view(planes.shape[0], 6, c.plane_features, *planes.shape[2:])
+        if planes.dim() != 5 or planes.shape[1] != 6 or planes.shape[2] != c.plane_features:
+            raise ValueError(f"{op}: planes must have shape [B, 6, {c.plane_features}, H, W], got {list(planes.shape)}")
+        _check_batch(op, "camera", camera, CAMERA_SIZE)
+        n = camera.shape[0]
+        codes = FlameCodes.of(codes)
+        for name, value in codes.as_dict().items():
+            check_tensor(op, f"codes.{name}", value, "[N, *]", 2, FLOATING)
+        codes = FlameCodes(**{k: _repeat_rows(op, f"codes.{k}", v, n) for k, v in codes.as_dict().items()})
+        planes = _repeat_rows(op, "planes", planes, n)
+        ws = _repeat_rows(op, "ws", ws, n)
+        background = _repeat_rows(op, "background", background, n)
+        if self.superresolution is not None and ws is None:
+            raise ValueError(f"{op}: ws [N, {self.num_ws}, {c.w_dim}] is needed for the super-resolution")
+        head_dtype = self.head_model.dtype
+        codes = FlameCodes(**{k: v.to(head_dtype) for k, v in codes.as_dict().items()})
+
+        with self._scope(), nvtx_range("head4d.genhead.render"):
+            with nvtx_range("head4d.genhead.deformation"):
+                fields = self.deformation.build(**codes.as_dict())
+            masks = self.masks(codes, camera, r)
+            eye_rays = masks["eye_mask"].reshape(n, r * r)
+            mouth_rays = masks["mouth_mask"].reshape(n, r * r)
+            cam2world = camera[:, :16].reshape(n, 4, 4).to(torch.float32)
+            intrinsics = camera[:, 16:25].reshape(n, 3, 3).to(torch.float32)
+            with nvtx_range("head4d.genhead.rays"):
+                origins, directions = generate_rays(cam2world, intrinsics, r, convention="opengl")
+            bg = None
+            if background is not None:
+                bg = F.interpolate(background.to(torch.float32), size=(r, r), mode="bilinear", align_corners=False,
+                                   antialias=False)
+                bg = bg.permute(0, 2, 3, 1).reshape(n, r * r, bg.shape[1])
+            field = self._point_field(planes[:, PART_PLANES], planes[:, HEAD_PLANES], fields, eye_rays, mouth_rays,
+                                      deform)
+            with nvtx_range("head4d.genhead.raymarch"):
+                features, depth, opacity = self.renderer(field, None, origins, directions, c.rendering_options(),
+                                                         background=bg, generator=generator, cam2world=cam2world)
+            to_image = lambda t: t.permute(0, 2, 1).reshape(n, t.shape[-1], r, r)  # noqa: E731
+            feature_image = to_image(features)
+            out = {"image_raw": feature_image[:, :3], "image_depth": to_image(depth),
+                   "image_feature": feature_image, "opacity": to_image(opacity),
+                   "eye_mask": masks["eye_mask"], "mouth_mask": masks["mouth_mask"]}
+            if self.superresolution is not None:
+                with nvtx_range("head4d.genhead.superresolution"):
+                    out["image"] = self.superresolution(out["image_raw"], feature_image, ws, noise_mode="none")
+            return out
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *,
+                neural_rendering_resolution: Optional[int] = None, truncation_psi: float = 1,
+                truncation_cutoff: Optional[int] = None, noise_mode: str = "const",
+                z_bg: Optional[torch.Tensor] = None, c_render: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """The whole generator (module docstring).
+
+        Args:
+            z: ``[N, z_dim]`` latent codes.
+            c: ``[N, 25]`` camera labels (cam2world 16 + normalized intrinsics 9): the
+                condition (with ``codes.shape``) and, unless ``c_render`` is given, the camera.
+            codes: :class:`FlameCodes` (or a dict) with N rows.
+            neural_rendering_resolution: r (None: the config's, 64), at most 64.
+            truncation_psi, truncation_cutoff: the backbone mapping's truncation.
+            noise_mode: the backbone's and the background's noise (``'const'``,
+                ``'random'``, ``'none'``); the super-resolution uses none.
+            z_bg: the background latent (None: ``z``, as Portrait4D).
+            c_render: ``[N, 25]`` the rendering camera, when it differs from the condition's.
+            generator: for the renderer's random numbers.
+
+        Returns:
+            :meth:`render`'s dict, plus ``ws`` ``[N, 14, w_dim]``.
+        """
+        op = NAME
+        codes = FlameCodes.of(codes)
+        _check_batch(op, "c", c, CAMERA_SIZE)
+        with self._scope(), nvtx_range("head4d.genhead"):
+            ws = self.mapping(z, self.condition(c, codes.shape), truncation_psi=truncation_psi,
+                              truncation_cutoff=truncation_cutoff)
+            planes = self.planes(ws, noise_mode=noise_mode)
+            background = self.background_image(z if z_bg is None else z_bg, noise_mode=noise_mode)
+            out = self.render(planes, c if c_render is None else c_render, codes, ws=ws, background=background,
+                              neural_rendering_resolution=neural_rendering_resolution, generator=generator)
+            out["ws"] = ws
+            return out
