@@ -29,9 +29,7 @@ import pickle
 import struct
 import subprocess
 import sys
-import types
 from collections import OrderedDict
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,114 +37,17 @@ import pytest
 import torch
 
 from head4d.checkpoints import EasyDict, ObjectRecord, PersistentRecord, UnsafePickleError, read_pickle
+from upstream_pickles import (LEGACY_STORAGE_CLASSES, MARK_ENV, Call, Global, PartDeformImportanceRenderer, Persistent,
+                              UpstreamEasyDict, UpstreamPickler, fake_module, storage_bytes, upstream_modules_installed,
+                              assert_bit_exact, dump_calls, dump_upstream, legacy_storage_blob, marking_source,
+                              upstream_modules_loaded)
 
 KEY_LIST = Path(__file__).parent / "data" / "genhead_state_dict_subset.txt"
-UPSTREAM_ROOTS = ("torch_utils", "dnnlib", "training", "models", "pytorch3d", "some_upstream")
-MARK_ENV = "HEAD4D_TEST_MODULE_SRC_RAN"
-
-
-# ----------------------------------------------------------------------------------------
-# Stand-ins for the upstream modules, present only while a pickle is written
-# ----------------------------------------------------------------------------------------
-
-def _reconstruct_persistent_obj(meta):
-    """What upstream's reconstruct function does: run the embedded source, rebuild the object."""
-    module = types.ModuleType("_imported_module_for_test")
-    exec(compile(meta["module_src"], "<module_src>", "exec"), module.__dict__)
-    cls = module.__dict__[meta["class_name"]]
-    obj = cls.__new__(cls)
-    obj.__dict__.update(meta["state"])
-    return obj
-
-
-_reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-
-
-class UpstreamEasyDict(dict):
-    """dnnlib.util.EasyDict: a dict with attribute access."""
-
-    __module__ = "dnnlib.util"
-    __qualname__ = "EasyDict"
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class PartDeformImportanceRenderer(torch.nn.Module):
-    """A non-persistent upstream module (pickled by reference: NEWOBJ + BUILD)."""
-
-    __module__ = "training.volumetric_rendering.renderer"
-
-    def __init__(self):
-        super().__init__()
-        self.plane_axes = torch.randn(3, 3, 3, dtype=torch.float32)  # a plain tensor attribute, not a buffer
-        self.ray_start = "auto"
-
-
-def _fake_module(name: str, **attributes) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attributes)
-    return module
-
-
-@contextmanager
-def upstream_modules_installed():
-    """Put the stand-in upstream modules in sys.modules; remove them (and anything under them) after."""
-    modules = {
-        "torch_utils": _fake_module("torch_utils"),
-        "torch_utils.persistence": _fake_module("torch_utils.persistence",
-                                                _reconstruct_persistent_obj=_reconstruct_persistent_obj),
-        "dnnlib": _fake_module("dnnlib", EasyDict=UpstreamEasyDict),
-        "dnnlib.util": _fake_module("dnnlib.util", EasyDict=UpstreamEasyDict),
-        "training": _fake_module("training"),
-        "training.volumetric_rendering": _fake_module("training.volumetric_rendering"),
-        "training.volumetric_rendering.renderer": _fake_module(
-            "training.volumetric_rendering.renderer", PartDeformImportanceRenderer=PartDeformImportanceRenderer),
-    }
-    assert not any(name in sys.modules for name in modules)
-    sys.modules.update(modules)
-    try:
-        yield
-    finally:
-        for name in modules:
-            sys.modules.pop(name, None)
-
-
-def _upstream_modules_loaded() -> list:
-    return [name for name in sys.modules if name.split(".")[0] in UPSTREAM_ROOTS]
 
 
 # ----------------------------------------------------------------------------------------
 # Persistent classes with upstream names (networks_stylegan2.py, triplane.py), small
 # ----------------------------------------------------------------------------------------
-
-def marking_source(mark_path: Path) -> str:
-    """A module source that, if it ever ran, would set an environment variable and create a file."""
-    return (f"import os\nos.environ[{MARK_ENV!r}] = 'ran'\nopen({str(mark_path)!r}, 'w').close()\n"
-            "class Marked:\n    pass\n")
-
-
-class Persistent:
-    """Mixin: pickles as persistence.persistent_class objects do, and records the constructor arguments."""
-
-    module_src = "raise SystemExit('module_src must never run')\n"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-        self._init_args = copy.deepcopy(args)
-        self._init_kwargs = copy.deepcopy(kwargs)
-
-    def __reduce__(self):
-        fields = list(super().__reduce__())
-        fields += [None] * max(3 - len(fields), 0)
-        meta = dict(type="class", version=6, module_src=type(self).module_src, class_name=type(self).__name__,
-                    state=fields[2])
-        return _reconstruct_persistent_obj, (meta,), None
-
-
 def _resample_filter() -> torch.Tensor:
     taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
     return torch.outer(taps, taps) / 64
@@ -269,139 +170,6 @@ def build_generator(seed: int) -> PartTriPlaneGeneratorDeform:
     return generator.eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------
-# Writers: torch 1.11's tensor format, numpy 1.x's globals, any global by name
-# ----------------------------------------------------------------------------------------
-
-LEGACY_STORAGE_CLASSES = {
-    torch.float64: "DoubleStorage", torch.float32: "FloatStorage", torch.float16: "HalfStorage",
-    torch.bfloat16: "BFloat16Storage", torch.complex128: "ComplexDoubleStorage",
-    torch.complex64: "ComplexFloatStorage", torch.int64: "LongStorage", torch.int32: "IntStorage",
-    torch.int16: "ShortStorage", torch.int8: "CharStorage", torch.uint8: "ByteStorage", torch.bool: "BoolStorage",
-}
-
-
-def storage_bytes(tensor: torch.Tensor) -> bytes:
-    """All bytes of the tensor's storage."""
-    return bytes(torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy().tobytes())
-
-
-def legacy_storage_blob(tensor: torch.Tensor) -> bytes:
-    """The tensor's whole storage as torch 1.11's legacy torch.save of one storage writes it."""
-    storage_class = getattr(torch, LEGACY_STORAGE_CLASSES[tensor.dtype])
-    numel = tensor.untyped_storage().nbytes() // tensor.element_size()
-    key = str(140000000000000 + tensor.untyped_storage().data_ptr() % 100000)  # torch 1.11: the storage's address
-    out = io.BytesIO()
-    for header in (0x1950A86A20F9469CFC6C, 1001,
-                   dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))):
-        pickle.dump(header, out, protocol=2)
-    root = object()
-
-    class RootPickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", storage_class, key, "cpu", numel, None) if obj is root else None
-
-    RootPickler(out, protocol=2).dump(root)
-    pickle.dump([key], out, protocol=2)
-    out.write(struct.pack("<q", numel))
-    out.write(storage_bytes(tensor))
-    return out.getvalue()
-
-
-class Global:
-    """A global written by name (module, name), whether or not it exists here."""
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):  # pickle requires a reduce function to be callable
-        raise AssertionError("never called")
-
-
-class Call:
-    """Pickles as a call ``func(*args)`` (REDUCE); func may itself be a Global or a Call."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __call__(self, *args):  # pickle requires a reduce function to be callable
-        raise AssertionError("never called")
-
-
-class _StorageBlob:
-    def __init__(self, tensor):
-        self.tensor = tensor
-
-
-class UpstreamPickler(pickle._Pickler):
-    """Pure-Python pickler that writes `Global` and `Call`; with ``legacy=True`` also tensors as torch 1.11
-    wrote them and numpy arrays and scalars under numpy 1.x's global names."""
-
-    def __init__(self, file, protocol=4, legacy=True):
-        super().__init__(file, protocol=protocol)
-        self.legacy = legacy
-
-    def reducer_override(self, obj):
-        if isinstance(obj, Global):
-            return obj.name
-        if isinstance(obj, Call):
-            return obj.func, obj.args
-        if not self.legacy:
-            return NotImplemented
-        if isinstance(obj, torch.nn.Parameter):
-            return torch._utils._rebuild_parameter, (obj.data, obj.requires_grad, OrderedDict())
-        if isinstance(obj, torch.Tensor):
-            return torch._utils._rebuild_tensor_v2, (_StorageBlob(obj), obj.storage_offset(), tuple(obj.size()),
-                                                     obj.stride(), obj.requires_grad, OrderedDict())
-        if isinstance(obj, _StorageBlob):
-            return torch.storage._load_from_bytes, (legacy_storage_blob(obj.tensor),)
-        if isinstance(obj, np.ndarray) and type(obj) is np.ndarray:
-            _, args, state = obj.__reduce__()
-            return (Global("numpy.core.multiarray", "_reconstruct"), args, state)
-        if isinstance(obj, np.generic):
-            _, args = obj.__reduce__()
-            return (Global("numpy.core.multiarray", "scalar"), args)
-        return NotImplemented
-
-    def save_global(self, obj, name=None):
-        if not isinstance(obj, Global):
-            return super().save_global(obj, name)
-        if self.proto >= 4:
-            self.save(obj.module)
-            self.save(obj.name)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-        self.memoize(obj)
-
-
-def dump_upstream(obj, *, legacy: bool = True, protocol: int = 4) -> bytes:
-    """Pickle `obj` with the stand-in upstream modules installed (legacy: torch 1.11 / numpy 1.x format)."""
-    out = io.BytesIO()
-    with upstream_modules_installed():
-        if legacy:
-            UpstreamPickler(out, protocol=protocol).dump(obj)
-        else:
-            pickle.dump(obj, out, protocol=protocol)
-    return out.getvalue()
-
-
-def dump_calls(obj, protocol: int = 4) -> bytes:
-    out = io.BytesIO()
-    UpstreamPickler(out, protocol=protocol, legacy=False).dump(obj)
-    return out.getvalue()
-
-
-def assert_bit_exact(actual, expected, name=""):
-    assert isinstance(actual, torch.Tensor), name
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-    assert actual.stride() == expected.stride() and actual.storage_offset() == expected.storage_offset(), name
-    assert actual.device.type == "cpu", name
-    actual_bytes = actual.contiguous().reshape(-1).view(torch.uint8)
-    expected_bytes = expected.contiguous().reshape(-1).view(torch.uint8)
-    assert torch.equal(actual_bytes, expected_bytes), name
-
-
 def read_key_list():
     entries = []
     for line in KEY_LIST.read_text().splitlines():
@@ -443,9 +211,9 @@ def checkpoint():
 @pytest.mark.parametrize("writer", ["torch-1.11", "installed-torch"])
 def test_checkpoint_state_dicts_names_and_tensors(checkpoint, writer):
     data = dump_upstream(checkpoint, legacy=writer == "torch-1.11")
-    assert not _upstream_modules_loaded()
+    assert not upstream_modules_loaded()
     loaded = read_pickle(io.BytesIO(data))
-    assert not _upstream_modules_loaded(), "reading imported an upstream module"
+    assert not upstream_modules_loaded(), "reading imported an upstream module"
 
     assert isinstance(loaded, dict) and set(loaded) == set(checkpoint)
     assert loaded["D_patch"] is None and loaded["augment_pipe"] is None
@@ -605,7 +373,7 @@ def test_embedded_module_src_never_runs(tmp_path):
     assert record.module_src == Marked.module_src and record.class_name == "Marked"
     assert record.init_args == (7,) and record.init_kwargs == {"option": "x"}
     assert_bit_exact(record.state_dict()["weight"], obj.weight.detach())
-    assert not _upstream_modules_loaded()
+    assert not upstream_modules_loaded()
 
 
 def _malicious_payloads(mark: Path):
@@ -643,7 +411,7 @@ def test_malicious_pickles_are_refused_naming_the_global(tmp_path, case, protoco
     assert refusal.value.global_name == global_name
     assert repr(global_name) in str(refusal.value)
     assert not mark.exists()
-    assert not _upstream_modules_loaded()
+    assert not upstream_modules_loaded()
 
 
 def test_malicious_pickle_positive_control(tmp_path):
@@ -664,7 +432,7 @@ def test_unknown_classes_become_records_in_every_protocol():
             self.blur_radius = 0.0
 
     names = ("pytorch3d", "pytorch3d.renderer", "pytorch3d.renderer.mesh", "pytorch3d.renderer.mesh.rasterizer")
-    modules = {name: _fake_module(name) for name in names}
+    modules = {name: fake_module(name) for name in names}
     modules[names[-1]].RasterizationSettings = Settings
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         sys.modules.update(modules)
@@ -677,7 +445,7 @@ def test_unknown_classes_become_records_in_every_protocol():
         assert type(record) is ObjectRecord, protocol
         assert record.qualified_name == "pytorch3d.renderer.mesh.rasterizer.RasterizationSettings"
         assert record.image_size == (64, 64) and record.blur_radius == 0.0
-        assert not _upstream_modules_loaded()
+        assert not upstream_modules_loaded()
 
 
 def _build_pickle(target, state) -> bytes:
