@@ -50,10 +50,17 @@ functools, operator, runpy, code, pty, ctypes, ...) are refused with an
 becomes a record when the pickle creates an object of it and is refused when the pickle
 calls it (an unknown name may be a function). Setting an object's state (BUILD) is
 allowed only on records, numpy arrays and dtypes and dicts, never on tensors or globals.
+GenHead snapshots: ``load_network_pkl(path, device="cpu")`` returns the snapshot with
+``G_ema`` (and ``G``) as :class:`head4d.models.GenHead`, configured from the recorded
+arguments, weights loaded by name, FLAME built from the arrays the checkpoint stores
+(see `_genhead`); ``D`` and the rest as `read_pickle` returns them.
+
 Storage blobs (torch's legacy ``torch.save`` of one storage, see `_tensors`) are parsed
 as data, and each tensor view is bounds-checked against its storage.
 """
+from ._genhead import load_network_pkl
 from ._pickle import DENIED_MODULES, EasyDict, UnsafePickleError, read_pickle
 from ._records import ObjectRecord, PersistentRecord
 
-__all__ = ["DENIED_MODULES", "EasyDict", "ObjectRecord", "PersistentRecord", "UnsafePickleError", "read_pickle"]
+__all__ = ["DENIED_MODULES", "EasyDict", "ObjectRecord", "PersistentRecord", "UnsafePickleError", "load_network_pkl",
+           "read_pickle"]

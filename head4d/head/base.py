@@ -80,7 +80,8 @@ class HeadModel(nn.Module):
 
     All arrays are non-persistent buffers (they move with ``.to(device)``, convert with
     ``.double()``, and stay out of ``state_dict``). Raw arrays are given in the model's
-    own units; the constructor applies Portrait4D's scaling and recentring.
+    own units; the constructor applies Portrait4D's scaling and recentring (``scale=1.0,
+    recentre=False`` keeps arrays that are already in Portrait4D's units as they are).
 
     Buffers (V vertices, F faces, float buffers in the model dtype, float32 by default):
         ``v_template`` ``[V, 3]`` (scaled, recentred), ``faces`` ``[F, 3]`` int64,
@@ -103,7 +104,7 @@ class HeadModel(nn.Module):
                  lbs_weights, parents: Sequence[int] = FLAME_PARENTS, left_eye, right_eye,
                  lips=None, companion_indices, companion_weights, companion_faces,
                  masks: Optional[Dict[str, np.ndarray]] = None, scale: float = PORTRAIT4D_SCALE,
-                 one_ring=None, dtype: torch.dtype = torch.float32):
+                 one_ring=None, recentre: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{type(self).__name__}: dtype must be float32 or float64, got {dtype}")
@@ -126,9 +127,10 @@ class HeadModel(nn.Module):
 
         # Portrait4D: recentre on the canonical mesh's neck joint (joint 1). With the global
         # rotation at 0, the posed neck joint equals the rest neck joint of the zero-shape,
-        # zero-expression template, whatever the jaw and eyes do.
-        origin = (jr @ tmpl)[1]
-        tmpl = tmpl - origin[None]
+        # zero-expression template, whatever the jaw and eyes do. recentre=False: the arrays
+        # are already in Portrait4D's units (scale 1 then), kept as they are, origin 0.
+        origin = (jr @ tmpl)[1] if recentre else np.zeros(3)
+        tmpl = tmpl - origin[None] if recentre else tmpl
 
         self.scale = float(scale)
         self.register_buffer("origin", torch.as_tensor(origin, dtype=dtype), persistent=False)

@@ -322,11 +322,26 @@ def load_companion(path: Union[str, os.PathLike], num_verts: int):
     return idx, w, faces
 
 
+def _plain_array(op: str, name: str, value, dtype) -> np.ndarray:
+    """``value`` (numpy array, tensor or nested list) as a numpy array of ``dtype``; ValueError naming it otherwise."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value)
+        if arr.dtype == object:
+            raise TypeError("an object array")
+        return arr.astype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{op}: {name} must be a numeric array, got {type(value).__name__} ({exc})") from exc
+
+
 class FLAME(HeadModel):
     """FLAME with 300 shape and 100 expression coefficients, as Portrait4D uses it.
 
-    Build it with :meth:`from_file`. ``forward(shape [N, 300], expression [N, 100],
-    neck_pose [N, 3], jaw_pose [N, 3], eye_pose [N, 6]) -> [N, 5023, 3]`` (see
+    Build it with :meth:`from_file` (the official model file) or :meth:`from_arrays`
+    (arrays already in Portrait4D's units, as a Portrait4D checkpoint stores them).
+    ``forward(shape [N, 300], expression [N, 100], neck_pose [N, 3], jaw_pose [N, 3],
+    eye_pose [N, 6]) -> [N, 5023, 3]`` (see
     :class:`~head4d.head.base.HeadModel` for every buffer and the units).
 
     Vertex sets: the eyeballs come from the masks file's ``left_eyeball`` / ``right_eyeball``
@@ -366,9 +381,98 @@ class FLAME(HeadModel):
                                                   if companion_path is not None else None),
                    companion_vertices=companion_vertices, scale=scale, dtype=dtype)
 
+    @classmethod
+    def from_arrays(cls, *, v_template, faces, shapedirs, posedirs, j_regressor, lbs_weights, parents,
+                    eye_indices, companion_indices, companion_weights, companion_faces, lips_indices=None,
+                    face_indices=None, dtype: torch.dtype = torch.float32) -> "FLAME":
+        """FLAME from arrays already in Portrait4D's units, kept as they are (no scaling, no recentring).
+
+        This is the form a Portrait4D checkpoint stores FLAME in (its deformer's
+        ``flame_model`` buffers: multiplied by 3, the canonical neck joint at the origin),
+        so a checkpoint gives a FLAME without ``generic_model.pkl``. Arrays are numpy
+        arrays or tensors; V vertices, F faces, K companion vertices.
+
+        Args:
+            v_template: ``[V, 3]`` template, scaled and recentred.
+            faces: ``[F, 3]`` integer vertex indices.
+            shapedirs: ``[V, 3, 400]`` (300 shape then 100 expression blendshapes; more
+                columns are ignored), scaled.
+            posedirs: ``[V, 3, 36]``, or ``[36, 3 V]`` (the transposed layout some FLAME
+                ports keep: row k holds pose feature k's offsets, vertex-major), scaled.
+            j_regressor: ``[5, V]``; lbs_weights: ``[V, 5]``.
+            parents: ``[5]`` integers, -1 for the root (FLAME's tree: -1, 0, 1, 1, 1).
+            eye_indices: ``[E]`` the vertices of both eyeballs; each is assigned to the left
+                or right eye by its dominant skinning joint (3 left, 4 right).
+            companion_indices, companion_weights: ``[K, 3]`` the simplified companion mesh's
+                vertices as barycentric mixes of FLAME vertices; companion_faces ``[Fc, 3]``.
+            lips_indices: ``[L]`` the lips vertex set (None: no mouth part).
+            face_indices: optional ``[*]``, checked to be every vertex not on an eyeball
+                (the face set head4d's deformation uses).
+            dtype: float32 (default) or float64 buffers (float32 arrays are kept bit for bit).
+
+        Raises:
+            ValueError: an array has the wrong shape or values (naming it and what was expected).
+        """
+        op = "FLAME.from_arrays"
+        v = _plain_array(op, "v_template", v_template, np.float64)
+        if v.ndim != 2 or v.shape[1] != 3 or v.shape[0] < 1:
+            raise ValueError(f"{op}: v_template must have shape [V, 3], got {list(v.shape)}")
+        nv = v.shape[0]
+        f = _mesh.check_faces("faces", _plain_array(op, "faces", faces, np.int64), nv, op)
+        need = NUM_SHAPE + NUM_EXPRESSION
+        sd = _plain_array(op, "shapedirs", shapedirs, np.float64)
+        if sd.ndim != 3 or sd.shape[:2] != (nv, 3) or sd.shape[2] < need:
+            raise ValueError(f"{op}: shapedirs must have shape [{nv}, 3, {need}] (300 shape + 100 expression), "
+                             f"got {list(sd.shape)}")
+        pd = _plain_array(op, "posedirs", posedirs, np.float64)
+        if pd.shape == (NUM_POSE_FEATURES, nv * 3):
+            pd = np.ascontiguousarray(pd.T).reshape(nv, 3, NUM_POSE_FEATURES)
+        if pd.shape != (nv, 3, NUM_POSE_FEATURES):
+            raise ValueError(f"{op}: posedirs must have shape [{nv}, 3, {NUM_POSE_FEATURES}] or "
+                             f"[{NUM_POSE_FEATURES}, {nv * 3}], got {list(pd.shape)}")
+        jr = _plain_array(op, "j_regressor", j_regressor, np.float64)
+        if jr.shape != (NUM_JOINTS, nv):
+            raise ValueError(f"{op}: j_regressor must have shape [{NUM_JOINTS}, {nv}], got {list(jr.shape)}")
+        w = _plain_array(op, "lbs_weights", lbs_weights, np.float64)
+        if w.shape != (nv, NUM_JOINTS):
+            raise ValueError(f"{op}: lbs_weights must have shape [{nv}, {NUM_JOINTS}], got {list(w.shape)}")
+        par = _plain_array(op, "parents", parents, np.int64).reshape(-1)
+        eyes = np.unique(_plain_array(op, "eye_indices", eye_indices, np.int64).reshape(-1))
+        if eyes.size == 0 or eyes.min() < 0 or eyes.max() >= nv:
+            raise ValueError(f"{op}: eye_indices must be a non-empty set of vertex indices in [0, {nv})")
+        dominant = np.argmax(w[eyes], axis=1)
+        left, right = eyes[dominant == 3], eyes[dominant == 4]
+        stray = eyes[(dominant != 3) & (dominant != 4)]
+        if stray.size or left.size == 0 or right.size == 0:
+            raise ValueError(f"{op}: every eye vertex must be skinned mostly to joint 3 (left eye) or 4 (right "
+                             f"eye), with both eyes present; got {left.size} left, {right.size} right and "
+                             f"{stray.size} others (first: {stray[:5].tolist()})")
+        if face_indices is not None:
+            face = np.unique(_plain_array(op, "face_indices", face_indices, np.int64).reshape(-1))
+            if not np.array_equal(face, np.setdiff1d(np.arange(nv), eyes)):
+                raise ValueError(f"{op}: face_indices must be every vertex not in eye_indices ({nv - eyes.size} "
+                                 f"vertices), got {face.size} vertices that differ from that set")
+        masks = {"left_eyeball": left, "right_eyeball": right}
+        if lips_indices is not None:
+            masks["lips"] = np.unique(_plain_array(op, "lips_indices", lips_indices, np.int64).reshape(-1))
+            if masks["lips"].size and (masks["lips"].min() < 0 or masks["lips"].max() >= nv):
+                raise ValueError(f"{op}: lips_indices must index vertices in [0, {nv})")
+        cidx = _plain_array(op, "companion_indices", companion_indices, np.int64)
+        cw = _plain_array(op, "companion_weights", companion_weights, np.float64)
+        if cidx.ndim != 2 or cidx.shape[1] != 3 or cw.shape != cidx.shape:
+            raise ValueError(f"{op}: companion_indices and companion_weights must both have shape [K, 3], "
+                             f"got {list(cidx.shape)} and {list(cw.shape)}")
+        if cidx.size and (cidx.min() < 0 or cidx.max() >= nv):
+            raise ValueError(f"{op}: companion_indices must index vertices in [0, {nv})")
+        cfaces = _mesh.check_faces("companion_faces", _plain_array(op, "companion_faces", companion_faces, np.int64),
+                                   cidx.shape[0], op)
+        model = {"v_template": v, "f": f, "shapedirs": sd[:, :, :NUM_SHAPE], "exprdirs": sd[:, :, NUM_SHAPE:need],
+                 "posedirs": pd, "J_regressor": jr, "weights": w, "parents": [int(p) for p in par]}
+        return cls(model, masks=masks, companion=(cidx, cw, cfaces), scale=1.0, recentre=False, dtype=dtype)
+
     def __init__(self, model: Dict[str, np.ndarray], *, masks: Optional[Dict[str, np.ndarray]] = None,
                  companion=None, companion_vertices: int = COMPANION_VERTICES,
-                 scale: float = PORTRAIT4D_SCALE, dtype: torch.dtype = torch.float32):
+                 scale: float = PORTRAIT4D_SCALE, recentre: bool = True, dtype: torch.dtype = torch.float32):
         masks = dict(masks or {})
         v, f, w = model["v_template"], model["f"], model["weights"]
         if "left_eyeball" in masks and "right_eyeball" in masks:
@@ -391,4 +495,4 @@ class FLAME(HeadModel):
                          posedirs=model["posedirs"], j_regressor=model["J_regressor"], lbs_weights=w,
                          parents=model["parents"], left_eye=left, right_eye=right, lips=lips,
                          companion_indices=cidx, companion_weights=cw, companion_faces=cfaces,
-                         masks=masks, scale=scale, dtype=dtype)
+                         masks=masks, scale=scale, recentre=recentre, dtype=dtype)

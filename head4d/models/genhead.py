@@ -58,10 +58,13 @@ PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), throug
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,6 +89,14 @@ CAMERA_SIZE = 25
 SHAPE_SIZE = 300
 #: The largest neural rendering resolution whose part/head blend is implemented.
 MAX_BLEND_RESOLUTION = 64
+#: head4d's own format (GenHead.save / GenHead.load): file names, format tag and version,
+#: the prefix of the head model's arrays among the tensors, the head model kinds it rebuilds.
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SAVE_FORMAT = "head4d.GenHead"
+SAVE_VERSION = 1
+HEAD_PREFIX = "head_model."
+HEAD_MODEL_KINDS = ("FLAME", "ProceduralHead")
 #: Near and far planes of the mask rasterizer's projection (world units; the camera
 #: sits about 4 units from the head).
 MASK_NEAR, MASK_FAR = 0.1, 20.0
@@ -368,6 +379,82 @@ class GenHead(nn.Module):
     def extra_repr(self) -> str:
         return f"backend={self._ops_backend!r}, num_ws={self.num_ws}"
 
+    # ------------------------------------------------------------------ head4d's own format
+    def save(self, directory: Union[str, "os.PathLike"]) -> None:
+        """Write the model to ``directory`` (created if needed) in head4d's format.
+
+        ``model.safetensors``: every parameter and buffer of the state dict under its
+        (upstream) name, and the head model's arrays (its buffers, non-persistent in the
+        module) under ``head_model.`` and its vertex masks under ``head_model.masks.``.
+        ``config.json``: ``{"format": "head4d.GenHead", "version": 1, "config": the
+        GenHeadConfig fields, "head_model": {"kind": "FLAME" or "ProceduralHead", "scale",
+        "dtype", "has_lips"}}``. :meth:`load` reads it back bit-exactly.
+        """
+        from safetensors.torch import save_file
+
+        head = self.head_model
+        kind = type(head).__name__
+        if kind not in HEAD_MODEL_KINDS:
+            raise TypeError(f"{NAME}.save: the head model must be one of {sorted(HEAD_MODEL_KINDS)}, got {kind}")
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in self.state_dict().items()}
+        for key, value in head.named_buffers(recurse=False):
+            tensors[f"{HEAD_PREFIX}{key}"] = value.detach().cpu().contiguous().clone()
+        for key, value in head.masks.items():
+            tensors[f"{HEAD_PREFIX}masks.{key}"] = torch.from_numpy(np.array(value, dtype=np.int64))
+        description = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "config": dataclasses.asdict(self.config),
+                       "head_model": {"kind": kind, "scale": head.scale, "dtype": str(head.dtype).replace("torch.", ""),
+                                      "has_lips": bool(head.has_lips)}}
+        os.makedirs(directory, exist_ok=True)
+        save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": SAVE_FORMAT})
+        with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
+            json.dump(description, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, directory: Union[str, "os.PathLike"], device: Union[str, torch.device] = "cpu") -> "GenHead":
+        """A GenHead from a directory written by :meth:`save`, in eval mode on ``device``.
+
+        Raises:
+            FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+            ValueError: the files are not head4d's GenHead format, or the weights do not
+                fit the config (missing, unexpected or mis-shaped keys, listed).
+        """
+        from safetensors.torch import load_file
+
+        op = f"{NAME}.load"
+        paths = {name: os.path.join(directory, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        for path in paths.values():
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{op}: {path!r} does not exist (write the directory with GenHead.save)")
+        with open(paths[CONFIG_FILE]) as fh:
+            description = json.load(fh)
+        if not isinstance(description, dict) or description.get("format") != SAVE_FORMAT:
+            raise ValueError(f"{op}: {paths[CONFIG_FILE]!r} is not a head4d GenHead config (no format "
+                             f"{SAVE_FORMAT!r})")
+        if description.get("version") != SAVE_VERSION:
+            raise ValueError(f"{op}: unsupported format version {description.get('version')!r} "
+                             f"(this head4d reads {SAVE_VERSION})")
+        known = {f.name for f in dataclasses.fields(GenHeadConfig)}
+        unknown = sorted(set(description["config"]) - known)
+        if unknown:
+            raise ValueError(f"{op}: config.json has fields this GenHeadConfig lacks: {unknown}")
+        config = GenHeadConfig(**description["config"])
+        tensors = load_file(paths[WEIGHTS_FILE])
+        head_tensors = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        weights = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
+        head = _head_model_from_saved(op, description["head_model"], head_tensors)
+        model = cls(config, head_model=head)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        mismatched = [f"{k}: file {list(weights[k].shape)}, model {list(v.shape)}" for k, v in expected.items()
+                      if k in weights and weights[k].shape != v.shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(f"{op}: the weights do not fit the config: missing {missing}, unexpected {unexpected}, "
+                             f"shape mismatches {mismatched}")
+        model.load_state_dict(weights, strict=True)
+        return model.eval().to(device)
+
     # ------------------------------------------------------------------ stages
     def condition(self, camera: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         """The mapping's condition ``[N, 325]``: the camera label ``[N, 25]`` then the shape
@@ -598,3 +685,50 @@ class GenHead(nn.Module):
                               neural_rendering_resolution=neural_rendering_resolution, generator=generator)
             out["ws"] = ws
             return out
+
+
+def _head_model_from_saved(op: str, description: Mapping[str, object], tensors: Dict[str, torch.Tensor]) -> HeadModel:
+    """The head model :meth:`GenHead.save` described: rebuilt from its arrays (FLAME) or its
+    constructor (ProceduralHead), then every saved buffer copied in bit for bit."""
+    from ..head import FLAME, ProceduralHead
+
+    kind = description.get("kind")
+    dtype = getattr(torch, str(description.get("dtype")), None)
+    if kind not in HEAD_MODEL_KINDS or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{op}: head_model must name a kind in {list(HEAD_MODEL_KINDS)} and a dtype float32 or "
+                         f"float64, got {dict(description)}")
+    masks = {k[len("masks."):]: v.numpy() for k, v in tensors.items() if k.startswith("masks.")}
+    buffers = {k: v for k, v in tensors.items() if not k.startswith("masks.")}
+    if kind == "ProceduralHead":
+        head = ProceduralHead(scale=float(description["scale"]), dtype=dtype)
+    else:
+        needed = ("v_template", "faces", "shapedirs", "exprdirs", "posedirs", "j_regressor", "lbs_weights",
+                  "parents", "left_eye_indices", "right_eye_indices", "lips_indices", "companion_indices",
+                  "companion_weights", "companion_faces", "one_ring")
+        missing = [name for name in needed if name not in buffers]
+        if missing:
+            raise ValueError(f"{op}: the file lacks the head model's arrays {[HEAD_PREFIX + m for m in missing]}")
+        model = {"v_template": buffers["v_template"].numpy(), "f": buffers["faces"].numpy(),
+                 "shapedirs": buffers["shapedirs"].numpy(), "exprdirs": buffers["exprdirs"].numpy(),
+                 "posedirs": buffers["posedirs"].numpy(), "J_regressor": buffers["j_regressor"].numpy(),
+                 "weights": buffers["lbs_weights"].numpy(), "parents": buffers["parents"].tolist()}
+        masks.setdefault("left_eyeball", buffers["left_eye_indices"].numpy())
+        masks.setdefault("right_eyeball", buffers["right_eye_indices"].numpy())
+        if description.get("has_lips"):
+            masks.setdefault("lips", buffers["lips_indices"].numpy())
+        companion = (buffers["companion_indices"].numpy(), buffers["companion_weights"].numpy(),
+                     buffers["companion_faces"].numpy())
+        head = FLAME(model, masks=masks, companion=companion, scale=1.0, recentre=False, dtype=dtype)
+        head.scale = float(description["scale"])
+    head.masks = {k: np.asarray(v, dtype=np.int64) for k, v in masks.items()}
+    own = dict(head.named_buffers(recurse=False))
+    if set(own) != set(buffers):
+        raise ValueError(f"{op}: the head model's saved arrays {sorted(buffers)} differ from a {kind}'s "
+                         f"{sorted(own)}")
+    with torch.no_grad():
+        for name, value in buffers.items():
+            if own[name].shape != value.shape or own[name].dtype != value.dtype:
+                raise ValueError(f"{op}: {HEAD_PREFIX}{name} has shape {list(value.shape)} and dtype {value.dtype}, "
+                                 f"the rebuilt {kind} {list(own[name].shape)} and {own[name].dtype}")
+            own[name].copy_(value)
+    return head
