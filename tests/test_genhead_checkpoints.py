@@ -282,3 +282,23 @@ def test_load_errors(tmp_path, source):
     (tmp_path / "config.json").write_text(text.replace('"channel_max": 16', '"channel_max": 8'))
     with pytest.raises(ValueError, match="shape mismatches"):
         GenHead.load(tmp_path)
+
+
+def test_flame_from_arrays_checks_its_arguments(head):
+    nv = head.num_vertices
+    arrays = dict(v_template=head.v_template, faces=head.faces, posedirs=head.posedirs,
+                  shapedirs=torch.cat([head.shapedirs, head.exprdirs], dim=2), j_regressor=head.j_regressor,
+                  lbs_weights=head.lbs_weights, parents=head.parents, eye_indices=head.eye_indices,
+                  companion_indices=head.companion_indices, companion_weights=head.companion_weights,
+                  companion_faces=head.companion_faces)
+    flame = FLAME.from_arrays(**arrays)  # posedirs [V, 3, 36] as well as [36, 3V]
+    assert torch.equal(flame.posedirs, head.posedirs) and not flame.has_lips
+    for change, pattern in (({"shapedirs": head.shapedirs}, rf"shapedirs must have shape \[{nv}, 3, 400\]"),
+                            ({"posedirs": head.posedirs[:, :, :30]}, "posedirs must have shape"),
+                            ({"j_regressor": head.j_regressor[:4]}, "j_regressor"),
+                            ({"eye_indices": head.face_indices[:10]}, "joint 3 .left eye. or 4"),
+                            ({"face_indices": head.face_indices[1:]}, "face_indices must be every vertex"),
+                            ({"companion_weights": head.companion_weights[:, :2]}, "companion_weights"),
+                            ({"v_template": "not numbers"}, "v_template must be")):
+        with pytest.raises(ValueError, match=pattern):
+            FLAME.from_arrays(**{**arrays, **change})
