@@ -23,6 +23,8 @@ from upstream_pickles import (MARK_ENV, PartDeformImportanceRenderer, Persistent
                               upstream_modules_loaded)
 
 RES = 8  # neural rendering resolution of the small model
+#: head4d's own settings (not in an upstream pickle), given to load_network_pkl as overrides.
+HEAD4D_ONLY = ("fine_resolution", "coarse_resolution", "mask_resolution")
 SMALL = dict(channel_base=256, channel_max=16, triplane_resolution=32, background_resolution=16,
              background_channel_base=128, background_channel_max=16, background_mapping_layers=2,
              depth_resolution=6, depth_resolution_importance=6, neural_rendering_resolution=RES,
@@ -103,11 +105,14 @@ def randomized(G, seed):
     return G.eval()
 
 
-def snapshot_bytes(G, head, kwargs, **tree_args):
-    G_ema = genhead_tree(G, head, kwargs, **tree_args)
-    return dump_upstream(dict(training_set_kwargs=UpstreamEasyDict(resolution=512), G_ema=G_ema,
-                              D=PersistentTree("DualDiscriminatorDeform", init_kwargs={"c_dim": 25}),
-                              D_patch=None, augment_pipe=None))
+def snapshot_bytes(G, head, kwargs, *, with_training_copy=False, **tree_args):
+    snapshot = dict(training_set_kwargs=UpstreamEasyDict(resolution=512),
+                    G_ema=genhead_tree(G, head, kwargs, **tree_args),
+                    D=PersistentTree("DualDiscriminatorDeform", init_kwargs={"c_dim": 25}), D_patch=None,
+                    augment_pipe=None)
+    if with_training_copy:
+        snapshot["G"] = genhead_tree(G, head, kwargs, **tree_args)
+    return dump_upstream(snapshot)
 
 
 def camera(n):
@@ -143,26 +148,26 @@ def source(head):
 
 @pytest.fixture(scope="module")
 def loaded(source, head):
-    data = snapshot_bytes(source, head, init_kwargs(source.config))
+    data = snapshot_bytes(source, head, init_kwargs(source.config), with_training_copy=True)
+    overrides = {name: getattr(source.config, name) for name in HEAD4D_ONLY}
     with pytest.warns(UserWarning, match=r"init_kwargs\.masked_sampling, rendering_kwargs\.density_reg"):
-        return load_network_pkl(io.BytesIO(data)), data
+        return load_network_pkl(io.BytesIO(data), config_overrides=overrides), data
 
 
 def test_load_network_pkl_config_weights_and_head_model(source, head, loaded):
     out, data = loaded
     G = out["G_ema"]
-    assert isinstance(G, GenHead) and not G.training and "G" not in out
+    assert isinstance(G, GenHead) and not G.training and isinstance(out["G"], GenHead)
     assert out["D"].class_name == "DualDiscriminatorDeform" and out["D_patch"] is None
     assert out["training_set_kwargs"]["resolution"] == 512
-    for name in ("channel_base", "channel_max", "triplane_resolution", "background_resolution",
-                 "background_channel_base", "background_channel_max", "background_mapping_layers",
-                 "depth_resolution", "neural_rendering_resolution", "box_warp", "has_superresolution", "use_ws_ones"):
-        assert getattr(G.config, name) == getattr(source.config, name), name
-    record = read_pickle(io.BytesIO(data))["G_ema"].state_dict()
-    state = G.state_dict()
-    assert list(state) == list(source.state_dict())
-    for key, value in state.items():
-        assert_bit_exact(value, record[key], key)
+    assert G.config == source.config  # recorded, read from the weights' shapes, or overridden
+    records = read_pickle(io.BytesIO(data))
+    for name in ("G_ema", "G"):
+        record = records[name].state_dict()
+        state = out[name].state_dict()
+        assert list(state) == list(source.state_dict())
+        for key, value in state.items():
+            assert_bit_exact(value, record[key], key)
 
     flame = G.head_model
     assert isinstance(flame, FLAME) and flame.has_lips
@@ -181,7 +186,7 @@ def test_loaded_generator_forward(source, head, loaded):
     out = run(G)
     assert out["image_raw"].shape == (2, 3, RES, RES) and torch.isfinite(out["image_raw"]).all()
     assert (out["opacity"] >= 0).all() and (out["opacity"] <= 1 + 1e-6).all()
-    twin = GenHead(G.config, head_model=G.head_model).eval()  # the head4d-only settings at their defaults
+    twin = GenHead(source.config, head_model=G.head_model).eval()
     twin.load_state_dict(source.state_dict())
     expected = run(twin)
     for key in ("image_raw", "image_depth", "opacity", "eye_mask", "mouth_mask"):
@@ -238,6 +243,11 @@ def test_missing_flame_arrays_and_unsupported_arguments(source, head):
             load_network_pkl(io.BytesIO(data))
     with pytest.raises(ValueError, match="PartTriPlaneGeneratorDeform"):
         load_network_pkl(io.BytesIO(dump_upstream({"G_ema": PersistentTree("TriPlaneGenerator")})))
+    with pytest.raises(ValueError, match="not a training snapshot|'G_ema'"):
+        load_network_pkl(io.BytesIO(dump_upstream({"G": None})))
+    data = snapshot_bytes(source, head, kwargs)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"not GenHeadConfig fields: \['mask_size'\]"):
+        load_network_pkl(io.BytesIO(data), config_overrides={"mask_size": 32})
 
 
 def test_embedded_code_never_runs(source, head, tmp_path):
@@ -276,7 +286,8 @@ def test_load_errors(tmp_path, source):
         GenHead.load(tmp_path)
     source.save(tmp_path)
     text = (tmp_path / "config.json").read_text()
-    (tmp_path / "config.json").write_text(text.replace('"depth_resolution":', '"unknown_field": 1, "depth_resolution":'))
+    (tmp_path / "config.json").write_text(text.replace('"depth_resolution":',
+                                                       '"unknown_field": 1, "depth_resolution":'))
     with pytest.raises(ValueError, match="unknown_field"):
         GenHead.load(tmp_path)
     (tmp_path / "config.json").write_text(text.replace('"channel_max": 16', '"channel_max": 8'))

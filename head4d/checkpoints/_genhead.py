@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import Any, BinaryIO, Dict, List, Union
+from typing import Any, BinaryIO, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -72,7 +72,7 @@ _RENDERING_FIELDS = {"c_scale": "c_scale", "sr_antialias": "sr_antialias", "deco
                      "ray_end": "ray_end", "box_warp": "box_warp", "density_noise": "density_noise"}
 #: rendering_kwargs that must have one value.
 _REQUIRED_RENDERING = {"clamp_mode": "softplus", "superresolution_noise_mode": "none",
-                       "c_gen_conditioning_zero": False, "decoder_output_dim": 32,
+                       "c_gen_conditioning_zero": False,
                        "superresolution_module": "models.stylegan.superresolution.SuperresolutionHybrid8XDC"}
 #: sr_kwargs head4d accepts: use_ws_ones is read; the others change nothing here (upstream's
 #: SuperresolutionHybrid8XDC ignores channel_base and channel_max; fused and unfused
@@ -80,13 +80,17 @@ _REQUIRED_RENDERING = {"clamp_mode": "softplus", "superresolution_noise_mode": "
 _SR_ACCEPTED = ("channel_base", "channel_max", "fused_modconv_default")
 
 
-def load_network_pkl(path: Union[str, os.PathLike, BinaryIO], device: Union[str, torch.device] = "cpu"
-                     ) -> Dict[str, Any]:
+def load_network_pkl(path: Union[str, os.PathLike, BinaryIO], device: Union[str, torch.device] = "cpu",
+                     config_overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Load a Portrait4D GenHead snapshot as head4d modules, without running its code.
 
     Args:
         path: the pickle (``genhead-ffhq512.pkl``, ...), a path or a binary file object.
         device: where the generators go.
+        config_overrides: :class:`~head4d.models.GenHeadConfig` fields set after the
+            recorded ones, for head4d's own settings (``backend``, ``fused``,
+            ``mask_resolution``, ...); an architecture field that no longer fits the
+            weights gives the shape-mismatch error.
 
     Returns:
         The snapshot's dict with ``'G_ema'`` (and ``'G'`` when present) as
@@ -106,13 +110,17 @@ def load_network_pkl(path: Union[str, os.PathLike, BinaryIO], device: Union[str,
     out = dict(data)
     for name in ("G_ema", "G"):
         if out.get(name) is not None:
-            out[name] = genhead_from_record(out[name], name=name).to(device)
+            out[name] = genhead_from_record(out[name], name=name, config_overrides=config_overrides).to(device)
     return out
 
 
-def genhead_from_record(record: PersistentRecord, name: str = "G_ema"):
+def genhead_from_record(record: PersistentRecord, name: str = "G_ema",
+                        config_overrides: Optional[Mapping[str, Any]] = None):
     """A :class:`~head4d.models.GenHead` (eval mode, CPU) from the record of a pickled
-    ``PartTriPlaneGeneratorDeform`` (see the module docstring)."""
+    ``PartTriPlaneGeneratorDeform`` (see the module docstring), with ``config_overrides``
+    (GenHeadConfig fields) applied to the recorded config."""
+    import dataclasses
+
     from ..models import GenHead
 
     if not isinstance(record, PersistentRecord) or record.class_name != GENHEAD_CLASS:
@@ -120,6 +128,13 @@ def genhead_from_record(record: PersistentRecord, name: str = "G_ema"):
         raise ValueError(f"load_network_pkl: {name} must be a pickled {GENHEAD_CLASS}, got {got}")
     state = record.state_dict()
     config = genhead_config(record, state, name)
+    if config_overrides:
+        known = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(config_overrides) - known)
+        if unknown:
+            raise ValueError(f"load_network_pkl: config_overrides has names that are not GenHeadConfig fields: "
+                             f"{unknown}")
+        config = dataclasses.replace(config, **config_overrides)
     head_model = flame_from_record(record, name)
     model = GenHead(config, head_model=head_model)
     load_network_weights(model, state, name)
@@ -167,6 +182,11 @@ def genhead_config(record: PersistentRecord, state: Dict[str, torch.Tensor], nam
     for key, field_name in _RENDERING_FIELDS.items():
         if key in rendering:
             fields[field_name] = rendering.pop(key)
+    output_dim = rendering.pop("decoder_output_dim", None)
+    plane_features = int(fields.get("triplane_channels", GenHeadConfig.triplane_channels)) // 6
+    if output_dim is not None and output_dim != plane_features:
+        raise ValueError(f"{where}: rendering_kwargs['decoder_output_dim'] must equal the features per plane "
+                         f"(triplane_channels / 6 = {plane_features}), got {output_dim!r}")
     ignored += [f"rendering_kwargs.{k}" for k in rendering]
     if deformation_box is not None:
         box = fields.setdefault("box_warp", deformation_box)

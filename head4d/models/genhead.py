@@ -50,6 +50,10 @@ The split for repeated renders: ``ws = G.mapping(z, G.condition(camera, shape))`
 ``G.render(planes, camera, codes, ws=ws, background=background)`` with new cameras and
 codes; a triplane batch of B renders B * K cameras (K views per identity).
 
+Checkpoints: :func:`head4d.checkpoints.load_network_pkl` builds a GenHead (config,
+weights, FLAME) from a Portrait4D pickle; :meth:`GenHead.save` / :meth:`GenHead.load`
+are head4d's own format (``model.safetensors`` + ``config.json``, bit-exact).
+
 Backends: ``GenHead(backend=None)`` runs every op on its default (head4d's compiled
 kernels where built); ``backend="torch"`` runs every op inside the model on the plain
 PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), through
@@ -390,8 +394,7 @@ class GenHead(nn.Module):
         GenHeadConfig fields, "head_model": {"kind": "FLAME" or "ProceduralHead", "scale",
         "dtype", "has_lips"}}``. :meth:`load` reads it back bit-exactly.
         """
-        from safetensors.torch import save_file
-
+        save_file = _safetensors("save_file")
         head = self.head_model
         kind = type(head).__name__
         if kind not in HEAD_MODEL_KINDS:
@@ -419,8 +422,7 @@ class GenHead(nn.Module):
             ValueError: the files are not head4d's GenHead format, or the weights do not
                 fit the config (missing, unexpected or mis-shaped keys, listed).
         """
-        from safetensors.torch import load_file
-
+        load_file = _safetensors("load_file")
         op = f"{NAME}.load"
         paths = {name: os.path.join(directory, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
         for path in paths.values():
@@ -685,6 +687,15 @@ class GenHead(nn.Module):
                               neural_rendering_resolution=neural_rendering_resolution, generator=generator)
             out["ws"] = ws
             return out
+
+
+def _safetensors(name: str):
+    """``safetensors.torch.<name>``, or an ImportError that says how to install it."""
+    try:
+        import safetensors.torch
+    except ImportError as exc:
+        raise ImportError("GenHead.save / GenHead.load need the safetensors package: pip install safetensors") from exc
+    return getattr(safetensors.torch, name)
 
 
 def _head_model_from_saved(op: str, description: Mapping[str, object], tensors: Dict[str, torch.Tensor]) -> HeadModel:
