@@ -38,7 +38,14 @@ resolution):
    ``e = eye_mask * inside_eye_box`` and ``m = mouth_mask`` (per ray),
    ``sigma = sigma_part * e + sigma_part * m + sigma_head * (1 - e - m)`` and the same mix
    of the features (after the decoder's sigmoid). This is Portrait4D's blend at neural
-   resolutions up to 64; its other blend above 64 is not implemented (a ``ValueError``).
+   resolutions up to 64 (:data:`MOUTH_FUSE_ABOVE`). Above 64 (Portrait4D renders at 128
+   for its reconstructor) rays whose mouth mask is non-zero (a hard mask, ``m > 0``)
+   take another rule instead: the two densities add, ``sigma = sigma_part + sigma_head``
+   (``sigma_part`` already scaled as above), and the features are a two-way softmax mix
+   weighted by the raw densities, ``w = softmax(sigma_part, sigma_head)``,
+   ``rgb = w_part * rgb_part + w_head * rgb_head``; every other ray keeps the blend
+   above. Resolutions above 128 are refused (``ValueError``): there Portrait4D skips the
+   super-resolution and composites the background differently.
    The composited features get the background added with the transmittance
    ``T_bg = 1 - opacity``, then ``* 2 - 1``: ``image_feature``; its channels 0-2 are
    ``image_raw``.
@@ -84,8 +91,11 @@ HEAD_PLANES = slice(3, 6)
 #: Camera label size (cam2world 16 + normalized intrinsics 9) and FLAME shape size.
 CAMERA_SIZE = 25
 SHAPE_SIZE = 300
-#: The largest neural rendering resolution whose part/head blend is implemented.
-MAX_BLEND_RESOLUTION = 64
+#: Above this neural rendering resolution, rays inside the hard mouth mask add the part
+#: and head densities and mix their features by a softmax of the densities (module docstring).
+MOUTH_FUSE_ABOVE = 64
+#: The largest neural rendering resolution implemented (the super-resolution's input size).
+MAX_NEURAL_RESOLUTION = 128
 #: Near and far planes of the mask rasterizer's projection (world units; the camera
 #: sits about 4 units from the head).
 MASK_NEAR, MASK_FAR = 0.1, 20.0
@@ -249,6 +259,38 @@ def clip_vertices(vertices: torch.Tensor, cam2world: torch.Tensor, intrinsics: t
     y = (1 - 2 * cy) * depth + 2 * fy * p[..., 1]
     z = (far + near) / (far - near) * depth - 2 * far * near / (far - near)
     return torch.stack([x, y, z, depth], dim=-1)
+
+
+def blend_parts(part: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor], eye: torch.Tensor,
+                mouth: torch.Tensor, inside_eye_box: torch.Tensor, fuse_mouth: bool) -> Dict[str, torch.Tensor]:
+    """Portrait4D's part/head blend at M sample points (module docstring, stage 6).
+
+    Args:
+        part, head: the decoder's outputs for the part and the head triplane: ``"sigma"``
+            ``[N, M, 1]`` (raw density) and ``"rgb"`` ``[N, M, C]`` (features after the sigmoid).
+        eye, mouth: ``[N, M]`` the eye and mouth masks of each point's ray, in [0, 1].
+        inside_eye_box: ``[N, M]`` 1 where the point lies in an eye box, else 0.
+        fuse_mouth: the rule above 64: where ``mouth > 0``, ``sigma = sigma_part + sigma_head``
+            and the features mixed by ``softmax(sigma_part, sigma_head)``.
+
+    Returns:
+        ``{"sigma": [N, M, 1], "rgb": [N, M, C]}`` in the inputs' dtype.
+    """
+    w_eye = (eye * inside_eye_box).unsqueeze(-1)
+    w_mouth = mouth.unsqueeze(-1)
+    w_part = w_eye + w_mouth
+    w_head = 1 - w_part
+    part_sigma = part["sigma"] * (inside_eye_box.unsqueeze(-1) + w_mouth)
+    sigma = part_sigma * w_part + head["sigma"] * w_head
+    rgb = part["rgb"] * w_part + head["rgb"] * w_head
+    if fuse_mouth:
+        hard_mouth = w_mouth > 0
+        # a softmax over two logits is the sigmoid of their difference
+        mix_part = torch.sigmoid(part_sigma - head["sigma"])
+        fused_rgb = head["rgb"] + mix_part * (part["rgb"] - head["rgb"])
+        sigma = torch.where(hard_mouth, part_sigma + head["sigma"], sigma)
+        rgb = torch.where(hard_mouth, fused_rgb, rgb)
+    return {"sigma": sigma, "rgb": rgb}
 
 
 def _check_batch(op: str, name: str, value: torch.Tensor, size: int, batch: Optional[int] = None) -> torch.Tensor:
@@ -431,8 +473,10 @@ class GenHead(nn.Module):
                                       antialias=True)
             return {"eye_mask": eye, "mouth_mask": mouth}
 
-    def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool):
-        """The renderer's point field: warp, read both triplanes, decode, blend (module docstring)."""
+    def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool,
+                     fuse_mouth: bool = False):
+        """The renderer's point field: warp, read both triplanes, decode, blend (module docstring);
+        ``fuse_mouth``: the rule above 64 inside the hard mouth mask (:func:`blend_parts`)."""
         box_warp = self.config.box_warp
         backend = self._ops_backend
         fused_weights = None
@@ -467,13 +511,7 @@ class GenHead(nn.Module):
                 with nvtx_range("head4d.genhead.blend"):
                     eye = eye_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
                     mouth = mouth_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
-                    w_eye = (eye * inside).unsqueeze(-1)
-                    w_mouth = mouth.unsqueeze(-1)
-                    w_head = 1 - w_eye - w_mouth
-                    part_sigma = part_out["sigma"] * (inside.unsqueeze(-1) + w_mouth)
-                    sigma = part_sigma * (w_eye + w_mouth) + head_out["sigma"] * w_head
-                    rgb = part_out["rgb"] * (w_eye + w_mouth) + head_out["rgb"] * w_head
-            return {"rgb": rgb, "sigma": sigma}
+                    return blend_parts(part_out, head_out, eye, mouth, inside, fuse_mouth)
 
         return field
 
@@ -492,7 +530,8 @@ class GenHead(nn.Module):
                 ``use_ws_ones``, but its batch must fit); needed when it is on.
             background: ``[N or B, 32, Hb, Wb]`` from :meth:`background_image`, or None (no
                 background: the features are composited over 0).
-            neural_rendering_resolution: r (None: the config's), at most 64.
+            neural_rendering_resolution: r (None: the config's), at most 128; above 64
+                the mouth rays take the other blend (module docstring).
             generator: ``torch.Generator`` for the renderer's random numbers (depth jitter,
                 importance sampling), or None (the global one).
             deform: False samples both triplanes at the observation-space points (no warp;
@@ -510,9 +549,9 @@ class GenHead(nn.Module):
         r = c.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
-        if r > MAX_BLEND_RESOLUTION:
-            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_BLEND_RESOLUTION} (Portrait4D's "
-                             f"part/head blend above 64 is not implemented here), got {r}")
+        if r > MAX_NEURAL_RESOLUTION:
+            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_NEURAL_RESOLUTION} (above it "
+                             f"Portrait4D bypasses the super-resolution, which is not implemented here), got {r}")
         check_tensor(op, "planes", planes, f"[B, 6, {c.plane_features}, H, W]", planes.dim()
                      if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
         if planes.dim() == 4 and planes.shape[1] == 6 * c.plane_features:
@@ -549,7 +588,7 @@ class GenHead(nn.Module):
                                    antialias=False)
                 bg = bg.permute(0, 2, 3, 1).reshape(n, r * r, bg.shape[1])
             field = self._point_field(planes[:, PART_PLANES], planes[:, HEAD_PLANES], fields, eye_rays, mouth_rays,
-                                      deform)
+                                      deform, fuse_mouth=r > MOUTH_FUSE_ABOVE)
             with nvtx_range("head4d.genhead.raymarch"):
                 features, depth, opacity = self.renderer(field, None, origins, directions, c.rendering_options(),
                                                          background=bg, generator=generator, cam2world=cam2world)
@@ -575,7 +614,7 @@ class GenHead(nn.Module):
             c: ``[N, 25]`` camera labels (cam2world 16 + normalized intrinsics 9): the
                 condition (with ``codes.shape``) and, unless ``c_render`` is given, the camera.
             codes: :class:`FlameCodes` (or a dict) with N rows.
-            neural_rendering_resolution: r (None: the config's, 64), at most 64.
+            neural_rendering_resolution: r (None: the config's, 64), at most 128.
             truncation_psi, truncation_cutoff: the backbone mapping's truncation.
             noise_mode: the backbone's and the background's noise (``'const'``,
                 ``'random'``, ``'none'``); the super-resolution uses none.
