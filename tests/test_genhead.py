@@ -33,6 +33,7 @@ from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
+from head4d.models import GraphedRender
 
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 EPS32 = torch.finfo(torch.float32).eps
@@ -538,3 +539,50 @@ def test_bad_arguments(model, inputs, head):
         GenHead(small_config(), head_model="flame")
     with pytest.raises(ValueError, match="triplane_channels must be a multiple of 6"):
         GenHead(small_config(triplane_channels=100), head)
+
+
+@pytest.mark.gpu
+def test_graphed_render_replays_the_eager_render(model, head):
+    """``render_graphed``: a CUDA graph of ``render`` (with the super-resolution and a
+    background) replays what an eager call seeded alike renders, for new cameras and codes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    require_backend("cuda")
+    dev = torch.device("cuda")
+    G = copy.deepcopy(model).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    planes = torch.randn(1, 6, 32, 16, 16, generator=gen).to(dev)
+    ws = torch.randn(1, G.num_ws, 512, generator=gen).to(dev)
+    background = torch.rand(1, 32, 16, 16, generator=gen).to(dev)
+    on_device = lambda codes: {k: v.to(dev) for k, v in codes.items()}  # noqa: E731
+    graphed = G.render_graphed(planes, camera(1).to(dev), on_device(posed_codes(head, 1)), ws=ws,
+                               background=background)
+    images = []
+    for cam, codes in ((camera(1), posed_codes(head, 1)), (camera(1, yaw=0.2), posed_codes(head, 1, seed=3))):
+        cam, codes = cam.to(dev), on_device(codes)
+        torch.cuda.manual_seed(11)
+        with torch.no_grad():
+            eager = G.render(planes, cam, codes, ws=ws, background=background)
+        torch.cuda.manual_seed(11)
+        got = graphed(cam, codes)
+        torch.cuda.synchronize()
+        for key, value in eager.items():
+            assert rel_err(got[key], value) < 64 * EPS32, key
+        images.append(got["image_raw"].clone())
+    assert (images[0] - images[1]).abs().max() > 1e-3
+
+
+def test_graphed_render_needs_cuda_and_the_captured_shapes(model, head):
+    with pytest.raises(ValueError, match="GraphedRender: a CUDA graph needs CUDA tensors; camera is on cpu"):
+        model.render_graphed(torch.zeros(1, 6, 32, 8, 8), camera(1), posed_codes(head, 1))
+    with pytest.raises(TypeError, match="GraphedRender: model must be a GenHead"):
+        GraphedRender(torch.nn.Linear(1, 1), torch.zeros(1, 6, 32, 8, 8), camera(1), posed_codes(head, 1))
+    # the argument checks of a replay, on a stand-in that skips the capture
+    stand_in = GraphedRender.__new__(GraphedRender)
+    stand_in.inputs = {"camera": torch.zeros(1, 25), "planes": torch.zeros(1, 6, 32, 8, 8), "ws": None,
+                       "background": None}
+    stand_in.codes = {k: v.clone() for k, v in posed_codes(head, 1).items()}
+    with pytest.raises(ValueError, match=r"camera must have the captured shape \[1, 25\], got \[2, 25\]"):
+        stand_in(camera(2), posed_codes(head, 1))
+    with pytest.raises(ValueError, match="ws was None at capture"):
+        stand_in(camera(1), posed_codes(head, 1), ws=torch.zeros(1, 8, 512))

@@ -55,7 +55,9 @@ resolution):
 The split for repeated renders: ``ws = G.mapping(z, G.condition(camera, shape))``,
 ``planes = G.planes(ws)``, ``background = G.background_image(z)``, then any number of
 ``G.render(planes, camera, codes, ws=ws, background=background)`` with new cameras and
-codes; a triplane batch of B renders B * K cameras (K views per identity).
+codes; a triplane batch of B renders B * K cameras (K views per identity). On CUDA,
+``G.render_graphed(...)`` captures that render once in a CUDA graph
+(:class:`GraphedRender`, opt-in, inference only) and replays it for new cameras and codes.
 
 Backends: ``GenHead(backend=None)`` runs every op on its default (head4d's compiled
 kernels where built); ``backend="torch"`` runs every op inside the model on the plain
@@ -602,6 +604,17 @@ class GenHead(nn.Module):
                     out["image"] = self.superresolution(out["image_raw"], feature_image, ws, noise_mode="none")
             return out
 
+    def render_graphed(self, planes: torch.Tensor, camera: torch.Tensor,
+                       codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *, ws: Optional[torch.Tensor] = None,
+                       background: Optional[torch.Tensor] = None,
+                       neural_rendering_resolution: Optional[int] = None) -> "GraphedRender":
+        """:meth:`render` captured once in a CUDA graph for these shapes (opt-in, inference
+        only): returns a :class:`GraphedRender`, which renders new cameras and codes (and
+        planes, ws, background of the same shapes) by replaying the graph. The arguments
+        are :meth:`render`'s, on one CUDA device; they serve as the capture's example."""
+        return GraphedRender(self, planes, camera, codes, ws=ws, background=background,
+                             neural_rendering_resolution=neural_rendering_resolution)
+
     def forward(self, z: torch.Tensor, c: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *,
                 neural_rendering_resolution: Optional[int] = None, truncation_psi: float = 1,
                 truncation_cutoff: Optional[int] = None, noise_mode: str = "const",
@@ -637,3 +650,96 @@ class GenHead(nn.Module):
                               neural_rendering_resolution=neural_rendering_resolution, generator=generator)
             out["ws"] = ws
             return out
+
+
+class GraphedRender:
+    """:meth:`GenHead.render` captured in a CUDA graph: the render-only path (planes cached;
+    new camera and codes) replayed without Python or launch overhead. Opt-in, inference
+    only (no gradient); build it with :meth:`GenHead.render_graphed`.
+
+    ``graphed(camera, codes, *, planes=None, ws=None, background=None)`` copies the given
+    tensors into the captured inputs (same shapes as at capture; ``None`` keeps the
+    previous values) and replays. It returns the captured output dict: the same tensors
+    on every call, overwritten by the next replay (clone what you keep).
+
+    What the capture needs, and what this path does for it:
+
+    - No host syncs: the value checks of the rasterizer's faces, the mask index sets and
+      the deformation ops' index tables run as device asserts while a graph is captured
+      (:func:`head4d.ops._common.values_off_host`); everything else checks only shapes.
+    - No host-to-device copies: the masks' blur kernel is made on the device.
+    - No data-dependent shapes: the rasterizer counts its large-face list on the device
+      and loops over it in a grid-stride kernel; importance sampling draws a fixed count.
+    - Random numbers (depth jitter, importance sampling) come from the global CUDA
+      generator, which graphs support: each replay draws fresh numbers, as eager calls
+      do, and ``torch.cuda.manual_seed`` before a replay reproduces an eager call seeded
+      alike. A ``torch.Generator`` argument is not supported.
+
+    Fixed at capture: the shapes and dtypes, the neural rendering resolution, the ops'
+    backends (the model's ``backend`` and the environment then), and the weights' storage:
+    updating parameters in place is seen by later replays, replacing them is not.
+
+    Args:
+        model: the :class:`GenHead` (its parameters and buffers on the inputs' CUDA device).
+        planes, camera, codes, ws, background, neural_rendering_resolution: as for
+            :meth:`GenHead.render`; copied into the graph's static inputs.
+        warmup: eager calls on a side stream before the capture (lazy initialization,
+            allocator warm-up), at least 1.
+    """
+
+    def __init__(self, model: GenHead, planes: torch.Tensor, camera: torch.Tensor,
+                 codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *, ws: Optional[torch.Tensor] = None,
+                 background: Optional[torch.Tensor] = None, neural_rendering_resolution: Optional[int] = None,
+                 warmup: int = 2):
+        op = "GraphedRender"
+        if not isinstance(model, GenHead):
+            raise TypeError(f"{op}: model must be a GenHead, got {type(model).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"{op}: warmup must be an int >= 1, got {warmup!r}")
+        check_tensor(op, "camera", camera, f"[N, {CAMERA_SIZE}]", 2, FLOATING)
+        if not camera.is_cuda:
+            raise ValueError(f"{op}: a CUDA graph needs CUDA tensors; camera is on {camera.device}")
+        self.model = model
+        self.resolution = neural_rendering_resolution
+        self.inputs: Dict[str, Optional[torch.Tensor]] = {
+            "planes": planes.detach().clone(), "camera": camera.detach().clone(),
+            "ws": None if ws is None else ws.detach().clone(),
+            "background": None if background is None else background.detach().clone()}
+        self.codes = {k: v.detach().clone() for k, v in FlameCodes.of(codes).as_dict().items()}
+        side = torch.cuda.Stream(camera.device)
+        side.wait_stream(torch.cuda.current_stream(camera.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                self._render()
+        torch.cuda.current_stream(camera.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.outputs = self._render()
+
+    def _render(self) -> Dict[str, torch.Tensor]:
+        x = self.inputs
+        return self.model.render(x["planes"], x["camera"], self.codes, ws=x["ws"], background=x["background"],
+                                 neural_rendering_resolution=self.resolution)
+
+    @staticmethod
+    def _copy(name: str, static: Optional[torch.Tensor], value) -> None:
+        if value is None:
+            return
+        if static is None:
+            raise ValueError(f"GraphedRender: {name} was None at capture; capture again with a {name} to pass one")
+        if not isinstance(value, torch.Tensor) or value.shape != static.shape:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"GraphedRender: {name} must have the captured shape {list(static.shape)}, got {got}")
+        static.copy_(value)
+
+    def __call__(self, camera: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *,
+                 planes: Optional[torch.Tensor] = None, ws: Optional[torch.Tensor] = None,
+                 background: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Replays the render for new inputs; returns the captured outputs (see the class)."""
+        self._copy("camera", self.inputs["camera"], camera)
+        for key, value in FlameCodes.of(codes).as_dict().items():
+            self._copy(f"codes.{key}", self.codes[key], value)
+        for name, value in (("planes", planes), ("ws", ws), ("background", background)):
+            self._copy(name, self.inputs[name], value)
+        self.graph.replay()
+        return self.outputs
