@@ -96,7 +96,7 @@ def _cameras(n: int, device: torch.device, gen: torch.Generator) -> torch.Tensor
     cam2world = torch.eye(4, device=device).repeat(n, 1, 1)
     cam2world[:, :3, 0], cam2world[:, :3, 1], cam2world[:, :3, 2] = right, up, backward
     cam2world[:, :3, 3] = _CAMERA_DISTANCE * backward
-    focal = 1 / (math.tan(math.radians(_FOV_DEGREES) / 2) * math.sqrt(2))
+    focal = 0.5 / math.tan(math.radians(_FOV_DEGREES) / 2)  # in image widths
     intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1]], device=device).expand(n, 3, 3)
     return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
 
@@ -273,8 +273,7 @@ def _render_case(n: int, cuda: bool) -> Case:
     def make_inputs(device: torch.device, seed: int) -> Inputs:
         gen = torch.Generator(device=device).manual_seed(seed)
         template = models.template(device)
-        params = models.parameters(device, seed)
-        inputs = {k: params[k] for k in decoder_keys}
+        inputs = _decoder_parameters(template, seed)
         inputs["planes"] = torch.randn(n, 6, config.plane_features, res, res, generator=gen, device=device)
         inputs["background"] = torch.rand(n, 32, bg_res, bg_res, generator=gen, device=device)
         inputs["camera"] = _cameras(n, device, gen)
@@ -306,6 +305,18 @@ def _render_case(n: int, cuda: bool) -> Case:
         measure_memory=True,
         tolerance=_tolerance(cuda),
     )
+
+
+def _decoder_parameters(model: torch.nn.Module, seed: int) -> Dict[str, torch.Tensor]:
+    """Fresh random decoder parameters from ``seed`` (``decoder.*``, on the model's device):
+    unit-variance weights, as StyleGAN2 stores them, and biases of scale 0.1."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {}
+    for name, p in model.named_parameters():
+        if name.startswith("decoder."):
+            scale = 0.1 if name.endswith("bias") else 1.0
+            params[name] = (scale * torch.randn(p.shape, generator=gen)).to(p.device)
+    return params
 
 
 def parameter_names(config) -> Tuple[str, ...]:
