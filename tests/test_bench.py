@@ -59,6 +59,38 @@ def test_full_mode_on_cuda_adds_batch_four_and_keeps_the_default_cases():
     assert any("N4_" in c.shape for c in full)
 
 
+def test_genhead_cases_time_the_released_config_on_cuda_and_measure_memory_at_batch_four():
+    cuda = torch.device("cuda")  # building cases allocates nothing on the device
+    full = [c for c in bench.cases(bench.Settings(device=cuda, full=True), ["genhead", "genhead_render"])]
+    shapes = {(c.op, c.shape) for c in full}
+    assert shapes == {("genhead", "N1_img512_R64_S48+48_planes256_base32768_fp32"),
+                      ("genhead", "N4_img512_R64_S48+48_planes256_base32768_fp32"),
+                      ("genhead_render", "N1_R64x64_S48+48_planes256_fp32"),
+                      ("genhead_render", "N4_R64x64_S48+48_planes256_fp32")}
+    for case in full:
+        assert case.backends == ("cuda",) and case.measure_memory and case.passes == ("fwd", "fwd+bwd")
+        assert case.op in bench.WHOLE_MODELS
+    genhead = next(c for c in full if c.op == "genhead")
+    # every parameter the forward reads is differentiated (the SR's noise strengths are not read)
+    from head4d.models import GenHead
+
+    names = [k for k, _ in GenHead().named_parameters()]
+    unread = [k for k in names if k.startswith("superresolution.") and k.endswith("noise_strength")]
+    assert unread and list(genhead.grad_of) == [k for k in names if k not in unread]
+
+
+def test_genhead_render_case_agrees_with_its_reference_on_the_cpu():
+    from head4d.bench.harness import check, prepare, step
+
+    (case,) = bench.cases(bench.Settings(device=CPU), ["genhead_render"])
+    inputs = prepare(case, case.make_inputs(CPU, 0), "fwd+bwd")
+    expected = [t.detach() for t in step(case, "fwd+bwd", bench.REFERENCE)(inputs)]
+    ok, errors = check(case, "fwd+bwd", "cpu", inputs, expected)
+    assert ok, errors
+    assert set(errors) == {"out"} | {f"grad_{k}" for k in case.grad_of}
+    assert expected[0].std() > 0 and all(g.abs().sum() > 0 for g in expected[1:])
+
+
 def test_settings_reject_two_modes_and_bad_batches():
     with pytest.raises(ValueError, match="quick and full"):
         bench.Settings(device=CPU, quick=True, full=True)

@@ -33,6 +33,7 @@ from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
+from head4d.models import GraphedRender
 
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 EPS32 = torch.finfo(torch.float32).eps
@@ -296,11 +297,13 @@ def test_fused_decode_matches_unfused(model, head, monkeypatch):
         assert rel_err(dec_f[name], dec_u[name]) < 64 * EPS32, name
 
 
-def test_render_equals_plain_composition(model, head):
+@pytest.mark.parametrize("r", [RES, 66])
+def test_render_equals_plain_composition(model, head, r):
     """``render`` against the blend written out here from the parts (the warp, the
     reference triplane sampling, the decoder, TriplaneRenderer with a point field), with
-    masks made up so that both the eye and the mouth terms weigh in, and a background."""
-    r = RES
+    masks made up so that both the eye and the mouth terms weigh in, and a background.
+    At 66 (above 64) the rays inside the hard mouth mask add the two densities and mix
+    the features by a softmax over them; the others keep the blend of 64 and below."""
     G = copy.copy(model)
     G._modules = dict(model._modules)
     G._modules["superresolution"] = None
@@ -317,7 +320,7 @@ def test_render_equals_plain_composition(model, head):
 
         fields = G.deformation.build(**codes)
         e_ray, m_ray = eye.reshape(1, r * r), mouth.reshape(1, r * r)
-        inside_counts = []
+        inside_counts, fused_counts = [], []
 
         def field(points, directions):
             per_ray = points.shape[1] // (r * r)
@@ -333,6 +336,13 @@ def test_render_equals_plain_composition(model, head):
             part_sigma = part_out["sigma"] * (inbox + m)
             sigma = part_sigma * (e * inbox) + part_sigma * m + head_out["sigma"] * (1 - e * inbox - m)
             rgb = part_out["rgb"] * (e * inbox) + part_out["rgb"] * m + head_out["rgb"] * (1 - e * inbox - m)
+            if r > 64:
+                hard = (m > 0).float()
+                mix = torch.softmax(torch.stack([part_sigma, head_out["sigma"]], dim=-1), dim=-1)
+                fused_rgb = mix[..., 0] * part_out["rgb"] + mix[..., 1] * head_out["rgb"]
+                sigma = sigma * (1 - hard) + (part_sigma + head_out["sigma"]) * hard
+                rgb = rgb * (1 - hard) + fused_rgb * hard
+                fused_counts.append(int(hard.sum()))
             return {"rgb": rgb, "sigma": sigma}
 
         c2w, k = cam[:, :16].reshape(1, 4, 4), cam[:, 16:].reshape(1, 3, 3)
@@ -344,6 +354,8 @@ def test_render_equals_plain_composition(model, head):
             field, None, origins, directions, options, background=bg.permute(0, 2, 3, 1).reshape(1, r * r, 32),
             generator=torch.Generator().manual_seed(1), cam2world=c2w)
     assert sum(inside_counts) > 0  # some samples are inside the eye boxes
+    if r > 64:  # some rays, not all, take the fused rule
+        assert 0 < sum(fused_counts) < r * r * (8 + 8)
     image = lambda t: t.permute(0, 2, 1).reshape(1, t.shape[-1], r, r)  # noqa: E731
     expected = {"image_feature": image(features), "image_depth": image(depth), "opacity": image(opacity)}
     for key, value in expected.items():
@@ -513,8 +525,8 @@ def test_bad_arguments(model, inputs, head):
         model.render(planes, c[:1], {"shape": codes["shape"][:1]})
     with pytest.raises(TypeError, match="codes must be a FlameCodes"):
         model.render(planes, c[:1], [1, 2])
-    with pytest.raises(ValueError, match="neural_rendering_resolution must be at most 64"):
-        model.render(planes, c[:1], {k: v[:1] for k, v in codes.items()}, neural_rendering_resolution=128)
+    with pytest.raises(ValueError, match="neural_rendering_resolution must be at most 128"):
+        model.render(planes, c[:1], {k: v[:1] for k, v in codes.items()}, neural_rendering_resolution=130)
     with pytest.raises(ValueError, match=r"planes must have shape \[B, 6, 32, H, W\]"):
         model.render(torch.zeros(1, 5, 32, 8, 8), c[:1], {k: v[:1] for k, v in codes.items()})
     with pytest.raises(ValueError, match="must be a multiple"):
@@ -527,3 +539,50 @@ def test_bad_arguments(model, inputs, head):
         GenHead(small_config(), head_model="flame")
     with pytest.raises(ValueError, match="triplane_channels must be a multiple of 6"):
         GenHead(small_config(triplane_channels=100), head)
+
+
+@pytest.mark.gpu
+def test_graphed_render_replays_the_eager_render(model, head):
+    """``render_graphed``: a CUDA graph of ``render`` (with the super-resolution and a
+    background) replays what an eager call seeded alike renders, for new cameras and codes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    require_backend("cuda")
+    dev = torch.device("cuda")
+    G = copy.deepcopy(model).to(dev)
+    gen = torch.Generator().manual_seed(0)
+    planes = torch.randn(1, 6, 32, 16, 16, generator=gen).to(dev)
+    ws = torch.randn(1, G.num_ws, 512, generator=gen).to(dev)
+    background = torch.rand(1, 32, 16, 16, generator=gen).to(dev)
+    on_device = lambda codes: {k: v.to(dev) for k, v in codes.items()}  # noqa: E731
+    graphed = G.render_graphed(planes, camera(1).to(dev), on_device(posed_codes(head, 1)), ws=ws,
+                               background=background)
+    images = []
+    for cam, codes in ((camera(1), posed_codes(head, 1)), (camera(1, yaw=0.2), posed_codes(head, 1, seed=3))):
+        cam, codes = cam.to(dev), on_device(codes)
+        torch.cuda.manual_seed(11)
+        with torch.no_grad():
+            eager = G.render(planes, cam, codes, ws=ws, background=background)
+        torch.cuda.manual_seed(11)
+        got = graphed(cam, codes)
+        torch.cuda.synchronize()
+        for key, value in eager.items():
+            assert rel_err(got[key], value) < 64 * EPS32, key
+        images.append(got["image_raw"].clone())
+    assert (images[0] - images[1]).abs().max() > 1e-3
+
+
+def test_graphed_render_needs_cuda_and_the_captured_shapes(model, head):
+    with pytest.raises(ValueError, match="GraphedRender: a CUDA graph needs CUDA tensors; camera is on cpu"):
+        model.render_graphed(torch.zeros(1, 6, 32, 8, 8), camera(1), posed_codes(head, 1))
+    with pytest.raises(TypeError, match="GraphedRender: model must be a GenHead"):
+        GraphedRender(torch.nn.Linear(1, 1), torch.zeros(1, 6, 32, 8, 8), camera(1), posed_codes(head, 1))
+    # the argument checks of a replay, on a stand-in that skips the capture
+    stand_in = GraphedRender.__new__(GraphedRender)
+    stand_in.inputs = {"camera": torch.zeros(1, 25), "planes": torch.zeros(1, 6, 32, 8, 8), "ws": None,
+                       "background": None}
+    stand_in.codes = {k: v.clone() for k, v in posed_codes(head, 1).items()}
+    with pytest.raises(ValueError, match=r"camera must have the captured shape \[1, 25\], got \[2, 25\]"):
+        stand_in(camera(2), posed_codes(head, 1))
+    with pytest.raises(ValueError, match="ws was None at capture"):
+        stand_in(camera(1), posed_codes(head, 1), ws=torch.zeros(1, 8, 512))

@@ -38,7 +38,14 @@ resolution):
    ``e = eye_mask * inside_eye_box`` and ``m = mouth_mask`` (per ray),
    ``sigma = sigma_part * e + sigma_part * m + sigma_head * (1 - e - m)`` and the same mix
    of the features (after the decoder's sigmoid). This is Portrait4D's blend at neural
-   resolutions up to 64; its other blend above 64 is not implemented (a ``ValueError``).
+   resolutions up to 64 (:data:`MOUTH_FUSE_ABOVE`). Above 64 (Portrait4D renders at 128
+   for its reconstructor) rays whose mouth mask is non-zero (a hard mask, ``m > 0``)
+   take another rule instead: the two densities add, ``sigma = sigma_part + sigma_head``
+   (``sigma_part`` already scaled as above), and the features are a two-way softmax mix
+   weighted by the raw densities, ``w = softmax(sigma_part, sigma_head)``,
+   ``rgb = w_part * rgb_part + w_head * rgb_head``; every other ray keeps the blend
+   above. Resolutions above 128 are refused (``ValueError``): there Portrait4D skips the
+   super-resolution and composites the background differently.
    The composited features get the background added with the transmittance
    ``T_bg = 1 - opacity``, then ``* 2 - 1``: ``image_feature``; its channels 0-2 are
    ``image_raw``.
@@ -48,7 +55,9 @@ resolution):
 The split for repeated renders: ``ws = G.mapping(z, G.condition(camera, shape))``,
 ``planes = G.planes(ws)``, ``background = G.background_image(z)``, then any number of
 ``G.render(planes, camera, codes, ws=ws, background=background)`` with new cameras and
-codes; a triplane batch of B renders B * K cameras (K views per identity).
+codes; a triplane batch of B renders B * K cameras (K views per identity). On CUDA,
+``G.render_graphed(...)`` captures that render once in a CUDA graph
+(:class:`GraphedRender`, opt-in, inference only) and replays it for new cameras and codes.
 
 Checkpoints: :func:`head4d.checkpoints.load_network_pkl` builds a GenHead (config,
 weights, FLAME) from a Portrait4D pickle; :meth:`GenHead.save` / :meth:`GenHead.load`
@@ -63,9 +72,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
@@ -91,8 +99,11 @@ HEAD_PLANES = slice(3, 6)
 #: Camera label size (cam2world 16 + normalized intrinsics 9) and FLAME shape size.
 CAMERA_SIZE = 25
 SHAPE_SIZE = 300
-#: The largest neural rendering resolution whose part/head blend is implemented.
-MAX_BLEND_RESOLUTION = 64
+#: Above this neural rendering resolution, rays inside the hard mouth mask add the part
+#: and head densities and mix their features by a softmax of the densities (module docstring).
+MOUTH_FUSE_ABOVE = 64
+#: The largest neural rendering resolution implemented (the super-resolution's input size).
+MAX_NEURAL_RESOLUTION = 128
 #: head4d's own format (GenHead.save / GenHead.load): file names, format tag and version,
 #: the prefix of the head model's arrays among the tensors, the head model kinds it rebuilds.
 WEIGHTS_FILE = "model.safetensors"
@@ -264,6 +275,38 @@ def clip_vertices(vertices: torch.Tensor, cam2world: torch.Tensor, intrinsics: t
     y = (1 - 2 * cy) * depth + 2 * fy * p[..., 1]
     z = (far + near) / (far - near) * depth - 2 * far * near / (far - near)
     return torch.stack([x, y, z, depth], dim=-1)
+
+
+def blend_parts(part: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tensor], eye: torch.Tensor,
+                mouth: torch.Tensor, inside_eye_box: torch.Tensor, fuse_mouth: bool) -> Dict[str, torch.Tensor]:
+    """Portrait4D's part/head blend at M sample points (module docstring, stage 6).
+
+    Args:
+        part, head: the decoder's outputs for the part and the head triplane: ``"sigma"``
+            ``[N, M, 1]`` (raw density) and ``"rgb"`` ``[N, M, C]`` (features after the sigmoid).
+        eye, mouth: ``[N, M]`` the eye and mouth masks of each point's ray, in [0, 1].
+        inside_eye_box: ``[N, M]`` 1 where the point lies in an eye box, else 0.
+        fuse_mouth: the rule above 64: where ``mouth > 0``, ``sigma = sigma_part + sigma_head``
+            and the features mixed by ``softmax(sigma_part, sigma_head)``.
+
+    Returns:
+        ``{"sigma": [N, M, 1], "rgb": [N, M, C]}`` in the inputs' dtype.
+    """
+    w_eye = (eye * inside_eye_box).unsqueeze(-1)
+    w_mouth = mouth.unsqueeze(-1)
+    w_part = w_eye + w_mouth
+    w_head = 1 - w_part
+    part_sigma = part["sigma"] * (inside_eye_box.unsqueeze(-1) + w_mouth)
+    sigma = part_sigma * w_part + head["sigma"] * w_head
+    rgb = part["rgb"] * w_part + head["rgb"] * w_head
+    if fuse_mouth:
+        hard_mouth = w_mouth > 0
+        # a softmax over two logits is the sigmoid of their difference
+        mix_part = torch.sigmoid(part_sigma - head["sigma"])
+        fused_rgb = head["rgb"] + mix_part * (part["rgb"] - head["rgb"])
+        sigma = torch.where(hard_mouth, part_sigma + head["sigma"], sigma)
+        rgb = torch.where(hard_mouth, fused_rgb, rgb)
+    return {"sigma": sigma, "rgb": rgb}
 
 
 def _check_batch(op: str, name: str, value: torch.Tensor, size: int, batch: Optional[int] = None) -> torch.Tensor:
@@ -520,8 +563,10 @@ class GenHead(nn.Module):
                                       antialias=True)
             return {"eye_mask": eye, "mouth_mask": mouth}
 
-    def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool):
-        """The renderer's point field: warp, read both triplanes, decode, blend (module docstring)."""
+    def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool,
+                     fuse_mouth: bool = False):
+        """The renderer's point field: warp, read both triplanes, decode, blend (module docstring);
+        ``fuse_mouth``: the rule above 64 inside the hard mouth mask (:func:`blend_parts`)."""
         box_warp = self.config.box_warp
         backend = self._ops_backend
         fused_weights = None
@@ -556,13 +601,7 @@ class GenHead(nn.Module):
                 with nvtx_range("head4d.genhead.blend"):
                     eye = eye_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
                     mouth = mouth_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
-                    w_eye = (eye * inside).unsqueeze(-1)
-                    w_mouth = mouth.unsqueeze(-1)
-                    w_head = 1 - w_eye - w_mouth
-                    part_sigma = part_out["sigma"] * (inside.unsqueeze(-1) + w_mouth)
-                    sigma = part_sigma * (w_eye + w_mouth) + head_out["sigma"] * w_head
-                    rgb = part_out["rgb"] * (w_eye + w_mouth) + head_out["rgb"] * w_head
-            return {"rgb": rgb, "sigma": sigma}
+                    return blend_parts(part_out, head_out, eye, mouth, inside, fuse_mouth)
 
         return field
 
@@ -581,7 +620,8 @@ class GenHead(nn.Module):
                 ``use_ws_ones``, but its batch must fit); needed when it is on.
             background: ``[N or B, 32, Hb, Wb]`` from :meth:`background_image`, or None (no
                 background: the features are composited over 0).
-            neural_rendering_resolution: r (None: the config's), at most 64.
+            neural_rendering_resolution: r (None: the config's), at most 128; above 64
+                the mouth rays take the other blend (module docstring).
             generator: ``torch.Generator`` for the renderer's random numbers (depth jitter,
                 importance sampling), or None (the global one).
             deform: False samples both triplanes at the observation-space points (no warp;
@@ -599,9 +639,9 @@ class GenHead(nn.Module):
         r = c.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
-        if r > MAX_BLEND_RESOLUTION:
-            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_BLEND_RESOLUTION} (Portrait4D's "
-                             f"part/head blend above 64 is not implemented here), got {r}")
+        if r > MAX_NEURAL_RESOLUTION:
+            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_NEURAL_RESOLUTION} (above it "
+                             f"Portrait4D bypasses the super-resolution, which is not implemented here), got {r}")
         check_tensor(op, "planes", planes, f"[B, 6, {c.plane_features}, H, W]", planes.dim()
                      if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
         if planes.dim() == 4 and planes.shape[1] == 6 * c.plane_features:
@@ -638,7 +678,7 @@ class GenHead(nn.Module):
                                    antialias=False)
                 bg = bg.permute(0, 2, 3, 1).reshape(n, r * r, bg.shape[1])
             field = self._point_field(planes[:, PART_PLANES], planes[:, HEAD_PLANES], fields, eye_rays, mouth_rays,
-                                      deform)
+                                      deform, fuse_mouth=r > MOUTH_FUSE_ABOVE)
             with nvtx_range("head4d.genhead.raymarch"):
                 features, depth, opacity = self.renderer(field, None, origins, directions, c.rendering_options(),
                                                          background=bg, generator=generator, cam2world=cam2world)
@@ -652,6 +692,17 @@ class GenHead(nn.Module):
                     out["image"] = self.superresolution(out["image_raw"], feature_image, ws, noise_mode="none")
             return out
 
+    def render_graphed(self, planes: torch.Tensor, camera: torch.Tensor,
+                       codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *, ws: Optional[torch.Tensor] = None,
+                       background: Optional[torch.Tensor] = None,
+                       neural_rendering_resolution: Optional[int] = None) -> "GraphedRender":
+        """:meth:`render` captured once in a CUDA graph for these shapes (opt-in, inference
+        only): returns a :class:`GraphedRender`, which renders new cameras and codes (and
+        planes, ws, background of the same shapes) by replaying the graph. The arguments
+        are :meth:`render`'s, on one CUDA device; they serve as the capture's example."""
+        return GraphedRender(self, planes, camera, codes, ws=ws, background=background,
+                             neural_rendering_resolution=neural_rendering_resolution)
+
     def forward(self, z: torch.Tensor, c: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *,
                 neural_rendering_resolution: Optional[int] = None, truncation_psi: float = 1,
                 truncation_cutoff: Optional[int] = None, noise_mode: str = "const",
@@ -664,7 +715,7 @@ class GenHead(nn.Module):
             c: ``[N, 25]`` camera labels (cam2world 16 + normalized intrinsics 9): the
                 condition (with ``codes.shape``) and, unless ``c_render`` is given, the camera.
             codes: :class:`FlameCodes` (or a dict) with N rows.
-            neural_rendering_resolution: r (None: the config's, 64), at most 64.
+            neural_rendering_resolution: r (None: the config's, 64), at most 128.
             truncation_psi, truncation_cutoff: the backbone mapping's truncation.
             noise_mode: the backbone's and the background's noise (``'const'``,
                 ``'random'``, ``'none'``); the super-resolution uses none.
@@ -743,3 +794,96 @@ def _head_model_from_saved(op: str, description: Mapping[str, object], tensors: 
                                  f"the rebuilt {kind} {list(own[name].shape)} and {own[name].dtype}")
             own[name].copy_(value)
     return head
+
+
+class GraphedRender:
+    """:meth:`GenHead.render` captured in a CUDA graph: the render-only path (planes cached;
+    new camera and codes) replayed without Python or launch overhead. Opt-in, inference
+    only (no gradient); build it with :meth:`GenHead.render_graphed`.
+
+    ``graphed(camera, codes, *, planes=None, ws=None, background=None)`` copies the given
+    tensors into the captured inputs (same shapes as at capture; ``None`` keeps the
+    previous values) and replays. It returns the captured output dict: the same tensors
+    on every call, overwritten by the next replay (clone what you keep).
+
+    What the capture needs, and what this path does for it:
+
+    - No host syncs: the value checks of the rasterizer's faces, the mask index sets and
+      the deformation ops' index tables run as device asserts while a graph is captured
+      (:func:`head4d.ops._common.values_off_host`); everything else checks only shapes.
+    - No host-to-device copies: the masks' blur kernel is made on the device.
+    - No data-dependent shapes: the rasterizer counts its large-face list on the device
+      and loops over it in a grid-stride kernel; importance sampling draws a fixed count.
+    - Random numbers (depth jitter, importance sampling) come from the global CUDA
+      generator, which graphs support: each replay draws fresh numbers, as eager calls
+      do, and ``torch.cuda.manual_seed`` before a replay reproduces an eager call seeded
+      alike. A ``torch.Generator`` argument is not supported.
+
+    Fixed at capture: the shapes and dtypes, the neural rendering resolution, the ops'
+    backends (the model's ``backend`` and the environment then), and the weights' storage:
+    updating parameters in place is seen by later replays, replacing them is not.
+
+    Args:
+        model: the :class:`GenHead` (its parameters and buffers on the inputs' CUDA device).
+        planes, camera, codes, ws, background, neural_rendering_resolution: as for
+            :meth:`GenHead.render`; copied into the graph's static inputs.
+        warmup: eager calls on a side stream before the capture (lazy initialization,
+            allocator warm-up), at least 1.
+    """
+
+    def __init__(self, model: GenHead, planes: torch.Tensor, camera: torch.Tensor,
+                 codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *, ws: Optional[torch.Tensor] = None,
+                 background: Optional[torch.Tensor] = None, neural_rendering_resolution: Optional[int] = None,
+                 warmup: int = 2):
+        op = "GraphedRender"
+        if not isinstance(model, GenHead):
+            raise TypeError(f"{op}: model must be a GenHead, got {type(model).__name__}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"{op}: warmup must be an int >= 1, got {warmup!r}")
+        check_tensor(op, "camera", camera, f"[N, {CAMERA_SIZE}]", 2, FLOATING)
+        if not camera.is_cuda:
+            raise ValueError(f"{op}: a CUDA graph needs CUDA tensors; camera is on {camera.device}")
+        self.model = model
+        self.resolution = neural_rendering_resolution
+        self.inputs: Dict[str, Optional[torch.Tensor]] = {
+            "planes": planes.detach().clone(), "camera": camera.detach().clone(),
+            "ws": None if ws is None else ws.detach().clone(),
+            "background": None if background is None else background.detach().clone()}
+        self.codes = {k: v.detach().clone() for k, v in FlameCodes.of(codes).as_dict().items()}
+        side = torch.cuda.Stream(camera.device)
+        side.wait_stream(torch.cuda.current_stream(camera.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                self._render()
+        torch.cuda.current_stream(camera.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.outputs = self._render()
+
+    def _render(self) -> Dict[str, torch.Tensor]:
+        x = self.inputs
+        return self.model.render(x["planes"], x["camera"], self.codes, ws=x["ws"], background=x["background"],
+                                 neural_rendering_resolution=self.resolution)
+
+    @staticmethod
+    def _copy(name: str, static: Optional[torch.Tensor], value) -> None:
+        if value is None:
+            return
+        if static is None:
+            raise ValueError(f"GraphedRender: {name} was None at capture; capture again with a {name} to pass one")
+        if not isinstance(value, torch.Tensor) or value.shape != static.shape:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"GraphedRender: {name} must have the captured shape {list(static.shape)}, got {got}")
+        static.copy_(value)
+
+    def __call__(self, camera: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]], *,
+                 planes: Optional[torch.Tensor] = None, ws: Optional[torch.Tensor] = None,
+                 background: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Replays the render for new inputs; returns the captured outputs (see the class)."""
+        self._copy("camera", self.inputs["camera"], camera)
+        for key, value in FlameCodes.of(codes).as_dict().items():
+            self._copy(f"codes.{key}", self.codes[key], value)
+        for name, value in (("planes", planes), ("ws", ws), ("background", background)):
+            self._copy(name, self.inputs[name], value)
+        self.graph.replay()
+        return self.outputs

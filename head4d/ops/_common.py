@@ -1,5 +1,6 @@
 """Helpers shared by the renderer ops: backend choice for ops that so far have only
-the reference, and checks of integer and boolean arguments."""
+the reference, checks of integer and boolean arguments, and where checks of tensor
+values may run (:func:`values_off_host`)."""
 from __future__ import annotations
 
 import numbers
@@ -8,6 +9,14 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .. import _backend
+
+
+def values_off_host(t: torch.Tensor) -> bool:
+    """Whether checks of ``t``'s values must stay on the device: while ``torch.compile``
+    traces (the values are not known yet) and while a CUDA graph is captured (a host
+    sync would break the capture). They then run as ``torch._assert_async``, which
+    raises on the CPU at once and fails the CUDA stream asynchronously."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def resolve_implemented(op: str, device: torch.device, requested: Optional[str],

@@ -28,7 +28,7 @@ from .._checks import check_choice, check_dim, check_positive_finite, check_same
 from .._nvtx import nvtx_range
 from ..reference import deformation as _reference
 from . import _library
-from ._common import check_int, check_same_dtype, resolve_implemented
+from ._common import check_int, check_same_dtype, resolve_implemented, values_off_host
 
 #: Backend preference per device type, fastest first. An op runs the first one it has
 #: (IMPLEMENTED), so the ops without compiled kernels run their reference.
@@ -101,17 +101,9 @@ def _check_faces_shape(op: str, faces) -> None:
         raise ValueError(f"{op}: faces must hold at least one triangle, got shape {_shape(faces)}")
 
 
-def _values_off_host(t: torch.Tensor) -> bool:
-    """Whether checks of ``t``'s values must stay on the device: while ``torch.compile``
-    traces (the values are not known yet) and while a CUDA graph is captured (a host
-    sync would break the capture). They then run as ``torch._assert_async``, which
-    raises on the CPU at once and fails the CUDA stream asynchronously."""
-    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _check_faces_range(op: str, faces: torch.Tensor, num_verts: int, verts_name: Optional[str]) -> None:
     where = f"{verts_name} has {num_verts} vertices" if verts_name else f"num_verts is {num_verts}"
-    if _values_off_host(faces):
+    if values_off_host(faces):
         torch._assert_async(((faces >= 0) & (faces < num_verts)).all(),
                             f"{op}: faces holds vertex indices outside [0, {num_verts - 1}] but {where}")
         return
@@ -436,7 +428,7 @@ def _check_one_ring_tables(op: str, neighbours: torch.Tensor, vertex_subset: Opt
 def _assert_one_ring_tables(op: str, neighbours: torch.Tensor, vertex_subset: Optional[torch.Tensor],
                             num_verts: int) -> None:
     """:func:`_check_one_ring_tables` on the device (``torch._assert_async``), for traced
-    and captured calls (see :func:`_values_off_host`)."""
+    and captured calls (see :func:`values_off_host`)."""
     torch._assert_async(((neighbours >= -1) & (neighbours < num_verts)).all(),
                         f"{op}: neighbours holds entries outside [-1, {num_verts - 1}] (vertex indices of "
                         f"verts_obs, -1 for padding)")
@@ -508,7 +500,7 @@ def one_ring_deform(points: torch.Tensor, verts_obs: torch.Tensor, verts_canon: 
             raise ValueError(f"{op}: vertex_subset must hold at least one vertex index, got shape [0]")
         tensors.append(("vertex_subset", vertex_subset))
     device = check_same_device(op, tensors)
-    if _values_off_host(neighbours):
+    if values_off_host(neighbours):
         _assert_one_ring_tables(op, neighbours, vertex_subset, num_verts)
     else:
         _check_one_ring_tables(op, neighbours, vertex_subset, num_verts)

@@ -56,7 +56,7 @@ from .._checks import FLOATING, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import rasterize as _reference
 from . import _library
-from ._common import check_bool, resolve_implemented
+from ._common import check_bool, resolve_implemented, values_off_host
 
 #: Backend preference per device type, fastest first.
 PREFERENCES = {
@@ -84,13 +84,17 @@ def _check_resolution(op: str, resolution) -> Tuple[int, int]:
 
 
 def _check_faces(op: str, faces, num_vertices: int) -> torch.Tensor:
-    """``[F, 3]`` int32 / int64 with every index in ``[0, V)`` (the values checked in eager mode)."""
+    """``[F, 3]`` int32 / int64 with every index in ``[0, V)`` (checked on the host in eager
+    mode, as a device assert while traced or captured: :func:`values_off_host`)."""
     check_tensor(op, "faces", faces, "[F, 3]", 2, INTEGER)
     if faces.shape[1] != 3:
         raise ValueError(f"{op}: faces must have shape [F, 3], got {list(faces.shape)}")
     if faces.shape[0] >= (1 << 31) - 1:
         raise ValueError(f"{op}: faces must have fewer than 2^31 - 1 rows, got {faces.shape[0]}")
-    if faces.numel() and not torch.compiler.is_compiling():
+    if faces.numel() and values_off_host(faces):
+        torch._assert_async(((faces >= 0) & (faces < num_vertices)).all(),
+                            f"{op}: faces must index vertices in [0, {num_vertices}) (V of vertices_clip)")
+    elif faces.numel():
         low, high = int(faces.min()), int(faces.max())
         if low < 0 or high >= num_vertices:
             raise ValueError(f"{op}: faces must index vertices in [0, {num_vertices}) (V of vertices_clip), "

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .._checks import FLOATING, check_tensor
+from ..ops._common import values_off_host
 from ..ops import filter2d, interpolate, rasterize_triangles
 from ..ops.rasterize import _check_faces
 
@@ -45,9 +46,10 @@ def blur_kernel(sigma: float, device: Optional[torch.device] = None) -> torch.Te
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"blur_kernel: sigma must be a finite positive number, got {sigma!r}")
     radius = math.floor(3 * sigma)
-    k = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    # made on the device itself: a host-to-device copy would break a CUDA graph capture
+    k = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     f = torch.exp2(-(k / sigma) ** 2)
-    return (f / f.sum()).to(device=device, dtype=torch.float32)
+    return (f / f.sum()).to(torch.float32)
 
 
 def blur_mask(mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -73,7 +75,10 @@ def coverage(vertices_clip: torch.Tensor, faces: torch.Tensor, resolution: Seque
 def _index_set(op: str, name: str, value, num_vertices: int) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.dim() != 1 or value.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: {name} must be a 1-D int32 / int64 tensor of vertex indices")
-    if value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_vertices):
+    if value.numel() and values_off_host(value):  # traced or captured: no host sync
+        torch._assert_async(((value >= 0) & (value < num_vertices)).all(),
+                            f"{op}: {name} must hold vertex indices in [0, {num_vertices})")
+    elif value.numel() and (int(value.min()) < 0 or int(value.max()) >= num_vertices):
         raise ValueError(f"{op}: {name} must hold vertex indices in [0, {num_vertices}), got "
                          f"[{int(value.min())}, {int(value.max())}]")
     return value
