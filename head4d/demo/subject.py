@@ -15,13 +15,14 @@ that at a canonical point x
   canonical space.
 
 Training points (:func:`training_pool`): near the surface (mesh vertices plus Gaussian
-offsets), around the head and in the whole ``box_warp`` cube; their targets come from :func:`head4d.ops.closest_triangles`
-(exact closest triangle: the sign of the distance from the closest head face's normal,
-the colour from the closest face's barycentric mix of vertex colours). The loss is a
-squared error on the density (fitted divided by its range
-``DENSITY_MAX - DENSITY_MIN``, which the decoder's density layer is multiplied by at the
-end, so that the small output layer need not grow large weights) plus an absolute error on the colours of near-surface points;
-Adam, a few hundred steps, seeded, so the fit is deterministic on one machine.
+offsets), around the head, and in and around the ``box_warp`` cube; their targets come
+from :func:`head4d.ops.closest_triangles` (exact closest triangle; the sign from the vertex
+normals at the closest point, the colour from the closest face's barycentric mix of
+vertex colours). The loss is a squared error on the density (fitted divided by its range
+``DENSITY_MAX - DENSITY_MIN``; the decoder's density layer is multiplied by it at the end,
+so the small output layer need not grow large weights), overshoots outside weighed more,
+plus an absolute error on the colours of near-surface points; Adam with a cosine decay, a
+few hundred steps, seeded, so the fit is deterministic on one machine.
 
 The part triplane (eyes and mouth share it in GenHead) gets the same planes: the eye and
 mouth warps map to the same canonical space, so the part reads see the same head.
@@ -47,7 +48,7 @@ from ..ops import closest_triangles, sample_triplanes
 from ..render import TriplaneDecoder
 
 #: Bump when the fitting or the colouring changes: it keys the on-disk cache.
-SUBJECT_VERSION = "procedural-subject-1"
+SUBJECT_VERSION = "procedural-subject-3"
 
 #: Raw density target: ``clamp(-DENSITY_SLOPE * signed_distance, DENSITY_MIN, DENSITY_MAX)``
 #: (world units: the canonical head is about 1 unit tall).
@@ -60,6 +61,8 @@ OUTSIDE_OVERSHOOT_WEIGHT = 4.0
 COLOUR_BAND = 0.03
 #: Standard deviation of the near-surface training points' offsets.
 SURFACE_NOISE = 0.02
+#: Side of the cube of the uniform training points, in units of the planes' cube.
+OUTER_SCALE = 1.3
 #: Margin around the head's bounding box of the second group of training points.
 BOUNDS_MARGIN = 0.08
 
@@ -169,21 +172,38 @@ def vertex_colours(head: ProceduralHead, vertices: torch.Tensor) -> torch.Tensor
     return (colours * shade[:, None]).clamp(0, 1)
 
 
+def signed_distance(points: torch.Tensor, vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Signed distance ``[M]`` (negative inside) of ``points [M, 3]`` to the closed mesh
+    ``(vertices [V, 3], faces [F, 3])``: the exact distance to the closest triangle, with
+    the sign of ``<x - q, n>`` where q is the closest triangle's point at the clamped
+    barycentrics and n the vertex normals mixed there. (The closest face's own normal
+    gives the wrong sign beside some edges and corners, where the point is closest to a
+    feature that the face shares with a neighbour facing another way.)"""
+    face, barycentric, _, squared = closest_triangles(points[None], vertices[None], faces)
+    corners = faces[face[0]]  # [M, 3]
+    weights = barycentric[0].clamp_min(0)
+    weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
+    nearest = (vertices[corners] * weights[..., None]).sum(1)
+    normal = (vertex_normals(vertices, faces)[corners] * weights[..., None]).sum(1)
+    side = torch.where(((points - nearest) * normal).sum(1) < 0, -1.0, 1.0)
+    return side * squared[0].clamp_min(0).sqrt()
+
+
 def surface_targets(head: ProceduralHead, points: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Signed distance ``[M]`` (negative inside) and colour ``[M, 3]`` of canonical ``points [M, 3]``.
 
-    The distance is the smaller of the closed head surface's (its closest face's signed
-    distance) and the two eyeball spheres'; the colour is the closest face's (of the whole
+    The distance is the smaller of the closed head surface's (:func:`signed_distance`) and
+    the two eyeball spheres'; the colour is the closest face's (of the whole
     mesh) barycentric mix of :func:`vertex_colours`, barycentrics clamped to the triangle.
     """
     vertices = head.canonical_vertices()
     faces = head.faces
     head_faces = faces[(faces < head.head_vertices).all(dim=1)]
     with torch.no_grad():
-        _, _, head_distance, _ = closest_triangles(points[None], vertices[None], head_faces)
+        head_distance = signed_distance(points, vertices, head_faces)
         centres, radii = eyeball_spheres(head, vertices)
         eye_distance = ((points[:, None] - centres[None]).norm(dim=-1) - radii).amin(dim=1)
-        distance = torch.minimum(head_distance[0], eye_distance)
+        distance = torch.minimum(head_distance, eye_distance)
         face, barycentric, _, _ = closest_triangles(points[None], vertices[None], faces)
         weights = barycentric[0].clamp_min(0)
         weights = weights / weights.sum(1, keepdim=True).clamp_min(1e-12)
@@ -194,15 +214,18 @@ def surface_targets(head: ProceduralHead, points: torch.Tensor) -> Tuple[torch.T
 def training_pool(head: ProceduralHead, size: int, box_side: float, generator: torch.Generator) -> torch.Tensor:
     """``[size, 3]`` canonical points: 40% near the surface, 30% uniform in the head's bounding
     box grown by :data:`BOUNDS_MARGIN` (where a triplane's ghosts appear: points whose three
-    projections all fall on the head), 30% uniform in the cube."""
+    projections all fall on the head), 30% uniform in a cube :data:`OUTER_SCALE` times the
+    planes' (rays sample beyond the planes, where some or all plane reads are zero: the
+    decoder must give no density there either)."""
     vertices = head.canonical_vertices()
     near, bounded = int(0.4 * size), int(0.3 * size)
     picks = torch.randint(len(vertices), (near,), generator=generator)
     surface = vertices[picks] + SURFACE_NOISE * torch.randn(near, 3, generator=generator)
     low, high = vertices.amin(0) - BOUNDS_MARGIN, vertices.amax(0) + BOUNDS_MARGIN
     around = low + (high - low) * torch.rand(bounded, 3, generator=generator)
-    uniform = (torch.rand(size - near - bounded, 3, generator=generator) - 0.5) * box_side
-    return torch.cat([surface, around, uniform]).clamp(-box_side / 2, box_side / 2)
+    inner = torch.cat([surface, around]).clamp(-box_side / 2, box_side / 2)
+    uniform = (torch.rand(size - near - bounded, 3, generator=generator) - 0.5) * (OUTER_SCALE * box_side)
+    return torch.cat([inner, uniform])
 
 
 def density_target(distance: torch.Tensor) -> torch.Tensor:
