@@ -157,10 +157,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.run import DemoError, run_demo
     from .demo.subject import FitSettings
 
-    settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
     if args.fit_steps is not None and args.fit_steps < 1:
         print(f"head4d demo: --fit-steps must be >= 1, got {args.fit_steps}", file=sys.stderr)
         return 2
+    settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
     try:
         run_demo(args.out, checkpoint=args.checkpoint, device=args.device, resolution=args.resolution,
                  frames=args.frames, cache_dir=args.cache, settings=settings, seed=args.seed)

@@ -166,6 +166,8 @@ def test_demo_errors_name_the_argument(tmp_path, capsys, monkeypatch):
     assert "--resolution must be an int in [8, 64]" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path), "--frames", "1"]) == 2
     assert "--frames must be an int >= 2" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path), "--fit-steps", "0"]) == 2
+    assert "--fit-steps must be >= 1" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "missing.pkl")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
     # a checkpoint whose loader this head4d lacks: the error names the loader
