@@ -7,6 +7,8 @@
 - The cache: a second load with the same settings reads the file, equal bit for bit.
 - The command end to end at tiny sizes writes its PNG grids, one frame, the animation and
   prints the frames per second and the device; the PNG writer round-trips exactly.
+- A checkpoint goes through the loader (replaced by one returning a small GenHead):
+  planes from its backbone, its background, no fitting.
 - Argument and checkpoint errors are clear.
 """
 import importlib.util
@@ -229,3 +231,31 @@ def test_gif_writer_decodes_to_the_palette_indices(tmp_path):
     assert len(decoded) == 2
     for frame, indices in zip(frames, decoded):
         assert torch.equal(indices, images._palette_indices(frame))
+
+
+def test_demo_renders_a_checkpoint_through_the_loader(tmp_path, capsys, monkeypatch, head):
+    """The checkpoint path with the loader replaced by one returning a small random GenHead
+    (with a background): planes from its backbone, files written, no fitting."""
+    import head4d.checkpoints
+    from head4d.models import GenHead, GenHeadConfig
+
+    torch.manual_seed(0)
+    small = GenHead(GenHeadConfig(z_dim=16, w_dim=16, channel_base=128, channel_max=8, triplane_resolution=16,
+                                  triplane_channels=48, background_channels=8, background_resolution=16, background_channel_base=64,
+                                  background_channel_max=8, background_mapping_layers=1,
+                                  has_superresolution=False, depth_resolution=8, depth_resolution_importance=8,
+                                  fine_resolution=8, coarse_resolution=4, mask_resolution=32), head)
+    loaded = []
+    monkeypatch.setattr(head4d.checkpoints, "load_network_pkl",
+                        lambda path: loaded.append(Path(path)) or {"G_ema": small}, raising=False)
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(b"read by the replaced loader only")
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), "--checkpoint", str(pkl), "--resolution", "8", "--frames", "2",
+                     "--cache", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    assert loaded == [pkl]
+    assert f"subject: checkpoint {pkl}" in printed and "fitted" not in printed
+    assert not (tmp_path / "cache").exists()
+    grid = read_png(out / "neck.png")
+    assert grid.shape == (3 * 8 + 4, 2 * 8 + 2, 3)
