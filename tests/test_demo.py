@@ -6,7 +6,8 @@
 - A neck rotation moves the rendered silhouette the way it moves the posed mesh's.
 - The cache: a second load with the same settings reads the file, equal bit for bit.
 - The command end to end at tiny sizes writes its PNG grids, one frame, the animation and
-  prints the frames per second and the device; the PNG writer round-trips exactly.
+  prints the frames per second and the device; the PNG writer round-trips exactly, and the
+  GIF writer's frames decode (a general LZW decoder) to their palette indices.
 - A checkpoint goes through the loader (replaced by one returning a small GenHead):
   planes from its backbone, its background, no fitting.
 - Argument and checkpoint errors are clear.
