@@ -165,8 +165,8 @@ def test_demo_command_writes_its_files(tmp_path, capsys):
 
 
 def test_demo_errors_name_the_argument(tmp_path, capsys, monkeypatch):
-    assert cli.main(["demo", "--out", str(tmp_path), "--resolution", "128"]) == 2
-    assert "--resolution must be an int in [8, 64]" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path), "--resolution", "129"]) == 2
+    assert "--resolution must be an int in [8, 128]" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path), "--frames", "1"]) == 2
     assert "--frames must be an int >= 2" in capsys.readouterr().err
     assert cli.main(["demo", "--out", str(tmp_path), "--fit-steps", "0"]) == 2

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..models.genhead import MAX_NEURAL_RESOLUTION
 from . import images
 from .subject import FitSettings, load_or_fit_subject, subject_model
 
@@ -214,9 +215,9 @@ def run_demo(out_dir: str, *, checkpoint: Optional[str] = None, device: str = "c
         raise DemoError("--device cuda but no CUDA device is available")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
         raise DemoError(f"--frames must be an int >= 2 (frames per sequence), got {frames!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 64:
-        raise DemoError(f"--resolution must be an int in [8, 64] (GenHead's neural rendering resolution: its "
-                        f"part/head blend is defined up to 64), got {resolution!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= MAX_NEURAL_RESOLUTION:
+        raise DemoError(f"--resolution must be an int in [8, {MAX_NEURAL_RESOLUTION}] (GenHead's neural rendering "
+                        f"resolution, at most its super-resolution's input size), got {resolution!r}")
     torch_device = torch.device(device)
     if checkpoint is None:
         avatar = procedural_avatar(torch_device, cache_dir, settings, log)
