@@ -19,8 +19,6 @@
 """
 import copy
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,9 +31,9 @@ from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
+from upstream_state_dict import upstream_sections
 from head4d.models import GraphedRender
 
-DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 EPS32 = torch.finfo(torch.float32).eps
 DECODER_KEYS = [("decoder.net.0.weight", (64, 32)), ("decoder.net.0.bias", (64,)),
                 ("decoder.out_sigma.weight", (1, 64)), ("decoder.out_sigma.bias", (1,)),
@@ -139,22 +137,6 @@ def forward_out(model, inputs):
 # ----------------------------------------------------------------------------------
 # upstream names (full size, never run)
 # ----------------------------------------------------------------------------------
-
-def upstream_sections():
-    sections, current = {}, None
-    for line in DATA.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        header = re.match(r"== (\w+): (\d+) keys, (\d+) params", line)
-        if header:
-            current = header.group(1)
-            sections[current] = (int(header.group(2)), int(header.group(3)), [])
-            continue
-        name, shape, dtype = re.match(r"(\S+) (\(.*\)) (\w+)$", line).groups()
-        dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        sections[current][2].append((name, dims, dtype))
-    return sections
-
 
 def test_full_size_state_dict_is_upstreams(head):
     G = GenHead(head_model=head)

@@ -19,8 +19,6 @@ fixed: 128 -> 512) with its two blocks replaced by narrow ones of the same resol
 """
 import copy
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +28,8 @@ import head4d.nn as hnn
 from head4d.nn import stylegan2 as sg2
 
 from conftest import require_backend
+from upstream_state_dict import upstream_sections
 
-DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
 SQRT2 = math.sqrt(2.0)
@@ -248,22 +246,6 @@ def small_sr(seed=0, use_ws_ones=True, sr_antialias=True, channels=6):
 # upstream names, shapes and parameter counts
 # ----------------------------------------------------------------------------------
 
-def upstream_sections():
-    sections, current = {}, None
-    for line in DATA.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        header = re.match(r"== (\w+): (\d+) keys, (\d+) params", line)
-        if header:
-            current = header.group(1)
-            sections[current] = (int(header.group(2)), int(header.group(3)), [])
-            continue
-        name, shape, dtype = re.match(r"(\S+) (\(.*\)) (\w+)$", line).groups()
-        dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        sections[current][2].append((name.split(".", 1)[1], dims, dtype))
-    return sections
-
-
 def genhead_networks():
     backbone = hnn.Generator(512, 325, 512, img_resolution=256, img_channels=192, mapping_kwargs={"num_layers": 2},
                              channel_base=32768, channel_max=512, num_fp16_res=0, conv_clamp=None,
@@ -277,7 +259,7 @@ def genhead_networks():
 
 
 def test_state_dicts_match_upstream():
-    sections = upstream_sections()
+    sections = upstream_sections(strip_prefix=True)
     networks = genhead_networks()
     assert set(sections) == set(networks)
     for key, net in networks.items():

@@ -120,3 +120,12 @@ def init_layer_norm(layer: nn.LayerNorm) -> None:
         nn.init.ones_(layer.weight)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
+
+
+def check_backend_choice(op: str, backend, choices) -> Optional[str]:
+    """``backend``: None, ``"auto"`` or one of ``choices``; a clear error otherwise."""
+    if backend is None or backend == "auto":
+        return backend
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"{op}: backend must be one of {tuple(choices)}, 'auto' or None, got {backend!r}")
+    return backend

@@ -20,19 +20,16 @@ from torch import nn
 
 from .. import ops as _ops
 from .._checks import check_same_device, check_tensor
-from ._common import (ATTENTION_DTYPES, check_grid, check_head_dims, check_positive_int, check_tokens,
-                      grid_to_tokens, init_conv, init_layer_norm, init_linear, nvtx, op_name, tokens_to_grid)
+from ._common import (ATTENTION_DTYPES, check_backend_choice, check_grid, check_head_dims, check_positive_int,
+                      check_tokens, grid_to_tokens, init_conv, init_layer_norm, init_linear, nvtx, op_name,
+                      tokens_to_grid)
 
 __all__ = ["Attention", "CrossAttention", "set_attention_backend"]
 
 
 def _check_backend(op: str, backend) -> Optional[str]:
     from ..ops.attention import IMPLEMENTED
-    if backend is None or backend == "auto":
-        return backend
-    if not isinstance(backend, str) or backend not in IMPLEMENTED:
-        raise ValueError(f"{op}: backend must be one of {IMPLEMENTED}, 'auto' or None, got {backend!r}")
-    return backend
+    return check_backend_choice(op, backend, IMPLEMENTED)
 
 
 class _AttentionBackend:

@@ -58,7 +58,7 @@ from torch import nn
 from .. import ops as _ops
 from .._checks import FLOATING, check_tensor
 from ..reference.bias_act import ACTIVATIONS as _ACTIVATIONS
-from ._common import check_positive_int, nvtx, op_name
+from ._common import check_backend_choice, check_positive_int, nvtx, op_name
 
 __all__ = ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "STYLEGAN2_BACKENDS",
            "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
@@ -83,11 +83,7 @@ _INFERENCE_ONLY = "inference_only"
 # ----------------------------------------------------------------------------------
 
 def _check_backend(op: str, backend) -> Optional[str]:
-    if backend is None or backend == "auto":
-        return backend
-    if not isinstance(backend, str) or backend not in STYLEGAN2_BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {STYLEGAN2_BACKENDS}, 'auto' or None, got {backend!r}")
-    return backend
+    return check_backend_choice(op, backend, STYLEGAN2_BACKENDS)
 
 
 class _OpsBackend:
