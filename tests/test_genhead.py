@@ -31,7 +31,7 @@ from head4d.render import TriplaneRenderer
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
-from upstream_state_dict import upstream_sections
+from genhead_testing import randomize, upstream_sections
 from head4d.models import GraphedRender
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -57,25 +57,6 @@ def camera(n, distance=4.0, yaw=0.0):
     focal = 1 / (math.tan(math.radians(12) / 2) * 1.414)
     intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1.0]]).repeat(n, 1, 1)
     return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
-
-
-def randomize(module, seed):
-    """Biases, noise strengths, affine biases (around 1) and ``w_avg`` random and non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("noise_strength"):
-                p.copy_(0.2 + 0.5 * torch.rand(p.shape, generator=gen))
-            elif name.endswith("affine.bias"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif name == "decoder.out_sigma.weight":
-                p.copy_(torch.randn(p.shape, generator=gen))
-        for name, b in module.named_buffers():
-            if name.endswith("w_avg"):
-                b.copy_(torch.randn(b.shape, generator=gen))
-    return module
 
 
 def small_config(**kwargs):
@@ -527,8 +508,6 @@ def test_bad_arguments(model, inputs, head):
 def test_graphed_render_replays_the_eager_render(model, head):
     """``render_graphed``: a CUDA graph of ``render`` (with the super-resolution and a
     background) replays what an eager call seeded alike renders, for new cameras and codes."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     require_backend("cuda")
     dev = torch.device("cuda")
     G = copy.deepcopy(model).to(dev)

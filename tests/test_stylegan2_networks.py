@@ -28,7 +28,7 @@ import head4d.nn as hnn
 from head4d.nn import stylegan2 as sg2
 
 from conftest import require_backend
-from upstream_state_dict import upstream_sections
+from genhead_testing import randomize, upstream_sections
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -48,24 +48,6 @@ TOL32 = 64 * EPS32
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def randomize(module, seed=0):
-    """Biases, noise strengths and the affine biases (around their init of 1) random and
-    non-zero; the weights keep their random init (drawn under ``torch.manual_seed``)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("noise_strength"):
-                p.copy_(0.2 + 0.5 * torch.rand(p.shape, generator=gen))
-            elif name.endswith("affine.bias"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        for name, b in module.named_buffers():
-            if name.endswith("w_avg"):
-                b.copy_(torch.randn(b.shape, generator=gen))
-    return module
 
 
 # ----------------------------------------------------------------------------------

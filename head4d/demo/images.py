@@ -119,7 +119,7 @@ def write_animation(stem: Path, frames: List[torch.Tensor], fps: float) -> Path:
             for frame in even:
                 writer.append_data(frame.numpy())
         return path
-    except Exception:  # not installed, or no working encoder: try the next writer
+    except (ImportError, OSError, RuntimeError, ValueError):  # not installed, or no working encoder
         pass
     try:
         import torchvision.io
@@ -127,7 +127,7 @@ def write_animation(stem: Path, frames: List[torch.Tensor], fps: float) -> Path:
         path = stem.with_suffix(".mp4")
         torchvision.io.write_video(str(path), torch.stack(even), fps=fps)
         return path
-    except Exception:
+    except (ImportError, OSError, RuntimeError, ValueError):  # likewise: try the GIF writers
         pass
     path = stem.with_suffix(".gif")
     try:

@@ -1,0 +1,57 @@
+"""Helpers of the StyleGAN2-network and GenHead tests: the upstream GenHead parameter list
+(``tests/data/genhead_state_dict.txt``) parsed, for the tests that hold head4d's modules to
+upstream's names, shapes and parameter counts; and the randomization of the parameters a
+fresh module initializes to zero or one, so that the tests see them act.
+
+Not a test file (no ``test_`` prefix).
+"""
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
+
+Entry = Tuple[str, Tuple[int, ...], str]
+
+
+def upstream_sections(strip_prefix: bool = False) -> Dict[str, Tuple[int, int, List[Entry]]]:
+    """``{section: (key count, parameter count, [(name, shape, dtype), ...])}`` in file
+    order, one section per ``== name: K keys, P params`` header (``backbone``,
+    ``background``, ``superresolution``). ``strip_prefix`` drops each name's first
+    component (``backbone.synthesis.b4.const`` -> ``synthesis.b4.const``)."""
+    sections, current = {}, None
+    for line in DATA.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        header = re.match(r"== (\w+): (\d+) keys, (\d+) params", line)
+        if header:
+            current = header.group(1)
+            sections[current] = (int(header.group(2)), int(header.group(3)), [])
+            continue
+        name, shape, dtype = re.match(r"(\S+) (\(.*\)) (\w+)$", line).groups()
+        dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+        sections[current][2].append((name.split(".", 1)[1] if strip_prefix else name, dims, dtype))
+    return sections
+
+
+def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Biases, noise strengths, the affine biases (around their init of 1), the decoder's
+    density weights (zero at init) and ``w_avg`` random and non-zero, in place; the other
+    weights keep their random init (drawn under ``torch.manual_seed``). Returns ``module``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("noise_strength"):
+                p.copy_(0.2 + 0.5 * torch.rand(p.shape, generator=gen))
+            elif name.endswith("affine.bias"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif name == "decoder.out_sigma.weight":
+                p.copy_(torch.randn(p.shape, generator=gen))
+        for name, b in module.named_buffers():
+            if name.endswith("w_avg"):
+                b.copy_(torch.randn(b.shape, generator=gen))
+    return module
