@@ -40,6 +40,21 @@ HEAD4D_HD A log1p_of(A x) {
 #endif
 }
 
+template <typename A>
+HEAD4D_HD A tanh_of(A x) {
+#ifdef __CUDA_ARCH__
+  return tanh(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+// 1 / (1 + exp(-x)), as torch.sigmoid's definition reads.
+template <typename A>
+HEAD4D_HD A sigmoid_of(A x) {
+  return A(1) / (A(1) + exp_of(-x));
+}
+
 // x is neither NaN nor infinite (x - x is NaN for both; no <cmath> call, so the same
 // test on the host and the device).
 template <typename A>

@@ -29,20 +29,6 @@ constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
 // torch.nn.functional.softplus (beta 1) returns z itself above this threshold.
 constexpr double kSoftplusThreshold = 20.0;
 
-template <typename A>
-HEAD4D_HD A tanh_of(A x) {
-#ifdef __CUDA_ARCH__
-  return tanh(x);
-#else
-  return std::tanh(x);
-#endif
-}
-
-template <typename A>
-HEAD4D_HD A sigmoid_of(A z) {
-  return A(1) / (A(1) + exp_of(-z));
-}
-
 // f(z), f'(z) and f''(z) of one activation (alpha: the negative slope of lrelu).
 template <typename A>
 struct Derivatives {

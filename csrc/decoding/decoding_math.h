@@ -59,11 +59,6 @@ HEAD4D_HD A softplus(A z) {
   return z > A(20) ? z : log1p_of(exp_of(z));
 }
 
-template <typename A>
-HEAD4D_HD A sigmoid(A x) {
-  return A(1) / (A(1) + exp_of(-x));
-}
-
 // rgb = sigmoid(x) * (1 + 2 * 0.001) - 0.001 (the constants as Python computes them).
 template <typename A>
 HEAD4D_HD A rgb_scale() {
@@ -72,13 +67,13 @@ HEAD4D_HD A rgb_scale() {
 
 template <typename A>
 HEAD4D_HD A rgb_of_logit(A x) {
-  return sigmoid(x) * rgb_scale<A>() - A(0.001);
+  return sigmoid_of(x) * rgb_scale<A>() - A(0.001);
 }
 
 // d rgb / d x times g, in autograd's order: (g * scale) * (1 - s) * s.
 template <typename A>
 HEAD4D_HD A rgb_logit_grad(A g, A x) {
-  const A s = sigmoid(x);
+  const A s = sigmoid_of(x);
   return (g * rgb_scale<A>()) * (A(1) - s) * s;
 }
 
