@@ -36,7 +36,7 @@ setup_kwargs = dict(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"head4d": ["backend_order.json"]},  # read by head4d/_preferences.py
-    install_requires=["torch>=2.1", "numpy", "safetensors"],
+    install_requires=["torch>=2.1", "numpy", "safetensors", "einops"],
     extras_require={
         "triton": ["triton>=3.0"],
         "profile": ["nvtx"],
