@@ -71,12 +71,10 @@ PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), throug
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,32 +84,26 @@ from .._checks import FLOATING, check_tensor
 from .._nvtx import nvtx_range
 from ..deform import PartwiseDeformation
 from ..head.base import HeadModel
-from ..nn import Generator, SuperresolutionHybrid8XDC, set_stylegan2_backend
-from ..nn.stylegan2 import STYLEGAN2_BACKENDS
+from ..nn import Generator, SuperresolutionHybrid8XDC
 from ..ops import decode_triplanes, generate_rays, sample_triplanes
 from ..render import TriplaneDecoder, TriplaneRenderer, rasterize_masks
+from ._common import CAMERA_SIZE, check_rows, load_model, repeat_rows, save_model, set_model_backend
 
 NAME = "GenHead"
 
 #: Planes per triplane and the two triplanes' slices of the backbone's six planes.
 PART_PLANES = slice(0, 3)
 HEAD_PLANES = slice(3, 6)
-#: Camera label size (cam2world 16 + normalized intrinsics 9) and FLAME shape size.
-CAMERA_SIZE = 25
+#: FLAME shape size (the mapping's condition is the camera label, then the shape).
 SHAPE_SIZE = 300
 #: Above this neural rendering resolution, rays inside the hard mouth mask add the part
 #: and head densities and mix their features by a softmax of the densities (module docstring).
 MOUTH_FUSE_ABOVE = 64
 #: The largest neural rendering resolution implemented (the super-resolution's input size).
 MAX_NEURAL_RESOLUTION = 128
-#: head4d's own format (GenHead.save / GenHead.load): file names, format tag and version,
-#: the prefix of the head model's arrays among the tensors, the head model kinds it rebuilds.
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
+#: head4d's own format (GenHead.save / GenHead.load): format tag and version.
 SAVE_FORMAT = "head4d.GenHead"
 SAVE_VERSION = 1
-HEAD_PREFIX = "head_model."
-HEAD_MODEL_KINDS = ("FLAME", "ProceduralHead")
 #: Near and far planes of the mask rasterizer's projection (world units; the camera
 #: sits about 4 units from the head).
 MASK_NEAR, MASK_FAR = 0.1, 20.0
@@ -309,24 +301,6 @@ def blend_parts(part: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tenso
     return {"sigma": sigma, "rgb": rgb}
 
 
-def _check_batch(op: str, name: str, value: torch.Tensor, size: int, batch: Optional[int] = None) -> torch.Tensor:
-    check_tensor(op, name, value, f"[N, {size}]", 2, FLOATING)
-    if value.shape[1] != size:
-        raise ValueError(f"{op}: {name} must have shape [N, {size}], got {list(value.shape)}")
-    if batch is not None and value.shape[0] != batch:
-        raise ValueError(f"{op}: {name} has {value.shape[0]} rows but {batch} were expected")
-    return value
-
-
-def _repeat_rows(op: str, name: str, value: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
-    """``value`` with ``batch`` rows: as it is, or each of its B rows repeated batch / B times."""
-    if value is None or value.shape[0] == batch:
-        return value
-    if value.shape[0] == 0 or batch % value.shape[0] != 0:
-        raise ValueError(f"{op}: {name} has {value.shape[0]} rows; the cameras ({batch}) must be a multiple of it")
-    return value.repeat_interleave(batch // value.shape[0], dim=0)
-
-
 class GenHead(nn.Module):
     """Portrait4D's GenHead (``PartTriPlaneGeneratorDeform``) on head4d's kernels (see the
     module docstring for the computation).
@@ -410,15 +384,8 @@ class GenHead(nn.Module):
 
     @backend.setter
     def backend(self, value: Optional[str]) -> None:
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"{NAME}: backend must be None or a backend name, got {type(value).__name__}")
-        with _backend.backend_scope(value):  # validates the name
-            pass
-        self._ops_backend = value
+        self._ops_backend = set_model_backend(NAME, self, value)
         self.config.backend = value
-        # the StyleGAN2 layers name their backend themselves; one they do not take (a test
-        # backend) reaches their ops through the scope instead
-        set_stylegan2_backend(self, value if value in STYLEGAN2_BACKENDS else None)
 
     def _scope(self):
         return _backend.backend_scope(self._ops_backend)
@@ -428,33 +395,12 @@ class GenHead(nn.Module):
 
     # ------------------------------------------------------------------ head4d's own format
     def save(self, directory: Union[str, "os.PathLike"]) -> None:
-        """Write the model to ``directory`` (created if needed) in head4d's format.
-
-        ``model.safetensors``: every parameter and buffer of the state dict under its
-        (upstream) name, and the head model's arrays (its buffers, non-persistent in the
-        module) under ``head_model.`` and its vertex masks under ``head_model.masks.``.
-        ``config.json``: ``{"format": "head4d.GenHead", "version": 1, "config": the
-        GenHeadConfig fields, "head_model": {"kind": "FLAME" or "ProceduralHead", "scale",
-        "dtype", "has_lips"}}``. :meth:`load` reads it back bit-exactly.
-        """
-        save_file = _safetensors("save_file")
-        head = self.head_model
-        kind = type(head).__name__
-        if kind not in HEAD_MODEL_KINDS:
-            raise TypeError(f"{NAME}.save: the head model must be one of {sorted(HEAD_MODEL_KINDS)}, got {kind}")
-        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in self.state_dict().items()}
-        for key, value in head.named_buffers(recurse=False):
-            tensors[f"{HEAD_PREFIX}{key}"] = value.detach().cpu().contiguous().clone()
-        for key, value in head.masks.items():
-            tensors[f"{HEAD_PREFIX}masks.{key}"] = torch.from_numpy(np.array(value, dtype=np.int64))
-        description = {"format": SAVE_FORMAT, "version": SAVE_VERSION, "config": dataclasses.asdict(self.config),
-                       "head_model": {"kind": kind, "scale": head.scale, "dtype": str(head.dtype).replace("torch.", ""),
-                                      "has_lips": bool(head.has_lips)}}
-        os.makedirs(directory, exist_ok=True)
-        save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": SAVE_FORMAT})
-        with open(os.path.join(directory, CONFIG_FILE), "w") as fh:
-            json.dump(description, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        """Write the model to ``directory`` (created if needed) in head4d's format:
+        ``model.safetensors`` (the state dict under the upstream names, plus the head
+        model's arrays under ``head_model.``) and ``config.json`` (``{"format":
+        "head4d.GenHead", "version": 1, "config": the GenHeadConfig fields, "head_model":
+        ...}``). :meth:`load` reads it back bit-exactly."""
+        save_model(f"{NAME}.save", self, self.head_model, directory, SAVE_FORMAT, SAVE_VERSION)
 
     @classmethod
     def load(cls, directory: Union[str, "os.PathLike"], device: Union[str, torch.device] = "cpu") -> "GenHead":
@@ -465,48 +411,15 @@ class GenHead(nn.Module):
             ValueError: the files are not head4d's GenHead format, or the weights do not
                 fit the config (missing, unexpected or mis-shaped keys, listed).
         """
-        load_file = _safetensors("load_file")
-        op = f"{NAME}.load"
-        paths = {name: os.path.join(directory, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
-        for path in paths.values():
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{op}: {path!r} does not exist (write the directory with GenHead.save)")
-        with open(paths[CONFIG_FILE]) as fh:
-            description = json.load(fh)
-        if not isinstance(description, dict) or description.get("format") != SAVE_FORMAT:
-            raise ValueError(f"{op}: {paths[CONFIG_FILE]!r} is not a head4d GenHead config (no format "
-                             f"{SAVE_FORMAT!r})")
-        if description.get("version") != SAVE_VERSION:
-            raise ValueError(f"{op}: unsupported format version {description.get('version')!r} "
-                             f"(this head4d reads {SAVE_VERSION})")
-        known = {f.name for f in dataclasses.fields(GenHeadConfig)}
-        unknown = sorted(set(description["config"]) - known)
-        if unknown:
-            raise ValueError(f"{op}: config.json has fields this GenHeadConfig lacks: {unknown}")
-        config = GenHeadConfig(**description["config"])
-        tensors = load_file(paths[WEIGHTS_FILE])
-        head_tensors = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
-        weights = {k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)}
-        head = _head_model_from_saved(op, description["head_model"], head_tensors)
-        model = cls(config, head_model=head)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(weights))
-        unexpected = sorted(set(weights) - set(expected))
-        mismatched = [f"{k}: file {list(weights[k].shape)}, model {list(v.shape)}" for k, v in expected.items()
-                      if k in weights and weights[k].shape != v.shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(f"{op}: the weights do not fit the config: missing {missing}, unexpected {unexpected}, "
-                             f"shape mismatches {mismatched}")
-        model.load_state_dict(weights, strict=True)
-        return model.eval().to(device)
+        return load_model(f"{NAME}.load", cls, GenHeadConfig, directory, SAVE_FORMAT, SAVE_VERSION, device)
 
     # ------------------------------------------------------------------ stages
     def condition(self, camera: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         """The mapping's condition ``[N, 325]``: the camera label ``[N, 25]`` then the shape
         coefficients ``[N, 300]``, times ``c_scale``."""
         op = f"{NAME}.condition"
-        _check_batch(op, "camera", camera, CAMERA_SIZE)
-        _check_batch(op, "shape", shape, SHAPE_SIZE, camera.shape[0])
+        check_rows(op, "camera", camera, CAMERA_SIZE)
+        check_rows(op, "shape", shape, SHAPE_SIZE, camera.shape[0])
         return torch.cat([camera, shape.to(camera.dtype)], dim=1) * self.config.c_scale
 
     def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1,
@@ -648,15 +561,15 @@ class GenHead(nn.Module):
             planes = planes.view(planes.shape[0], 6, c.plane_features, *planes.shape[2:])
         if planes.dim() != 5 or planes.shape[1] != 6 or planes.shape[2] != c.plane_features:
             raise ValueError(f"{op}: planes must have shape [B, 6, {c.plane_features}, H, W], got {list(planes.shape)}")
-        _check_batch(op, "camera", camera, CAMERA_SIZE)
+        check_rows(op, "camera", camera, CAMERA_SIZE)
         n = camera.shape[0]
         codes = FlameCodes.of(codes)
         for name, value in codes.as_dict().items():
             check_tensor(op, f"codes.{name}", value, "[N, *]", 2, FLOATING)
-        codes = FlameCodes(**{k: _repeat_rows(op, f"codes.{k}", v, n) for k, v in codes.as_dict().items()})
-        planes = _repeat_rows(op, "planes", planes, n)
-        ws = _repeat_rows(op, "ws", ws, n)
-        background = _repeat_rows(op, "background", background, n)
+        codes = FlameCodes(**{k: repeat_rows(op, f"codes.{k}", v, n) for k, v in codes.as_dict().items()})
+        planes = repeat_rows(op, "planes", planes, n)
+        ws = repeat_rows(op, "ws", ws, n)
+        background = repeat_rows(op, "background", background, n)
         if self.superresolution is not None and ws is None:
             raise ValueError(f"{op}: ws [N, {self.num_ws}, {c.w_dim}] is needed for the super-resolution")
         head_dtype = self.head_model.dtype
@@ -728,7 +641,7 @@ class GenHead(nn.Module):
         """
         op = NAME
         codes = FlameCodes.of(codes)
-        _check_batch(op, "c", c, CAMERA_SIZE)
+        check_rows(op, "c", c, CAMERA_SIZE)
         with self._scope(), nvtx_range("head4d.genhead"):
             ws = self.mapping(z, self.condition(c, codes.shape), truncation_psi=truncation_psi,
                               truncation_cutoff=truncation_cutoff)
@@ -738,62 +651,6 @@ class GenHead(nn.Module):
                               neural_rendering_resolution=neural_rendering_resolution, generator=generator)
             out["ws"] = ws
             return out
-
-
-def _safetensors(name: str):
-    """``safetensors.torch.<name>``, or an ImportError that says how to install it."""
-    try:
-        import safetensors.torch
-    except ImportError as exc:
-        raise ImportError("GenHead.save / GenHead.load need the safetensors package: pip install safetensors") from exc
-    return getattr(safetensors.torch, name)
-
-
-def _head_model_from_saved(op: str, description: Mapping[str, object], tensors: Dict[str, torch.Tensor]) -> HeadModel:
-    """The head model :meth:`GenHead.save` described: rebuilt from its arrays (FLAME) or its
-    constructor (ProceduralHead), then every saved buffer copied in bit for bit."""
-    from ..head import FLAME, ProceduralHead
-
-    kind = description.get("kind")
-    dtype = getattr(torch, str(description.get("dtype")), None)
-    if kind not in HEAD_MODEL_KINDS or dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: head_model must name a kind in {list(HEAD_MODEL_KINDS)} and a dtype float32 or "
-                         f"float64, got {dict(description)}")
-    masks = {k[len("masks."):]: v.numpy() for k, v in tensors.items() if k.startswith("masks.")}
-    buffers = {k: v for k, v in tensors.items() if not k.startswith("masks.")}
-    if kind == "ProceduralHead":
-        head = ProceduralHead(scale=float(description["scale"]), dtype=dtype)
-    else:
-        needed = ("v_template", "faces", "shapedirs", "exprdirs", "posedirs", "j_regressor", "lbs_weights",
-                  "parents", "left_eye_indices", "right_eye_indices", "lips_indices", "companion_indices",
-                  "companion_weights", "companion_faces", "one_ring")
-        missing = [name for name in needed if name not in buffers]
-        if missing:
-            raise ValueError(f"{op}: the file lacks the head model's arrays {[HEAD_PREFIX + m for m in missing]}")
-        model = {"v_template": buffers["v_template"].numpy(), "f": buffers["faces"].numpy(),
-                 "shapedirs": buffers["shapedirs"].numpy(), "exprdirs": buffers["exprdirs"].numpy(),
-                 "posedirs": buffers["posedirs"].numpy(), "J_regressor": buffers["j_regressor"].numpy(),
-                 "weights": buffers["lbs_weights"].numpy(), "parents": buffers["parents"].tolist()}
-        masks.setdefault("left_eyeball", buffers["left_eye_indices"].numpy())
-        masks.setdefault("right_eyeball", buffers["right_eye_indices"].numpy())
-        if description.get("has_lips"):
-            masks.setdefault("lips", buffers["lips_indices"].numpy())
-        companion = (buffers["companion_indices"].numpy(), buffers["companion_weights"].numpy(),
-                     buffers["companion_faces"].numpy())
-        head = FLAME(model, masks=masks, companion=companion, scale=1.0, recentre=False, dtype=dtype)
-        head.scale = float(description["scale"])
-    head.masks = {k: np.asarray(v, dtype=np.int64) for k, v in masks.items()}
-    own = dict(head.named_buffers(recurse=False))
-    if set(own) != set(buffers):
-        raise ValueError(f"{op}: the head model's saved arrays {sorted(buffers)} differ from a {kind}'s "
-                         f"{sorted(own)}")
-    with torch.no_grad():
-        for name, value in buffers.items():
-            if own[name].shape != value.shape or own[name].dtype != value.dtype:
-                raise ValueError(f"{op}: {HEAD_PREFIX}{name} has shape {list(value.shape)} and dtype {value.dtype}, "
-                                 f"the rebuilt {kind} {list(own[name].shape)} and {own[name].dtype}")
-            own[name].copy_(value)
-    return head
 
 
 class GraphedRender:
