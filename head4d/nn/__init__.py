@@ -54,3 +54,12 @@ from .superresolution import SuperresolutionHybrid8XDC  # noqa: E402
 __all__ += ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "SuperresolutionHybrid8XDC",
             "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
             "set_stylegan2_backend"]
+
+# The reconstructor's transformer with the released names and call signatures, so its
+# encoder_canonical.* and generator_triplane.* state dicts load as they are: the blocks
+# (BlockCross, Block; the Mix-FFN's DWConv), the canonicalization / re-enactment module
+# and the triplane decoder.
+from .blocks import Block, BlockCross, DWConv  # noqa: E402
+from .triplane_transformer import DecoderTriplane, EncoderCanonical  # noqa: E402
+
+__all__ += ["Block", "BlockCross", "DWConv", "DecoderTriplane", "EncoderCanonical"]
