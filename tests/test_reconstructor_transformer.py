@@ -310,7 +310,10 @@ def test_released_initialization():
     enc = hnn.EncoderCanonical(**SMALL_ENCODER)
     proj = enc.trans_blocks_motion[0].attn2.proj
     assert torch.count_nonzero(proj.weight) == proj.weight.numel()
-    assert 0.014 < proj.weight.std().item() < 0.021 and proj.weight.abs().max().item() <= 0.04
+    # N(0, 0.02^2) cut at +-2 in value (the released bounds), so practically untruncated:
+    # std 0.02 within 5 % over 4,096 draws (1.1 % standard error), and values beyond 2 std occur (~4.6 %)
+    assert abs(proj.weight.std().item() / 0.02 - 1) < 0.05
+    assert (proj.weight.abs() > 0.04).float().mean().item() > 0.02
     for name, p in enc.named_parameters():
         if name.endswith("bias"):
             assert torch.count_nonzero(p) == 0, name
