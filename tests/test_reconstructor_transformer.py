@@ -432,6 +432,20 @@ def test_decoder_triplane_matches_reference():
     assert dec(x_global, x_detail).shape == (2, 96, 16, 16)
 
 
+def test_bfloat16_autocast():
+    """Under bfloat16 autocast both modules run and stay within bfloat16 rounding of the
+    float32 result: u = 2^-8 per cast operand, independent over the ~25 chained layers
+    (quadrature: 5 u), bounded at 8 u (measured: about 2.5 u)."""
+    enc, dec = small_encoder(), small_decoder()
+    x, y, y_x = encoder_inputs()
+    full = enc(x, y, y_x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = enc(x, y, y_x)
+        planes = dec(low[1], low[1])
+    assert all(o.dtype == torch.bfloat16 and rel_err(o, f) < 8 * 2.0 ** -8 for o, f in zip(low, full))
+    assert planes.dtype == torch.bfloat16 and rel_err(planes, dec(full[1], full[1])) < 8 * 2.0 ** -8
+
+
 # ----------------------------------------------------------------------------------
 # full size: the upstream names, shapes and counts; loading a released state dict
 # ----------------------------------------------------------------------------------
