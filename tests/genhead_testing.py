@@ -12,17 +12,20 @@ from typing import Dict, List, Tuple
 import torch
 
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
+#: The reconstructor's sub-networks, in the same format.
+RECONSTRUCTOR_DATA = Path(__file__).parent / "data" / "reconstructor_state_dict.txt"
 
 Entry = Tuple[str, Tuple[int, ...], str]
 
 
-def upstream_sections(strip_prefix: bool = False) -> Dict[str, Tuple[int, int, List[Entry]]]:
+def upstream_sections(strip_prefix: bool = False, path: Path = DATA) -> Dict[str, Tuple[int, int, List[Entry]]]:
     """``{section: (key count, parameter count, [(name, shape, dtype), ...])}`` in file
-    order, one section per ``== name: K keys, P params`` header (``backbone``,
-    ``background``, ``superresolution``). ``strip_prefix`` drops each name's first
-    component (``backbone.synthesis.b4.const`` -> ``synthesis.b4.const``)."""
+    order, one section per ``== name: K keys, P params`` header (GenHead's ``backbone``,
+    ``background``, ``superresolution`` in :data:`DATA`; the reconstructor's sub-networks
+    in :data:`RECONSTRUCTOR_DATA`). ``strip_prefix`` drops each name's first component
+    (``backbone.synthesis.b4.const`` -> ``synthesis.b4.const``)."""
     sections, current = {}, None
-    for line in DATA.read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         if not line.strip() or line.startswith("#"):
             continue
         header = re.match(r"== (\w+): (\d+) keys, (\d+) params", line)

@@ -113,7 +113,8 @@ def r_gelu(x):
 
 def r_mixffn(mod, x, h, w):
     y = r_linear(x, mod.fc1)
-    y = F.conv2d(r_to_nchw(y, h, w), P(mod.dwconv.weight), P(mod.dwconv.bias), padding=1, groups=mod.hidden)
+    conv = mod.dwconv.dwconv  # the released name: mlp.dwconv.dwconv
+    y = F.conv2d(r_to_nchw(y, h, w), P(conv.weight), P(conv.bias), padding=1, groups=mod.hidden)
     y = y.flatten(2).transpose(1, 2)
     return r_linear(r_gelu(y), mod.fc2)
 
@@ -205,7 +206,7 @@ def test_mixffn_matches_reference():
     torch.manual_seed(0)
     mod = hnn.MixFFN(DIM, 2 * DIM)
     with torch.no_grad():
-        mod.dwconv.bias.normal_()
+        mod.dwconv.dwconv.bias.normal_()
         mod.fc1.bias.normal_()
     x, _ = inputs(h=5, w=7)
     out = mod(x, 5, 7)
@@ -592,9 +593,8 @@ def test_bad_inputs():
 def _to_upstream(state, cross):
     """head4d names -> the released names (the inverse of head4d.nn.upstream's table)."""
     rules = ([("norm_cross.", "norm2."), ("cross_attn.", "attn2."), ("norm_attn.", "norm1."), ("attn.", "attn1."),
-              ("norm_mlp.", "norm3."), ("mlp.dwconv.", "mlp.dwconv.dwconv."), ("mlp.", "mlp.")] if cross else
-             [("norm_attn.", "norm1."), ("attn.", "attn."), ("norm_mlp.", "norm2."),
-              ("mlp.dwconv.", "mlp.dwconv.dwconv."), ("mlp.", "mlp.")])
+              ("norm_mlp.", "norm3."), ("mlp.", "mlp.")] if cross else
+             [("norm_attn.", "norm1."), ("attn.", "attn."), ("norm_mlp.", "norm2."), ("mlp.", "mlp.")])
     out = {}
     for k, v in state.items():
         for new, old in rules:
@@ -612,6 +612,7 @@ def test_upstream_block_names(cross):
                                          sr_ratio=1 if cross else 2))
     prefix = "trans_blocks_motion.1." if cross else "trans_blocks.0."
     upstream = {prefix + k: v for k, v in _to_upstream(src.state_dict(), cross).items()}
+    assert prefix + "mlp.dwconv.dwconv.weight" in upstream  # the Mix-FFN keeps the released names
     upstream["unrelated.weight"] = torch.zeros(1)
     dst = hnn.TransformerBlock(DIM, HEADS, context_dim=CTX if cross else None, sr_ratio=1 if cross else 2)
     dst.load_state_dict(hnn.upstream.map_upstream_block(upstream, prefix))

@@ -11,6 +11,17 @@
 - :class:`TransformerBlock`: ``x += scale * cross(LN(x), motion); x += attn(LN(x)); x += mlp(LN(x))``.
 - :mod:`head4d.nn.upstream`: renames the released reconstructor's parameters to these modules'.
 
+The same transformer with the released module names and call signatures, so the released
+``encoder_canonical.*`` / ``generator_triplane.*`` state dicts load as they are:
+
+- :class:`BlockCross` (``blk(x, y, H, W, scale=1.)``: ``norm2``/``attn2`` cross-attention,
+  ``norm1``/``attn1`` self-attention, ``norm3``/``mlp``) and :class:`Block` (``blk(x, H, W)``:
+  ``norm1``/``attn``, ``norm2``/``mlp``), sharing the motion-scale handling with
+  :class:`TransformerBlock`; the Mix-FFN's depthwise conv is :class:`DWConv` (``dwconv.dwconv``).
+- :class:`EncoderCanonical` (``forward(x, y, y_x, scale) -> [lr, sr]``, split as
+  ``canonicalize(x, y_x)`` and ``reenact(tokens, H, W, y)``) and :class:`DecoderTriplane`
+  (``forward(x_global, x_detail)``), in :mod:`head4d.nn.triplane_transformer`.
+
 StyleGAN2's generator networks as GenHead uses them (:mod:`head4d.nn.stylegan2`,
 :mod:`head4d.nn.superresolution`), with the upstream names, so Portrait4D's state dicts
 load as they are: :class:`Generator` (``mapping`` + ``synthesis``),
@@ -54,3 +65,12 @@ from .superresolution import SuperresolutionHybrid8XDC  # noqa: E402
 __all__ += ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "SuperresolutionHybrid8XDC",
             "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
             "set_stylegan2_backend"]
+
+# The reconstructor's transformer with the released names and call signatures, so its
+# encoder_canonical.* and generator_triplane.* state dicts load as they are: the blocks
+# (BlockCross, Block; the Mix-FFN's DWConv), the canonicalization / re-enactment module
+# and the triplane decoder.
+from .blocks import Block, BlockCross, DWConv  # noqa: E402
+from .triplane_transformer import DecoderTriplane, EncoderCanonical  # noqa: E402
+
+__all__ += ["Block", "BlockCross", "DWConv", "DecoderTriplane", "EncoderCanonical"]

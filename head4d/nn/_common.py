@@ -12,6 +12,7 @@ import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .. import _nvtx
@@ -90,19 +91,26 @@ def check_tokens(op: str, name: str, x, dim: int, h: Optional[int] = None, w: Op
 
 def tokens_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """``[B, h*w, C]`` -> ``[B, C, h, w]`` as a channels-last view (no copy when ``x`` is contiguous)."""
-    b, _, c = x.shape
-    return x.reshape(b, h, w, c).permute(0, 3, 1, 2)
+    return rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
 
 
 def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B, h*w, C]`` (no copy for a channels-last map)."""
-    b, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    return rearrange(x, "b c h w -> b (h w) c")
+
+
+def tokens_to_shuffled_grid(x: torch.Tensor, h: int, w: int, factor: int = 2) -> torch.Tensor:
+    """Tokens to a pixel-shuffled map: ``[B, h*w, C * f^2]`` -> ``[B, C, f*h, f*w]``, what
+    ``nn.PixelShuffle(f)`` gives for the ``[B, C * f^2, h, w]`` grid of the tokens: channel
+    ``c * f^2 + i * f + j`` of token ``(y, x)`` lands at pixel ``(f*y + i, f*x + j)`` of channel ``c``."""
+    return rearrange(x, "b (h w) (c i j) -> b c (h i) (w j)", h=h, w=w, i=factor, j=factor)
 
 
 def init_linear(layer: nn.Linear, std: float = 0.02) -> None:
-    """Truncated normal weights (std ``std``, cut at 2 std), zero bias."""
-    nn.init.trunc_normal_(layer.weight, std=std, a=-2.0 * std, b=2.0 * std)
+    """Truncated normal weights, zero bias: ``N(0, std^2)`` redrawn outside the absolute
+    bounds [-2, 2], the released code's initializer (bounds in value, not in std, so at
+    std 0.02 the weights are practically untruncated normal)."""
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2.0, b=2.0)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)
 

@@ -1,9 +1,13 @@
 """Renaming the released Portrait4D reconstructor's parameters to :mod:`head4d.nn`'s.
 
-The released Portrait4D code names the parts of
-its transformer as follows; :class:`~head4d.nn.PatchEmbed` and the attentions keep the
-upstream names (``proj``, ``norm``; ``q``, ``kv``, ``proj``, ``sr``, ``norm``), the rest
-is renamed:
+:class:`~head4d.nn.BlockCross`, :class:`~head4d.nn.Block`,
+:class:`~head4d.nn.EncoderCanonical` and :class:`~head4d.nn.DecoderTriplane` carry the
+released names and load a released state dict as it is; this module serves
+:class:`~head4d.nn.TransformerBlock` and :class:`~head4d.nn.MotionTokens`, head4d's own
+spellings. The released Portrait4D code names the parts of its transformer as follows;
+:class:`~head4d.nn.PatchEmbed`, the attentions and the Mix-FFN keep the upstream names
+(``proj``, ``norm``; ``q``, ``kv``, ``proj``, ``sr``, ``norm``; ``fc1``,
+``dwconv.dwconv``, ``fc2``), the rest is renamed:
 
 =====================================  ==============================  =========================
 upstream (in a block)                  head4d (in a TransformerBlock)  meaning
@@ -12,7 +16,6 @@ upstream (in a block)                  head4d (in a TransformerBlock)  meaning
 ``norm1``, ``attn1`` (``BlockCross``)  ``norm_attn``, ``attn``         self-attention
 ``norm1``, ``attn`` (``Block``)        ``norm_attn``, ``attn``         self-attention
 ``norm3`` / ``norm2`` (``Block``)      ``norm_mlp``                    Mix-FFN norm
-``mlp.dwconv.dwconv``                  ``mlp.dwconv``                  depthwise conv
 =====================================  ==============================  =========================
 
 Motion MLPs: ``maps_neutral.{0,2}`` + ``proj_y_neutral`` (the source's, for
@@ -30,10 +33,8 @@ import torch
 __all__ = ["map_upstream_block", "map_upstream_motion_mlp", "map_upstream_prefix"]
 
 _CROSS_BLOCK = (("norm2.", "norm_cross."), ("attn2.", "cross_attn."), ("norm1.", "norm_attn."),
-                ("attn1.", "attn."), ("norm3.", "norm_mlp."), ("mlp.dwconv.dwconv.", "mlp.dwconv."),
-                ("mlp.", "mlp."))
-_SELF_BLOCK = (("norm1.", "norm_attn."), ("attn.", "attn."), ("norm2.", "norm_mlp."),
-               ("mlp.dwconv.dwconv.", "mlp.dwconv."), ("mlp.", "mlp."))
+                ("attn1.", "attn."), ("norm3.", "norm_mlp."), ("mlp.", "mlp."))
+_SELF_BLOCK = (("norm1.", "norm_attn."), ("attn.", "attn."), ("norm2.", "norm_mlp."), ("mlp.", "mlp."))
 
 
 def map_upstream_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
