@@ -54,3 +54,9 @@ from .superresolution import SuperresolutionHybrid8XDC  # noqa: E402
 __all__ += ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "SuperresolutionHybrid8XDC",
             "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
             "set_stylegan2_backend"]
+
+# The reconstructor's convolutional encoders (global: dilated ResNet-34 + DeepLabV3 head;
+# detail; background U-Net), with the upstream module and parameter names.
+from .encoders import EncoderBG, EncoderDetail, EncoderGlobal, add_coordinates  # noqa: E402
+
+__all__ += ["EncoderBG", "EncoderDetail", "EncoderGlobal", "add_coordinates"]
