@@ -334,7 +334,7 @@ def test_bad_images(cls, multiple):
         net(torch.zeros(1, 3, 16 + max(1, multiple // 2), 16))
     with pytest.raises(ValueError, match=prefix + f" height and width must be positive multiples of {multiple}"):
         net(torch.zeros(1, 3, 16, 16 + max(1, multiple // 2)))
-    with pytest.raises(ValueError, match="batch non-empty"):
+    with pytest.raises(ValueError, match=prefix + " must hold at least one sample"):
         net(torch.zeros(0, 3, 16, 16))
 
 

@@ -90,9 +90,11 @@ def _check_image(module: nn.Module, image, channels: int, multiple: int) -> None
         raise ValueError(f"{op}: image must have {channels} channels (RGB; the network appends the 2 "
                          f"coordinate channels itself) in dimension 1, got shape {list(image.shape)}")
     b, _, h, w = image.shape
-    if b == 0 or h == 0 or w == 0 or h % multiple or w % multiple:
+    if b == 0:
+        raise ValueError(f"{op}: image must hold at least one sample, got shape {list(image.shape)}")
+    if h == 0 or w == 0 or h % multiple or w % multiple:
         raise ValueError(f"{op}: image height and width must be positive multiples of {multiple} "
-                         f"(the network's total stride), and the batch non-empty; got shape {list(image.shape)}")
+                         f"(what the network's strides need), got shape {list(image.shape)}")
 
 
 def _image_channels(op: str, in_channels: int) -> int:
@@ -269,7 +271,7 @@ class EncoderGlobal(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Args:
             image: ``[B, 3, H, W]`` RGB, floating (the parameters' dtype, or any under
-                autocast), H and W multiples of 8 (Portrait4D: 512 x 512 in [-1, 1]).
+                autocast), H and W multiples of 8 (Portrait4D: 512 x 512).
 
         Returns:
             ``[B, decoder_channels, H / 8, W / 8]`` features, non-negative (a ReLU ends the
