@@ -1,5 +1,6 @@
-"""Helpers of the StyleGAN2-network and GenHead tests: the upstream GenHead parameter list
-(``tests/data/genhead_state_dict.txt``) parsed, for the tests that hold head4d's modules to
+"""Helpers of the StyleGAN2-network, GenHead and reconstructor tests: the upstream parameter
+lists (GenHead's ``tests/data/genhead_state_dict.txt``, the reconstructor's
+``tests/data/reconstructor_state_dict.txt``) parsed, for the tests that hold head4d's modules to
 upstream's names, shapes and parameter counts; and the randomization of the parameters a
 fresh module initializes to zero or one, so that the tests see them act.
 
@@ -7,22 +8,23 @@ Not a test file (no ``test_`` prefix).
 """
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
-#: The reconstructor's sub-networks, in the same format.
+#: The reconstructor's sub-networks (``encoder_global``, ``encoder_detail``, ``background``, ...),
+#: entries ``name (shape)`` without a dtype.
 RECONSTRUCTOR_DATA = Path(__file__).parent / "data" / "reconstructor_state_dict.txt"
 
-Entry = Tuple[str, Tuple[int, ...], str]
+Entry = Tuple[str, Tuple[int, ...], Optional[str]]
 
 
 def upstream_sections(strip_prefix: bool = False, path: Path = DATA) -> Dict[str, Tuple[int, int, List[Entry]]]:
     """``{section: (key count, parameter count, [(name, shape, dtype), ...])}`` in file
-    order, one section per ``== name: K keys, P params`` header (GenHead's ``backbone``,
-    ``background``, ``superresolution`` in :data:`DATA`; the reconstructor's sub-networks
-    in :data:`RECONSTRUCTOR_DATA`). ``strip_prefix`` drops each name's first component
+    order, one section per ``== name: K keys, P params`` header of ``path`` (by default
+    GenHead's list: ``backbone``, ``background``, ``superresolution``; dtype None where an
+    entry names none). ``strip_prefix`` drops each name's first component
     (``backbone.synthesis.b4.const`` -> ``synthesis.b4.const``)."""
     sections, current = {}, None
     for line in Path(path).read_text().splitlines():
@@ -33,7 +35,7 @@ def upstream_sections(strip_prefix: bool = False, path: Path = DATA) -> Dict[str
             current = header.group(1)
             sections[current] = (int(header.group(2)), int(header.group(3)), [])
             continue
-        name, shape, dtype = re.match(r"(\S+) (\(.*\)) (\w+)$", line).groups()
+        name, shape, dtype = re.match(r"(\S+) (\(.*\))(?: (\w+))?$", line).groups()
         dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
         sections[current][2].append((name.split(".", 1)[1] if strip_prefix else name, dims, dtype))
     return sections

@@ -74,3 +74,9 @@ from .blocks import Block, BlockCross, DWConv  # noqa: E402
 from .triplane_transformer import DecoderTriplane, EncoderCanonical  # noqa: E402
 
 __all__ += ["Block", "BlockCross", "DWConv", "DecoderTriplane", "EncoderCanonical"]
+
+# The reconstructor's convolutional encoders (global: dilated ResNet-34 + DeepLabV3 head;
+# detail; background U-Net), with the upstream module and parameter names.
+from .encoders import EncoderBG, EncoderDetail, EncoderGlobal, add_coordinates  # noqa: E402
+
+__all__ += ["EncoderBG", "EncoderDetail", "EncoderGlobal", "add_coordinates"]
