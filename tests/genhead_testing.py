@@ -2,10 +2,12 @@
 lists (GenHead's ``tests/data/genhead_state_dict.txt``, the reconstructor's
 ``tests/data/reconstructor_state_dict.txt``) parsed, for the tests that hold head4d's modules to
 upstream's names, shapes and parameter counts; and the randomization of the parameters a
-fresh module initializes to zero or one, so that the tests see them act.
+fresh module initializes to zero or one, so that the tests see them act; Portrait4D-style
+cameras; the super-resolution narrowed for quick runs.
 
 Not a test file (no ``test_`` prefix).
 """
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -60,3 +62,28 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             if name.endswith("w_avg"):
                 b.copy_(torch.randn(b.shape, generator=gen))
     return module
+
+
+def camera(n, distance=4.0, yaw=0.0):
+    """Portrait4D cameras ``[n, 25]``: looking at the origin from ``distance`` along +z
+    (rotated by ``yaw`` about +y), FOV 12 degrees, principal point at the centre."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+    cam2world = torch.eye(4).repeat(n, 1, 1)
+    cam2world[:, :3, :3] = rot
+    cam2world[:, :3, 3] = rot @ torch.tensor([0.0, 0.0, distance])
+    focal = 1 / (math.tan(math.radians(12) / 2) * 1.414)
+    intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1.0]]).repeat(n, 1, 1)
+    return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
+
+
+def narrow_superresolution(model: torch.nn.Module) -> None:
+    """A model's super-resolution blocks replaced, in place, by narrow ones (8 and 4
+    channels) at the upstream resolutions, so that tests run it quickly."""
+    import head4d.nn as hnn
+
+    sr = model.superresolution
+    sr.block0 = hnn.SynthesisBlock(sr.channels, 8, w_dim=512, resolution=256, img_channels=3, is_last=False,
+                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
+    sr.block1 = hnn.SynthesisBlock(8, 4, w_dim=512, resolution=512, img_channels=3, is_last=True,
+                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")

@@ -23,15 +23,15 @@ import math
 import pytest
 import torch
 
-import head4d.nn as hnn
 from head4d.head import ProceduralHead
 from head4d.models import FlameCodes, GenHead, GenHeadConfig, clip_vertices
 from head4d.ops import generate_rays, sample_triplanes
 from head4d.render import TriplaneRenderer
+from head4d.models import _common as models_common
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
-from genhead_testing import randomize, upstream_sections
+from genhead_testing import camera, narrow_superresolution, randomize, upstream_sections
 from head4d.models import GraphedRender
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -46,19 +46,6 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def camera(n, distance=4.0, yaw=0.0):
-    """Portrait4D cameras ``[n, 25]``: looking at the origin from ``distance`` along +z
-    (rotated by ``yaw`` about +y), FOV 12 degrees, principal point at the centre."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-    cam2world = torch.eye(4).repeat(n, 1, 1)
-    cam2world[:, :3, :3] = rot
-    cam2world[:, :3, 3] = rot @ torch.tensor([0.0, 0.0, distance])
-    focal = 1 / (math.tan(math.radians(12) / 2) * 1.414)
-    intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1.0]]).repeat(n, 1, 1)
-    return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
-
-
 def small_config(**kwargs):
     args = dict(channel_base=256, channel_max=16, triplane_resolution=32, background_resolution=16,
                 background_channel_base=128, background_channel_max=16, background_mapping_layers=2,
@@ -66,15 +53,6 @@ def small_config(**kwargs):
                 fine_resolution=12, coarse_resolution=4, mask_resolution=48)
     args.update(kwargs)
     return GenHeadConfig(**args)
-
-
-def narrow_superresolution(G):
-    """The super-resolution's blocks replaced by narrow ones at the upstream resolutions."""
-    sr = G.superresolution
-    sr.block0 = hnn.SynthesisBlock(sr.channels, 8, w_dim=512, resolution=256, img_channels=3, is_last=False,
-                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
-    sr.block1 = hnn.SynthesisBlock(8, 4, w_dim=512, resolution=512, img_channels=3, is_last=True,
-                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +214,8 @@ def test_fused_decode_matches_unfused(model, head, monkeypatch):
     """Each triplane decoded by the fused decode_triplanes or by sample_triplanes + decoder:
     the same render and gradients, to float32 rounding."""
     calls = []
-    real = genhead_module.decode_triplanes
-    monkeypatch.setattr(genhead_module, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = models_common.decode_triplanes
+    monkeypatch.setattr(models_common, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
     G = copy.deepcopy(model)
     G.superresolution = None
     codes = posed_codes(head, 1)

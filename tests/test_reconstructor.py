@@ -15,16 +15,14 @@ modules (its sub-networks are tested against plain compositions in
   safetensors round trip; argument errors.
 """
 import copy
-import math
 
 import pytest
 import torch
 
-import head4d.nn as hnn
 from head4d.head import ProceduralHead
 from head4d.models import GenHead, GenHeadConfig, Reconstructor, ReconstructorConfig
 
-from genhead_testing import RECONSTRUCTOR_DATA, randomize, upstream_sections
+from genhead_testing import RECONSTRUCTOR_DATA, camera, narrow_superresolution, randomize, upstream_sections
 
 EPS32 = torch.finfo(torch.float32).eps
 SOURCE = 64  # source image side of the small model
@@ -36,32 +34,11 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def camera(n, distance=4.0, yaw=0.0):
-    """Portrait4D cameras ``[n, 25]`` looking at the origin from ``distance`` along +z
-    (rotated by ``yaw`` about +y), FOV 12 degrees, centred principal point."""
-    c, s = math.cos(yaw), math.sin(yaw)
-    rot = torch.tensor([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-    cam2world = torch.eye(4).repeat(n, 1, 1)
-    cam2world[:, :3, :3] = rot
-    cam2world[:, :3, 3] = rot @ torch.tensor([0.0, 0.0, distance])
-    focal = 1 / (math.tan(math.radians(12) / 2) * 1.414)
-    intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1.0]]).repeat(n, 1, 1)
-    return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
-
-
 def small_config(**kwargs):
     args = dict(source_resolution=SOURCE, depth_resolution=6, depth_resolution_importance=6,
                 neural_rendering_resolution=RES, fine_resolution=8, coarse_resolution=4)
     args.update(kwargs)
     return ReconstructorConfig(**args)
-
-
-def narrow_superresolution(R):
-    sr = R.superresolution
-    sr.block0 = hnn.SynthesisBlock(sr.channels, 8, w_dim=512, resolution=256, img_channels=3, is_last=False,
-                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
-    sr.block1 = hnn.SynthesisBlock(8, 4, w_dim=512, resolution=512, img_channels=3, is_last=True,
-                                   use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
 
 
 @pytest.fixture(scope="module")

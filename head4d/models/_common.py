@@ -250,3 +250,57 @@ def set_model_backend(op: str, model: nn.Module, value: Optional[str]) -> Option
         pass
     set_stylegan2_backend(model, value if value in STYLEGAN2_BACKENDS else None)
     return value
+
+
+# ---------------------------------------------------------------------- the models' base
+class TriplaneHeadModel(nn.Module):
+    """What :class:`~head4d.models.GenHead` and :class:`~head4d.models.Reconstructor`
+    share: the head model (held by the ``deformation`` module), the ops' ``backend``
+    (:func:`set_model_backend`, applied through ``backend_scope`` by ``_scope()``), and
+    head4d's own format (:meth:`save` / :meth:`load`). A subclass sets ``NAME``,
+    ``SAVE_FORMAT``, ``SAVE_VERSION``, ``CONFIG_CLASS``, a ``config`` dataclass with a
+    ``backend`` field, and a ``deformation`` module with a ``head_model``."""
+
+    NAME = "model"
+    SAVE_FORMAT = ""
+    SAVE_VERSION = 1
+    CONFIG_CLASS: type = object
+
+    @property
+    def head_model(self) -> HeadModel:
+        return self.deformation.head_model
+
+    @property
+    def backend(self) -> Optional[str]:
+        """The ops' backend inside the model (None: each op's default)."""
+        return self._ops_backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        self._ops_backend = set_model_backend(self.NAME, self, value)
+        self.config.backend = value
+
+    def _scope(self):
+        from .. import _backend
+        return _backend.backend_scope(self._ops_backend)
+
+    def save(self, directory: Union[str, "os.PathLike"]) -> None:
+        """Write the model to ``directory`` (created if needed) in head4d's format:
+        ``model.safetensors`` (the state dict under the upstream names, plus the head
+        model's arrays under ``head_model.``) and ``config.json`` (``{"format": the
+        model's tag, e.g. "head4d.GenHead", "version": 1, "config": the config's fields,
+        "head_model": ...}``). :meth:`load` reads it back bit-exactly."""
+        save_model(f"{self.NAME}.save", self, self.head_model, directory, self.SAVE_FORMAT, self.SAVE_VERSION)
+
+    @classmethod
+    def load(cls, directory: Union[str, "os.PathLike"], device: Union[str, torch.device] = "cpu"):
+        """The model from a directory written by :meth:`save`, in eval mode on ``device``.
+
+        Raises:
+            FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+            ValueError: the files are not this model's format (another model's directory
+                is refused by its format tag), or the weights do not fit the config
+                (missing, unexpected or mis-shaped keys, listed).
+        """
+        return load_model(f"{cls.NAME}.load", cls, cls.CONFIG_CLASS, directory, cls.SAVE_FORMAT, cls.SAVE_VERSION,
+                          device)

@@ -71,23 +71,20 @@ PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), throug
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .. import _backend
 from .._checks import FLOATING, check_tensor
 from .._nvtx import nvtx_range
 from ..deform import PartwiseDeformation
 from ..head.base import HeadModel
 from ..nn import Generator, SuperresolutionHybrid8XDC
-from ..ops import decode_triplanes, generate_rays, sample_triplanes
 from ..render import TriplaneDecoder, TriplaneRenderer, rasterize_masks
-from ._common import CAMERA_SIZE, check_rows, load_model, repeat_rows, save_model, set_model_backend
+from ._common import (CAMERA_SIZE, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
+                      triplane_point_decoder)
 
 NAME = "GenHead"
 
@@ -301,7 +298,7 @@ def blend_parts(part: Mapping[str, torch.Tensor], head: Mapping[str, torch.Tenso
     return {"sigma": sigma, "rgb": rgb}
 
 
-class GenHead(nn.Module):
+class GenHead(TriplaneHeadModel):
     """Portrait4D's GenHead (``PartTriPlaneGeneratorDeform``) on head4d's kernels (see the
     module docstring for the computation).
 
@@ -323,6 +320,11 @@ class GenHead(nn.Module):
             mouth is a pocket of the head mesh, and the lips mark the region); a head
             without lips renders without the mouth part (mouth mask 0).
     """
+
+    NAME = NAME
+    SAVE_FORMAT = SAVE_FORMAT
+    SAVE_VERSION = SAVE_VERSION
+    CONFIG_CLASS = GenHeadConfig
 
     def __init__(self, config: Optional[GenHeadConfig] = None, head_model: Optional[HeadModel] = None):
         super().__init__()
@@ -370,48 +372,11 @@ class GenHead(nn.Module):
 
     # ------------------------------------------------------------------ settings
     @property
-    def head_model(self) -> HeadModel:
-        return self.deformation.head_model
-
-    @property
     def num_ws(self) -> int:
         return self.backbone.num_ws
 
-    @property
-    def backend(self) -> Optional[str]:
-        """The ops' backend inside the model (None: each op's default)."""
-        return self._ops_backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self._ops_backend = set_model_backend(NAME, self, value)
-        self.config.backend = value
-
-    def _scope(self):
-        return _backend.backend_scope(self._ops_backend)
-
     def extra_repr(self) -> str:
         return f"backend={self._ops_backend!r}, num_ws={self.num_ws}"
-
-    # ------------------------------------------------------------------ head4d's own format
-    def save(self, directory: Union[str, "os.PathLike"]) -> None:
-        """Write the model to ``directory`` (created if needed) in head4d's format:
-        ``model.safetensors`` (the state dict under the upstream names, plus the head
-        model's arrays under ``head_model.``) and ``config.json`` (``{"format":
-        "head4d.GenHead", "version": 1, "config": the GenHeadConfig fields, "head_model":
-        ...}``). :meth:`load` reads it back bit-exactly."""
-        save_model(f"{NAME}.save", self, self.head_model, directory, SAVE_FORMAT, SAVE_VERSION)
-
-    @classmethod
-    def load(cls, directory: Union[str, "os.PathLike"], device: Union[str, torch.device] = "cpu") -> "GenHead":
-        """A GenHead from a directory written by :meth:`save`, in eval mode on ``device``.
-
-        Raises:
-            FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
-            ValueError: the files are not head4d's GenHead format, or the weights do not
-                fit the config (missing, unexpected or mis-shaped keys, listed).
-        """
-        return load_model(f"{NAME}.load", cls, GenHeadConfig, directory, SAVE_FORMAT, SAVE_VERSION, device)
 
     # ------------------------------------------------------------------ stages
     def condition(self, camera: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
@@ -480,19 +445,8 @@ class GenHead(nn.Module):
                      fuse_mouth: bool = False):
         """The renderer's point field: warp, read both triplanes, decode, blend (module docstring);
         ``fuse_mouth``: the rule above 64 inside the hard mouth mask (:func:`blend_parts`)."""
-        box_warp = self.config.box_warp
-        backend = self._ops_backend
-        fused_weights = None
-        if self.renderer.uses_fused(self.decoder, head_planes.device, self.config.fused):
-            fused_weights = self.decoder.effective_weights()
-
-        def decode(planes: torch.Tensor, points: torch.Tensor) -> Dict[str, torch.Tensor]:
-            if fused_weights is not None:
-                rgb, sigma = decode_triplanes(planes, points, *fused_weights, box_warp=box_warp,
-                                              plane_layout="portrait4d", backend=backend)
-                return {"rgb": rgb, "sigma": sigma}
-            return self.decoder(sample_triplanes(planes, points, box_warp=box_warp, plane_layout="portrait4d",
-                                                 backend=backend))
+        decode = triplane_point_decoder(self.decoder, self.renderer, head_planes.device, self.config.fused,
+                                        self.config.box_warp, self._ops_backend)
 
         def field(points: torch.Tensor, directions: torch.Tensor) -> Dict[str, torch.Tensor]:
             n, m, _ = points.shape
@@ -581,10 +535,8 @@ class GenHead(nn.Module):
             masks = self.masks(codes, camera, r)
             eye_rays = masks["eye_mask"].reshape(n, r * r)
             mouth_rays = masks["mouth_mask"].reshape(n, r * r)
-            cam2world = camera[:, :16].reshape(n, 4, 4).to(torch.float32)
-            intrinsics = camera[:, 16:25].reshape(n, 3, 3).to(torch.float32)
             with nvtx_range("head4d.genhead.rays"):
-                origins, directions = generate_rays(cam2world, intrinsics, r, convention="opengl")
+                cam2world, origins, directions = camera_rays(camera, r)
             bg = None
             if background is not None:
                 bg = F.interpolate(background.to(torch.float32), size=(r, r), mode="bilinear", align_corners=False,
@@ -595,10 +547,9 @@ class GenHead(nn.Module):
             with nvtx_range("head4d.genhead.raymarch"):
                 features, depth, opacity = self.renderer(field, None, origins, directions, c.rendering_options(),
                                                          background=bg, generator=generator, cam2world=cam2world)
-            to_image = lambda t: t.permute(0, 2, 1).reshape(n, t.shape[-1], r, r)  # noqa: E731
-            feature_image = to_image(features)
-            out = {"image_raw": feature_image[:, :3], "image_depth": to_image(depth),
-                   "image_feature": feature_image, "opacity": to_image(opacity),
+            feature_image = rays_to_image(features, r)
+            out = {"image_raw": feature_image[:, :3], "image_depth": rays_to_image(depth, r),
+                   "image_feature": feature_image, "opacity": rays_to_image(opacity, r),
                    "eye_mask": masks["eye_mask"], "mouth_mask": masks["mouth_mask"]}
             if self.superresolution is not None:
                 with nvtx_range("head4d.genhead.superresolution"):

@@ -56,15 +56,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .._backend import backend_scope
 from .._checks import FLOATING, check_tensor
 from .._nvtx import nvtx_range
 from ..deform import PartwiseDeformation
@@ -72,8 +69,8 @@ from ..head.base import HeadModel
 from ..nn import (DecoderTriplane, EncoderBG, EncoderCanonical, EncoderDetail, EncoderGlobal,
                   SuperresolutionHybrid8XDC)
 from ..render import TriplaneDecoder, TriplaneRenderer
-from ._common import (CAMERA_SIZE, camera_rays, check_rows, load_model, rays_to_image, repeat_rows, save_model,
-                      set_model_backend, triplane_point_decoder)
+from ._common import (CAMERA_SIZE, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
+                      triplane_point_decoder)
 from .genhead import MAX_NEURAL_RESOLUTION, FlameCodes
 
 NAME = "Reconstructor"
@@ -199,7 +196,7 @@ def _motion_scale(op: str, scale, batch: int, device: torch.device) -> torch.Ten
     return torch.full((batch,), float(scale), dtype=torch.float32, device=device)
 
 
-class Reconstructor(nn.Module):
+class Reconstructor(TriplaneHeadModel):
     """Portrait4D's reconstructor (``TriPlaneReconstructorNeutralize``) on head4d's kernels
     (see the module docstring for the computation).
 
@@ -211,13 +208,19 @@ class Reconstructor(nn.Module):
     (:class:`~head4d.nn.SuperresolutionHybrid8XDC`, None without), ``decoder``
     (:class:`~head4d.render.TriplaneDecoder`, variant ``"portrait4d"``), the buffer
     ``w_avg`` ``[512]`` (the super-resolution's w); head4d's own: ``deformation`` (the neck
-    warp, holding the head model; no state-dict entry) and ``renderer``.
+    warp, holding the head model; no state-dict entry) and ``renderer``. ``save`` /
+    ``load``: head4d's safetensors format (format tag ``"head4d.Reconstructor"``).
 
     Args:
         config: :class:`ReconstructorConfig` (None: the released v1 defaults).
         head_model: the :class:`~head4d.head.HeadModel` whose neck pose warps the sample
             points when codes are given (None: ``ProceduralHead()``).
     """
+
+    NAME = NAME
+    SAVE_FORMAT = SAVE_FORMAT
+    SAVE_VERSION = SAVE_VERSION
+    CONFIG_CLASS = ReconstructorConfig
 
     def __init__(self, config: Optional[ReconstructorConfig] = None, head_model: Optional[HeadModel] = None):
         super().__init__()
@@ -263,42 +266,11 @@ class Reconstructor(nn.Module):
 
     # ------------------------------------------------------------------ settings
     @property
-    def head_model(self) -> HeadModel:
-        return self.deformation.head_model
-
-    @property
     def motion_dim(self) -> int:
         return self.config.motion_dim
 
-    @property
-    def backend(self) -> Optional[str]:
-        """The ops' backend inside the model (None: each op's default)."""
-        return self._ops_backend
-
-    @backend.setter
-    def backend(self, value: Optional[str]) -> None:
-        self._ops_backend = set_model_backend(NAME, self, value)
-        self.config.backend = value
-
-    def _scope(self):
-        return backend_scope(self._ops_backend)
-
     def extra_repr(self) -> str:
         return f"backend={self._ops_backend!r}, motion_dim={self.motion_dim}"
-
-    # ------------------------------------------------------------------ head4d's own format
-    def save(self, directory: Union[str, "os.PathLike"]) -> None:
-        """Write the model to ``directory`` in head4d's format (as :meth:`GenHead.save
-        <head4d.models.GenHead.save>`, format ``"head4d.Reconstructor"``)."""
-        save_model(f"{NAME}.save", self, self.head_model, directory, SAVE_FORMAT, SAVE_VERSION)
-
-    @classmethod
-    def load(cls, directory: Union[str, "os.PathLike"],
-             device: Union[str, torch.device] = "cpu") -> "Reconstructor":
-        """A Reconstructor from a directory written by :meth:`save`, in eval mode on
-        ``device`` (errors as :meth:`GenHead.load <head4d.models.GenHead.load>`; a
-        GenHead directory is refused by its format tag)."""
-        return load_model(f"{NAME}.load", cls, ReconstructorConfig, directory, SAVE_FORMAT, SAVE_VERSION, device)
 
     # ------------------------------------------------------------------ checks
     def _check_image(self, op: str, image) -> torch.Tensor:
