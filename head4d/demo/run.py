@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..models.genhead import MAX_NEURAL_RESOLUTION
+from ..models._common import MAX_NEURAL_RESOLUTION
 from . import images
 from .subject import FitSettings, load_or_fit_subject, subject_model
 

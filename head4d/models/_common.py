@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple, Type, Union
 
 import numpy as np
@@ -25,6 +26,60 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 HEAD_PREFIX = "head_model."
 HEAD_MODEL_KINDS = ("FLAME", "ProceduralHead")
+
+
+#: The largest neural rendering resolution implemented (the super-resolution's input size;
+#: above it Portrait4D bypasses the super-resolution).
+MAX_NEURAL_RESOLUTION = 128
+
+
+@dataclass
+class RenderingSettings:
+    """The settings GenHead's and the reconstructor's configs share (a base dataclass).
+
+    Decoder: ``decoder_hidden``, ``decoder_lr_mul``. Rendering (EG3D's
+    ``rendering_kwargs``): ``box_warp``, ``ray_start``, ``ray_end``, ``depth_resolution``,
+    ``depth_resolution_importance``, ``density_noise``, ``neural_rendering_resolution``
+    (the model's default). Neck grids of the deformation: ``fine_resolution``,
+    ``coarse_resolution``. ``fused``: how a triplane is decoded: None (the renderer's rule
+    per device, :meth:`~head4d.render.TriplaneRenderer.uses_fused`: fused on CUDA, unfused
+    on the CPU), True (:func:`~head4d.ops.decode_triplanes`, which keeps far less for the
+    backward) or False (:func:`~head4d.ops.sample_triplanes` then the decoder).
+    ``backend``: None (each op's default) or an op backend for every op in the model
+    (``"torch"``: the references).
+    """
+
+    decoder_hidden: int = 64
+    decoder_lr_mul: float = 1.0
+    box_warp: float = 1.3
+    ray_start: Union[float, str] = "auto-plane"
+    ray_end: Union[float, str] = "auto-plane"
+    depth_resolution: int = 48
+    depth_resolution_importance: int = 48
+    density_noise: float = 0.0
+    neural_rendering_resolution: int = 64
+    fine_resolution: int = 24
+    coarse_resolution: int = 8
+    fused: Optional[bool] = None
+    backend: Optional[str] = None
+
+    def rendering_options(self) -> Dict[str, object]:
+        """The renderer's options (EG3D's ``rendering_kwargs`` that the renderer reads)."""
+        return {"box_warp": self.box_warp, "ray_start": self.ray_start, "ray_end": self.ray_end,
+                "depth_resolution": self.depth_resolution,
+                "depth_resolution_importance": self.depth_resolution_importance,
+                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d"}
+
+    def neural_resolution(self, op: str, resolution: Optional[int]) -> int:
+        """``resolution`` (None: the config's), checked: a positive int at most
+        :data:`MAX_NEURAL_RESOLUTION`."""
+        r = self.neural_rendering_resolution if resolution is None else resolution
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
+        if r > MAX_NEURAL_RESOLUTION:
+            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_NEURAL_RESOLUTION} (above it "
+                             f"Portrait4D bypasses the super-resolution, which is not implemented here), got {r}")
+        return r
 
 
 # ---------------------------------------------------------------------- batches

@@ -83,7 +83,7 @@ from ..deform import PartwiseDeformation
 from ..head.base import HeadModel
 from ..nn import Generator, SuperresolutionHybrid8XDC
 from ..render import TriplaneDecoder, TriplaneRenderer, rasterize_masks
-from ._common import (CAMERA_SIZE, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
+from ._common import (CAMERA_SIZE, RenderingSettings, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
                       triplane_point_decoder)
 
 NAME = "GenHead"
@@ -96,8 +96,6 @@ SHAPE_SIZE = 300
 #: Above this neural rendering resolution, rays inside the hard mouth mask add the part
 #: and head densities and mix their features by a softmax of the densities (module docstring).
 MOUTH_FUSE_ABOVE = 64
-#: The largest neural rendering resolution implemented (the super-resolution's input size).
-MAX_NEURAL_RESOLUTION = 128
 #: head4d's own format (GenHead.save / GenHead.load): format tag and version.
 SAVE_FORMAT = "head4d.GenHead"
 SAVE_VERSION = 1
@@ -107,7 +105,7 @@ MASK_NEAR, MASK_FAR = 0.1, 20.0
 
 
 @dataclass
-class GenHeadConfig:
+class GenHeadConfig(RenderingSettings):
     """GenHead's settings; the defaults are the released ``genhead-ffhq512`` ones.
 
     Backbone: ``z_dim``, ``w_dim``, ``mapping_layers`` (its mapping depth), ``channel_base``,
@@ -119,18 +117,10 @@ class GenHeadConfig:
     (the rest are StyleGAN2's defaults: FP16 in its 4 highest blocks on CUDA, clamp 256).
     Super-resolution: ``has_superresolution``, ``img_resolution`` (512), ``sr_num_fp16_res``,
     ``sr_antialias``, ``use_ws_ones``.
-    Decoder: ``decoder_hidden``, ``decoder_lr_mul``.
-    Rendering (EG3D's ``rendering_kwargs``): ``box_warp``, ``ray_start``, ``ray_end``,
-    ``depth_resolution``, ``depth_resolution_importance``, ``density_noise``,
-    ``neural_rendering_resolution`` (the default of :meth:`GenHead.forward`).
-    Deformation: ``fine_resolution``, ``coarse_resolution`` (the neck grids).
     Masks: ``mask_resolution`` (rasterized there, then resized to the neural resolution).
-    ``fused``: how each triplane is decoded: None (auto: the renderer's rule per device,
-    :meth:`~head4d.render.TriplaneRenderer.uses_fused`: fused on CUDA, unfused on the CPU),
-    True (:func:`~head4d.ops.decode_triplanes`, which keeps far less for the backward) or
-    False (:func:`~head4d.ops.sample_triplanes` then ``decoder``).
-    ``backend``: None (each op's default) or an op backend for every op in the model
-    (``"torch"``: the references).
+    The decoder, rendering (``neural_rendering_resolution``: 64, the default of
+    :meth:`GenHead.forward`), neck-grid, ``fused`` and ``backend`` settings are
+    :class:`~head4d.models._common.RenderingSettings`'.
     """
 
     z_dim: int = 512
@@ -155,32 +145,13 @@ class GenHeadConfig:
     sr_num_fp16_res: int = 4
     sr_antialias: bool = True
     use_ws_ones: bool = True
-    decoder_hidden: int = 64
-    decoder_lr_mul: float = 1.0
-    box_warp: float = 1.3
-    ray_start: Union[float, str] = "auto-plane"
-    ray_end: Union[float, str] = "auto-plane"
-    depth_resolution: int = 48
-    depth_resolution_importance: int = 48
-    density_noise: float = 0.0
     neural_rendering_resolution: int = 64
-    fine_resolution: int = 24
-    coarse_resolution: int = 8
     mask_resolution: int = 512
-    fused: Optional[bool] = None
-    backend: Optional[str] = None
 
     @property
     def plane_features(self) -> int:
         """Channels per plane (the decoder's input): ``triplane_channels // 6``."""
         return self.triplane_channels // 6
-
-    def rendering_options(self) -> Dict[str, object]:
-        """The renderer's options (EG3D's ``rendering_kwargs`` that the renderer reads)."""
-        return {"box_warp": self.box_warp, "ray_start": self.ray_start, "ray_end": self.ray_end,
-                "depth_resolution": self.depth_resolution,
-                "depth_resolution_importance": self.depth_resolution_importance,
-                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d"}
 
 
 @dataclass
@@ -503,12 +474,7 @@ class GenHead(TriplaneHeadModel):
         """
         op = f"{NAME}.render"
         c = self.config
-        r = c.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
-        if r > MAX_NEURAL_RESOLUTION:
-            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_NEURAL_RESOLUTION} (above it "
-                             f"Portrait4D bypasses the super-resolution, which is not implemented here), got {r}")
+        r = c.neural_resolution(op, neural_rendering_resolution)
         check_tensor(op, "planes", planes, f"[B, 6, {c.plane_features}, H, W]", planes.dim()
                      if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
         if planes.dim() == 4 and planes.shape[1] == 6 * c.plane_features:

@@ -69,9 +69,9 @@ from ..head.base import HeadModel
 from ..nn import (DecoderTriplane, EncoderBG, EncoderCanonical, EncoderDetail, EncoderGlobal,
                   SuperresolutionHybrid8XDC)
 from ..render import TriplaneDecoder, TriplaneRenderer
-from ._common import (CAMERA_SIZE, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
+from ._common import (CAMERA_SIZE, RenderingSettings, TriplaneHeadModel, camera_rays, check_rows, rays_to_image, repeat_rows,
                       triplane_point_decoder)
-from .genhead import MAX_NEURAL_RESOLUTION, FlameCodes
+from .genhead import FlameCodes
 
 NAME = "Reconstructor"
 
@@ -89,7 +89,7 @@ SAVE_VERSION = 1
 
 
 @dataclass
-class ReconstructorConfig:
+class ReconstructorConfig(RenderingSettings):
     """The reconstructor's settings; the defaults are the released v1 ones
     (``portrait4d-genhead512``).
 
@@ -101,14 +101,9 @@ class ReconstructorConfig:
     re-enactment blocks), ``motion_map_layers`` (the motion MLPs' depth).
     Background: ``has_background``. Super-resolution: ``has_superresolution``,
     ``img_resolution`` (512), ``sr_num_fp16_res``, ``sr_antialias``, ``channel_base``,
-    ``channel_max``, ``fused_modconv_default``. Decoder: ``decoder_hidden``,
-    ``decoder_lr_mul``. Rendering (EG3D's ``rendering_kwargs``): ``box_warp``,
-    ``ray_start``, ``ray_end``, ``depth_resolution``, ``depth_resolution_importance``,
-    ``density_noise``, ``neural_rendering_resolution`` (the default of
-    :meth:`Reconstructor.forward`). Neck warp: ``fine_resolution``, ``coarse_resolution``.
-    ``fused``: how the triplane is decoded (None: the renderer's rule per device, fused on
-    CUDA; True: :func:`~head4d.ops.decode_triplanes`; False: sample then ``decoder``).
-    ``backend``: None (each op's default) or an op backend for every op in the model.
+    ``channel_max``, ``fused_modconv_default``. The decoder, rendering, neck-grid,
+    ``fused`` and ``backend`` settings are :class:`RenderingSettings`' (here
+    ``neural_rendering_resolution`` defaults to 128, the reconstructor's).
     """
 
     motion_dim: int = PDFGC_MOTION_DIM
@@ -124,26 +119,7 @@ class ReconstructorConfig:
     channel_base: int = 32768
     channel_max: int = 512
     fused_modconv_default: Union[bool, str] = "inference_only"
-    decoder_hidden: int = 64
-    decoder_lr_mul: float = 1.0
-    box_warp: float = 1.3
-    ray_start: Union[float, str] = "auto-plane"
-    ray_end: Union[float, str] = "auto-plane"
-    depth_resolution: int = 48
-    depth_resolution_importance: int = 48
-    density_noise: float = 0.0
     neural_rendering_resolution: int = 128
-    fine_resolution: int = 24
-    coarse_resolution: int = 8
-    fused: Optional[bool] = None
-    backend: Optional[str] = None
-
-    def rendering_options(self) -> Dict[str, object]:
-        """The renderer's options (EG3D's ``rendering_kwargs`` that the renderer reads)."""
-        return {"box_warp": self.box_warp, "ray_start": self.ray_start, "ray_end": self.ray_end,
-                "depth_resolution": self.depth_resolution,
-                "depth_resolution_importance": self.depth_resolution_importance,
-                "density_noise": self.density_noise, "clamp_mode": "softplus", "plane_layout": "portrait4d"}
 
 
 @dataclass
@@ -391,12 +367,7 @@ class Reconstructor(TriplaneHeadModel):
         """
         op = f"{NAME}.render"
         c = self.config
-        r = c.neural_rendering_resolution if neural_rendering_resolution is None else neural_rendering_resolution
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{op}: neural_rendering_resolution must be a positive int, got {r!r}")
-        if r > MAX_NEURAL_RESOLUTION:
-            raise ValueError(f"{op}: neural_rendering_resolution must be at most {MAX_NEURAL_RESOLUTION} (above it "
-                             f"Portrait4D bypasses the super-resolution, which is not implemented here), got {r}")
+        r = c.neural_resolution(op, neural_rendering_resolution)
         check_tensor(op, "planes", planes, f"[N, 3, {PLANE_FEATURES}, H, W]",
                      planes.dim() if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
         if planes.dim() == 4 and planes.shape[1] == 3 * PLANE_FEATURES:
