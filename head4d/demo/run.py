@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.genhead import MAX_NEURAL_RESOLUTION
-from . import images
+from .. import media as images
 from .subject import FitSettings, load_or_fit_subject, subject_model
 
 #: The sequences, in the order rendered and animated.
