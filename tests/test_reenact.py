@@ -376,7 +376,11 @@ def test_checkpoints_of_another_kind(tmp_path, monkeypatch):
     subject_model(fit_subject(TINY)).save(tmp_path / "genhead")
     with pytest.raises(ReenactError, match="not a reconstructor checkpoint.*head4d.GenHead"):
         load_reconstructor(str(tmp_path / "genhead"), torch.device("cpu"))
-    # a pickle whose G_ema is a GenHead
+    # a file that is no pickle at all
+    (tmp_path / "garbage.pkl").write_bytes(b"\x00\x01 not a pickle")
+    with pytest.raises(ReenactError, match="not a reconstructor checkpoint"):
+        load_reconstructor(str(tmp_path / "garbage.pkl"), torch.device("cpu"))
+    # a pickle whose G_ema is another network
     import head4d.checkpoints
 
     monkeypatch.setattr(head4d.checkpoints, "load_network_pkl", lambda path: {"G_ema": torch.nn.Linear(1, 1)})

@@ -10,6 +10,7 @@ intrinsics (focal 4.2647 in units of the image side, principal point at the cent
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -168,7 +169,8 @@ def load_reconstructor(path: str, device: torch.device) -> Reconstructor:
             from ..checkpoints import load_network_pkl
 
             model = load_network_pkl(source)["G_ema"]
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        # the unsafe-pickle refusal is an UnpicklingError too
         raise ReenactError(f"--checkpoint {path}: not a reconstructor checkpoint head4d can read ({exc})") from exc
     if not isinstance(model, Reconstructor):
         raise ReenactError(f"--checkpoint {path}: holds a {type(model).__name__}, not a reconstructor (a Portrait4D "

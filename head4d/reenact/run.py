@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import media
+from .._backend import backend_scope
 from ..demo.run import checkpoint_avatar, procedural_avatar, render_sequence
 from ..demo.subject import FitSettings
 from ..models import Reconstructor, ReconstructorConfig
@@ -173,7 +174,7 @@ def canonical_density(model: Reconstructor, planes: torch.Tensor, resolution: in
     axis = torch.linspace(-box / 2, box / 2, resolution, device=planes.device)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
     density = torch.empty(grid.shape[1], device=planes.device)
-    with torch.no_grad(), model._scope():
+    with torch.no_grad(), backend_scope(model.backend):
         for start in range(0, grid.shape[1], MESH_CHUNK):
             points = grid[:, start:start + MESH_CHUNK]
             features = sample_triplanes(planes, points, box_warp=box, plane_layout="portrait4d")
