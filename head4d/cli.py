@@ -7,7 +7,7 @@
     head4d demo [--checkpoint PKL_OR_DIR] [--out DIR] [--device cpu|cuda] [--resolution R]
                 [--frames N] [--cache DIR] [--fit-steps N]
     head4d reenact --checkpoint CKPT --source IMAGE --motion MOTIONS.npy [--source-motion FILE]
-                   [--camera fixed|orbit|FILE] [--out DIR] [--batch K] [--device cpu|cuda]
+                   [--camera fixed|orbit|FILE] [--neck POSES.npy] [--out DIR] [--batch K] [--device cpu|cuda]
                    [--resolution R] [--depth] [--mesh] [--fps F]
     head4d reenact --synthetic [--checkpoint CKPT] [--genhead CKPT] [--frames N] ...
 
@@ -189,7 +189,8 @@ def _reenact(args: argparse.Namespace) -> int:
     settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
     try:
         run_reenact(args.out, checkpoint=args.checkpoint, source=args.source, motion=args.motion,
-                    source_motion=args.source_motion, camera=args.camera, batch=args.batch, device=args.device,
+                    source_motion=args.source_motion, camera=args.camera, neck=args.neck, batch=args.batch,
+                    device=args.device,
                     resolution=args.resolution, depth=args.depth, mesh=args.mesh,
                     mesh_resolution=args.mesh_resolution, synthetic=args.synthetic, genhead=args.genhead,
                     frames=args.frames, source_resolution=args.source_resolution, motion_dim=args.motion_dim,
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default="fixed", metavar="fixed|orbit|FILE",
                    help="'fixed' (Portrait4D's: at (0, 0.01, 4.2), identity rotation), 'orbit' (a yaw sweep) or "
                         "a .npy of [F, 25] camera labels (default fixed)")
+    p.add_argument("--neck", metavar="POSES.npy",
+                   help="neck rotations [F, 3] (axis-angle, radians): the head turns on its neck (the "
+                        "reconstructor's neck warp), as Portrait4D drives it with the fixed camera")
     p.add_argument("--out", default="reenact_out", metavar="DIR", help="output directory (default: reenact_out)")
     p.add_argument("--batch", type=int, default=4, metavar="K", help="frames rendered per batch (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",

@@ -6,7 +6,8 @@
   stream: when each batch's triplanes are computed, every earlier frame is already on disk
   and in the animation.
 - A reconstructor with a super-resolution (narrowed blocks, random weights): the command's
-  frames are the one-call forward's images, and the super-resolution is timed as a stage;
+  frames, neck turns included, are the one-call forward's images (with the same codes), and
+  the super-resolution is timed as a stage;
   the canonical mesh comes from the motion-free triplane.
 - A head4d checkpoint directory (``Reconstructor.save`` of a small PD-FGC-motion model): the
   command reads the user's .npy source and motions with orbit cameras, and ``--synthetic``
@@ -14,7 +15,7 @@
 - Marching tetrahedra on spheres: vertices on the sphere within a fraction of the grid
   spacing, a closed, consistently oriented, outward-facing mesh (each edge in two
   triangles, Euler characteristic 2 per sphere), the volume; the PLY round trip.
-- Bad inputs: the image's size and channels, motion of the wrong length, cameras, a
+- Bad inputs: the image's size and channels, motion of the wrong length, cameras, neck poses, a
   checkpoint of another kind, argument combinations; each a clear error.
 """
 import math
@@ -188,18 +189,25 @@ def test_frames_equal_the_forward_with_superresolution(tmp_path, monkeypatch):
     motion = torch.randn(3, 109, generator=gen)
     np.save(tmp_path / "source.npy", image.numpy())
     np.save(tmp_path / "motion.npy", motion.numpy())
+    neck = torch.tensor([[0.0, 0.0, 0.0], [0.1, 0.4, 0.0], [-0.1, -0.3, 0.05]])
+    np.save(tmp_path / "neck.npy", neck.numpy())
     monkeypatch.setattr(reenact_run, "load_reconstructor", lambda path, device: model)
     out = tmp_path / "out"
     lines = []
     result = run_reenact(str(out), checkpoint="given", source=str(tmp_path / "source.npy"),
-                         motion=str(tmp_path / "motion.npy"), camera="orbit", batch=3, resolution=16, mesh=True,
-                         mesh_resolution=24, seed=11, log=lines.append)
+                         motion=str(tmp_path / "motion.npy"), camera="orbit", neck=str(tmp_path / "neck.npy"),
+                         batch=3, resolution=16, mesh=True, mesh_resolution=24, seed=11, log=lines.append)
     assert result["timings"].stages["super-resolution"] > 0 and "super-resolution " in "\n".join(lines)
 
     source = image.permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    codes = model.head_model.zero_codes(3)
+    codes["neck_pose"] = neck.to(codes["neck_pose"].dtype)
     with torch.no_grad():
         expected = model(source, motion[:1], motion, load_cameras("orbit", 3), neural_rendering_resolution=16,
+                         codes=codes, generator=torch.Generator().manual_seed(11))["image"]
+        unwarped = model(source, motion[:1], motion, load_cameras("orbit", 3), neural_rendering_resolution=16,
                          generator=torch.Generator().manual_seed(11))["image"]
+    assert (expected[1:] - unwarped[1:]).abs().amax() > 0.05  # the neck turns change the frames
     for k in range(3):
         frame = torch.from_numpy(read_png(out / "frames" / f"{k:05d}.png").copy())
         assert frame.shape == (512, 512, 3)
@@ -358,6 +366,9 @@ def test_bad_motion_and_cameras(tmp_path):
     np.save(tmp_path / "cams.npy", np.zeros((3, 16), np.float32))
     with pytest.raises(ReenactError, match=r"--camera .*\[5, 25\].*\[3, 16\]"):
         load_cameras(str(tmp_path / "cams.npy"), 5)
+    np.save(tmp_path / "neck.npy", np.zeros((2, 3), np.float32))
+    with pytest.raises(ReenactError, match=r"--neck .*\[5, 3\].*\[2, 3\]"):
+        reenact_run.load_neck_poses(str(tmp_path / "neck.npy"), 5)
     with pytest.raises(ReenactError, match="'fixed', 'orbit'"):
         load_cameras("sideways", 5)
     np.save(tmp_path / "one.npy", load_cameras("fixed", 1)[0].numpy())

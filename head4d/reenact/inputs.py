@@ -70,6 +70,21 @@ def load_cameras(spec: str, frames: int) -> torch.Tensor:
     return torch.from_numpy(cameras).to(torch.float32).expand(frames, 25).clone()
 
 
+def load_neck_poses(path: str, frames: int) -> torch.Tensor:
+    """``[frames, 3]`` float32 neck rotations (axis-angle, radians) from a ``.npy`` file
+    ``[frames, 3]`` (or ``[3]``: one pose for every frame)."""
+    source = Path(path)
+    if source.suffix != ".npy":
+        raise ReenactError(f"--neck {path}: expected a .npy file of neck poses [F, 3] (axis-angle)")
+    poses = _load_npy("--neck", source)
+    if poses.ndim == 1:
+        poses = poses[None]
+    if poses.ndim != 2 or poses.shape[1] != 3 or poses.shape[0] not in (1, frames):
+        raise ReenactError(f"--neck {path}: expected neck poses [{frames}, 3] (axis-angle, one per motion frame) or "
+                           f"[3], got shape {list(poses.shape)}")
+    return torch.from_numpy(_real("--neck", path, poses)).to(torch.float32).expand(frames, 3).clone()
+
+
 def _load_npy(argument: str, path: Path) -> np.ndarray:
     if not path.is_file():
         raise ReenactError(f"{argument} {path}: no such file")

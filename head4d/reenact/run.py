@@ -13,6 +13,13 @@ length of the motion sequence. With ``mesh`` the canonical head is meshed
 motion scale 0, so the driving motion is switched off) on a grid over the planes' cube,
 at Portrait4D's level (25), by :func:`~head4d.reenact.isosurface.marching_tetrahedra`.
 
+With ``neck`` (``[F, 3]`` axis-angle rotations) the head turns on its neck: the sample points
+are warped by the reconstructor's neck surface field
+(:meth:`~head4d.deform.PartwiseDeformation.warp_neck`), built on the head model posed with
+that neck rotation and otherwise zero codes: Portrait4D builds it on the source's FLAME
+shape and the driver's expression, which head4d does not estimate, so here the field follows
+the head model's mean shape. Portrait4D drives the neck this way with the fixed camera.
+
 The source's motion: Portrait4D computes it from the source image itself (PD-FGC, or the
 FLAME fit). Here it is ``--source-motion`` when given, else the first row of the motion
 sequence (a sequence extracted from a video whose first frame is the source).
@@ -45,8 +52,8 @@ from ..demo.subject import FitSettings
 from ..models import Reconstructor, ReconstructorConfig
 from ..models.reconstructor import FLAME_MOTION_DIM, PDFGC_MOTION_DIM
 from ..ops import sample_triplanes
-from .inputs import (ReenactError, load_cameras, load_motion, load_reconstructor, load_source_image, motion_kind,
-                     portrait_cameras, source_motion_of)
+from .inputs import (ReenactError, load_cameras, load_motion, load_neck_poses, load_reconstructor, load_source_image,
+                     motion_kind, portrait_cameras, source_motion_of)
 from .isosurface import marching_tetrahedra, write_ply
 
 #: Portrait4D's marching-cubes level on the decoder's raw density, and its grid side.
@@ -126,6 +133,15 @@ class _Clock:
         return time.perf_counter()
 
 
+def neck_codes(model: Reconstructor, neck_pose: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """FLAME codes ``{key: [N, *]}`` for the neck warp: ``neck_pose [N, 3]``, the rest zero,
+    in the head model's dtype and on ``neck_pose``'s device."""
+    codes = model.head_model.zero_codes(neck_pose.shape[0])
+    codes = {k: v.to(neck_pose.device) for k, v in codes.items()}
+    codes["neck_pose"] = neck_pose.to(codes["neck_pose"].dtype)
+    return codes
+
+
 def _synthetic_inputs(model: Reconstructor, frames: int, genhead: Optional[str], device: torch.device,
                       cache_dir: Optional[str], settings: FitSettings, seed: int,
                       log: Callable[[str], None]):
@@ -184,6 +200,7 @@ def canonical_density(model: Reconstructor, planes: torch.Tensor, resolution: in
 
 def run_reenact(out_dir: str, *, checkpoint: Optional[str] = None, source: Optional[str] = None,
                 motion: Optional[str] = None, source_motion: Optional[str] = None, camera: str = "fixed",
+                neck: Optional[str] = None,
                 batch: int = 4, device: str = "cpu", resolution: Optional[int] = None, depth: bool = False,
                 mesh: bool = False, mesh_resolution: int = MESH_RESOLUTION, synthetic: bool = False,
                 genhead: Optional[str] = None, frames: int = 16,
@@ -244,6 +261,7 @@ def run_reenact(out_dir: str, *, checkpoint: Optional[str] = None, source: Optio
         source_motions = source_motion_of(motions, source_motion, model.motion_dim)
     count = motions.shape[0]
     cameras = load_cameras(camera, count)
+    neck_poses = None if neck is None else load_neck_poses(neck, count)
     r = model.config.neural_rendering_resolution if resolution is None else resolution
     if isinstance(r, bool) or not isinstance(r, int) or not 8 <= r <= 128:
         raise ReenactError(f"--resolution must be an int in [8, 128] (the neural rendering resolution), got {r!r}")
@@ -271,8 +289,9 @@ def run_reenact(out_dir: str, *, checkpoint: Optional[str] = None, source: Optio
                 t0 = clock.now()
                 planes = model.triplanes(encoded, motions[rows].to(torch_device))
                 t1 = clock.now()
-                result = model.render(planes, cam, background=encoded.background, neural_rendering_resolution=r,
-                                      generator=generator, super_resolve=False)
+                codes = None if neck_poses is None else neck_codes(model, neck_poses[rows].to(torch_device))
+                result = model.render(planes, cam, background=encoded.background, codes=codes,
+                                      neural_rendering_resolution=r, generator=generator, super_resolve=False)
                 t2 = clock.now()
                 pictures = (model.superresolve(result["image_raw"], result["image_feature"])
                             if model.superresolution is not None else result["image_raw"])
