@@ -6,6 +6,10 @@
     head4d info
     head4d demo [--checkpoint PKL_OR_DIR] [--out DIR] [--device cpu|cuda] [--resolution R]
                 [--frames N] [--cache DIR] [--fit-steps N]
+    head4d reenact --checkpoint CKPT --source IMAGE --motion MOTIONS.npy [--source-motion FILE]
+                   [--camera fixed|orbit|FILE] [--neck POSES.npy] [--out DIR] [--batch K] [--device cpu|cuda]
+                   [--resolution R] [--depth] [--mesh] [--fps F]
+    head4d reenact --synthetic [--checkpoint CKPT] [--genhead CKPT] [--frames N] ...
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
@@ -19,6 +23,11 @@ every check passed, 1 otherwise.
 (:mod:`head4d.demo.run`): PNG grids, an animation, depth and opacity maps, and the frames
 per second. Without ``--checkpoint`` the subject is the built-in procedural head, fitted
 into a triplane once and cached (:mod:`head4d.demo.subject`).
+
+``reenact`` re-enacts an aligned source image with a sequence of motion vectors through the
+reconstructor (:mod:`head4d.reenact.run`): frames (PNG), an MP4 or GIF, optional depth maps
+and a mesh of the canonical head, streamed as they are rendered; it prints the frames per
+second and where the time went. ``--synthetic`` needs no files.
 """
 from __future__ import annotations
 
@@ -170,6 +179,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reenact(args: argparse.Namespace) -> int:
+    from .demo.subject import FitSettings
+    from .reenact import ReenactError, run_reenact
+
+    if args.fit_steps is not None and args.fit_steps < 1:
+        print(f"head4d reenact: --fit-steps must be >= 1, got {args.fit_steps}", file=sys.stderr)
+        return 2
+    settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
+    try:
+        run_reenact(args.out, checkpoint=args.checkpoint, source=args.source, motion=args.motion,
+                    source_motion=args.source_motion, camera=args.camera, neck=args.neck, batch=args.batch,
+                    device=args.device,
+                    resolution=args.resolution, depth=args.depth, mesh=args.mesh,
+                    mesh_resolution=args.mesh_resolution, synthetic=args.synthetic, genhead=args.genhead,
+                    frames=args.frames, source_resolution=args.source_resolution, motion_dim=args.motion_dim,
+                    cache_dir=args.cache, settings=settings, seed=args.seed, fps=args.fps)
+    except ReenactError as exc:
+        print(f"head4d reenact: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head4d", description="head4d: fast triplane NeRF head kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +255,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer steps of the procedural subject's fit (default 300; tests use a few)")
     p.add_argument("--seed", type=int, default=0, help="identity of a checkpoint, renderer jitter (default 0)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("reenact", help="re-enact a source image with motion vectors through the reconstructor",
+                       description="Encodes an aligned source image once, then renders one frame per motion "
+                                   "vector in batches, writing each batch before the next: frames/*.png, "
+                                   "reenact.mp4 (reenact.gif without an MP4 encoder), with --depth depth/*.png, "
+                                   "with --mesh canonical.ply; prints the frames per second and where the time "
+                                   "went. --synthetic needs no files: GenHead renders the source and its motion.")
+    p.add_argument("--checkpoint", metavar="PKL_OR_DIR",
+                   help="a Portrait4D reconstructor pickle or a directory saved by Reconstructor.save "
+                        "(needed unless --synthetic, which then uses untrained weights)")
+    p.add_argument("--source", metavar="IMAGE",
+                   help="the source image: PNG / JPEG (needs Pillow) or .npy [3,S,S] / [S,S,3], RGB, S the model's "
+                        "source resolution (512 for Portrait4D's), aligned as Portrait4D aligns faces")
+    p.add_argument("--motion", metavar="MOTIONS.npy",
+                   help="motion vectors [F, D], D the model's (548 PD-FGC or 109 FLAME); one frame each")
+    p.add_argument("--source-motion", metavar="FILE",
+                   help="the source image's own motion vector [D] (default: the first row of --motion)")
+    p.add_argument("--camera", default="fixed", metavar="fixed|orbit|FILE",
+                   help="'fixed' (Portrait4D's: at (0, 0.01, 4.2), identity rotation), 'orbit' (a yaw sweep) or "
+                        "a .npy of [F, 25] camera labels (default fixed)")
+    p.add_argument("--neck", metavar="POSES.npy",
+                   help="neck rotations [F, 3] (axis-angle, radians): the head turns on its neck (the "
+                        "reconstructor's neck warp), as Portrait4D drives it with the fixed camera")
+    p.add_argument("--out", default="reenact_out", metavar="DIR", help="output directory (default: reenact_out)")
+    p.add_argument("--batch", type=int, default=4, metavar="K", help="frames rendered per batch (default 4)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--resolution", type=int, metavar="R",
+                   help="neural rendering resolution, 8 to 128 (default: the model's; 128 for Portrait4D's)")
+    p.add_argument("--depth", action="store_true", help="also write depth maps (and show them in the animation)")
+    p.add_argument("--mesh", action="store_true",
+                   help="also write canonical.ply: marching tetrahedra on the canonical head's density, level 25")
+    p.add_argument("--mesh-resolution", type=int, default=128, metavar="N", help="mesh grid side (default 128)")
+    p.add_argument("--fps", type=float, default=25.0, help="frame rate of the animation (default 25)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="no user files: GenHead renders the source and a FLAME motion sequence")
+    p.add_argument("--genhead", metavar="PKL_OR_DIR",
+                   help="with --synthetic: the GenHead that renders the source (default: the demo's procedural head)")
+    p.add_argument("--frames", type=int, default=16, metavar="N", help="with --synthetic: frames (default 16)")
+    p.add_argument("--source-resolution", type=int, default=64, metavar="S",
+                   help="with --synthetic and no --checkpoint: the untrained model's source side (default 64)")
+    p.add_argument("--motion-dim", type=int, default=109, choices=(109, 548),
+                   help="with --synthetic and no --checkpoint: the untrained model's motion size (default 109)")
+    p.add_argument("--cache", metavar="DIR", help="where the procedural subject is cached (default: ~/.cache/head4d)")
+    p.add_argument("--fit-steps", type=int, metavar="N", help="optimizer steps of the procedural subject's fit")
+    p.add_argument("--seed", type=int, default=0, help="untrained weights, GenHead identity, renderer jitter")
+    p.set_defaults(func=_reenact)
 
     p = sub.add_parser("info", help="versions, which backends are available, and per op which it has")
     p.set_defaults(func=_info)

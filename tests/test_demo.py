@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from head4d import cli
-from head4d.demo import images
+from head4d import media as images
 from head4d.demo.run import SEQUENCES, orbit_camera
 from head4d.demo.subject import FitSettings, fit_subject, load_or_fit_subject, subject_model
 from head4d.head import ProceduralHead

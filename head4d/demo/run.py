@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import media as images
 from ..models._common import MAX_NEURAL_RESOLUTION
-from . import images
 from .subject import FitSettings, load_or_fit_subject, subject_model
 
 #: The sequences, in the order rendered and animated.

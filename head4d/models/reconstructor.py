@@ -342,9 +342,10 @@ class Reconstructor(TriplaneHeadModel):
     def render(self, planes: torch.Tensor, camera: torch.Tensor, *, background: Optional[torch.Tensor] = None,
                codes: Union[None, FlameCodes, Mapping[str, torch.Tensor]] = None,
                neural_rendering_resolution: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+               generator: Optional[torch.Generator] = None, super_resolve: bool = True) -> Dict[str, torch.Tensor]:
         """Render triplanes with cameras (no encoder): volume rendering, background,
-        super-resolution.
+        super-resolution (:meth:`superresolve`; ``super_resolve=False`` leaves it out, and
+        ``image`` with it).
 
         Args:
             planes: ``[N, 3, 32, H, W]`` from :meth:`triplanes` (or ``[N, 96, H, W]``).
@@ -419,11 +420,34 @@ class Reconstructor(TriplaneHeadModel):
                 out["image_background"] = 2.0 * bg[:, :3] - 1.0
             out["image_feature"] = feature_image
             out["image_raw"] = feature_image[:, :3]
-            if self.superresolution is not None:
-                with nvtx_range("head4d.reconstructor.superresolution"):
-                    ws = self.w_avg.to(torch.float32).reshape(1, 1, -1).expand(n, 1, -1)
-                    out["image"] = self.superresolution(out["image_raw"], feature_image, ws, noise_mode="none")
+            if self.superresolution is not None and super_resolve:
+                out["image"] = self.superresolve(out["image_raw"], feature_image)
             return out
+
+    def superresolve(self, image_raw: torch.Tensor, image_feature: torch.Tensor) -> torch.Tensor:
+        """The super-resolution alone: ``superresolution(image_raw, image_feature, ws,
+        noise_mode='none')`` with every w the buffer ``w_avg``.
+
+        Args:
+            image_raw: ``[N, 3, r, r]`` and ``image_feature``: ``[N, 32, r, r]``, as
+                :meth:`render` returns them (``render(..., super_resolve=False)`` skips
+                this step, so that a caller can time it apart).
+
+        Returns:
+            ``image`` ``[N, 3, 512, 512]``.
+        """
+        op = f"{NAME}.superresolve"
+        if self.superresolution is None:
+            raise ValueError(f"{op}: this reconstructor has no super-resolution (config.has_superresolution False)")
+        check_tensor(op, "image_raw", image_raw, "[N, 3, r, r]", 4, FLOATING)
+        check_tensor(op, "image_feature", image_feature, f"[N, {PLANE_FEATURES}, r, r]", 4, FLOATING)
+        if image_raw.shape[1] != 3 or image_feature.shape[1] != PLANE_FEATURES or \
+                image_raw.shape[0] != image_feature.shape[0] or image_raw.shape[2:] != image_feature.shape[2:]:
+            raise ValueError(f"{op}: image_raw must be [N, 3, r, r] and image_feature [N, {PLANE_FEATURES}, r, r] "
+                             f"(one N and r), got {list(image_raw.shape)} and {list(image_feature.shape)}")
+        with self._scope(), nvtx_range("head4d.reconstructor.superresolution"):
+            ws = self.w_avg.to(torch.float32).reshape(1, 1, -1).expand(image_raw.shape[0], 1, -1)
+            return self.superresolution(image_raw, image_feature, ws, noise_mode="none")
 
     def reenact(self, encoded: EncodedSource, driving_motion: torch.Tensor, camera: torch.Tensor, *,
                 codes: Union[None, FlameCodes, Mapping[str, torch.Tensor]] = None,

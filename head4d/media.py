@@ -1,13 +1,16 @@
-"""Writing the demo's images without an imaging package: PNG (zlib from the standard
-library), an animated GIF (Pillow's when it is installed; else head4d's own: a fixed 6x7x6
-colour cube, LZW codes written without a growing table), and MP4 through ``imageio`` / ``imageio-ffmpeg`` or ``torchvision`` when either is
-installed. Images are ``[H, W, 3]`` uint8 tensors (``[H, W]`` for grey)."""
+"""Writing images and animations without an imaging package (``head4d demo`` and
+``head4d reenact``): PNG (zlib from the standard library), an animated GIF (Pillow's when it
+is installed; else head4d's own: a fixed 6x7x6 colour cube, LZW codes written without a
+growing table), and MP4 through ``imageio`` / ``imageio-ffmpeg`` or ``torchvision`` when
+either is installed. :class:`AnimationWriter` streams: each frame goes to the file when it
+is appended (MP4 through imageio-ffmpeg, else head4d's GIF writer), so memory does not grow
+with the number of frames. Images are ``[H, W, 3]`` uint8 tensors (``[H, W]`` for grey)."""
 from __future__ import annotations
 
 import struct
 import zlib
 from pathlib import Path
-from typing import List, Sequence
+from typing import BinaryIO, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -91,25 +94,117 @@ def _lzw_codes(indices: bytes) -> bytes:
     return bytes(blocks + b"\x00")
 
 
-def write_gif(path: Path, frames: List[torch.Tensor], fps: float) -> None:
-    """Write ``[H, W, 3]`` uint8 frames (one size) as a looping animated GIF."""
-    h, w, _ = frames[0].shape
-    delay = max(2, round(100 / fps))
-    data = bytearray(b"GIF89a" + struct.pack("<HHBBB", w, h, 0xF7, 0, 0) + _palette())
-    data += b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"  # loop forever
-    for frame in frames:
-        data += b"\x21\xf9\x04\x00" + struct.pack("<H", delay) + b"\x00\x00"
+class GifStream:
+    """An animated, looping GIF written frame by frame (head4d's writer: the colour cube of
+    :data:`GIF_LEVELS`, literal LZW codes). ``append`` writes each ``[H, W, 3]`` uint8 frame
+    (all of one size) to the open file at once; ``close`` ends the file."""
+
+    def __init__(self, path: Path, fps: float):
+        self.path = Path(path)
+        self.delay = max(2, round(100 / fps))  # hundredths of a second
+        self.size: Optional[Tuple[int, int]] = None
+        self.frames = 0
+        self._file: Optional[BinaryIO] = open(self.path, "wb")
+
+    def append(self, frame: torch.Tensor) -> None:
+        if self._file is None:
+            raise ValueError(f"GifStream: {self.path} is already closed")
+        h, w, _ = frame.shape
+        if self.size is None:
+            self.size = (h, w)
+            self._file.write(b"GIF89a" + struct.pack("<HHBBB", w, h, 0xF7, 0, 0) + _palette())
+            self._file.write(b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00")  # loop forever
+        elif self.size != (h, w):
+            raise ValueError(f"GifStream: frame must have shape [{self.size[0]}, {self.size[1]}, 3] like the "
+                             f"first, got {list(frame.shape)}")
+        data = b"\x21\xf9\x04\x00" + struct.pack("<H", self.delay) + b"\x00\x00"
         data += b"\x2c" + struct.pack("<HHHHB", 0, 0, w, h, 0)
-        data += _lzw_codes(_palette_indices(frame).numpy().tobytes())
-    data += b"\x3b"
-    Path(path).write_bytes(bytes(data))
+        self._file.write(data + _lzw_codes(_palette_indices(frame).numpy().tobytes()))
+        self.frames += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.write(b"\x3b")
+            self._file.close()
+            self._file = None
+
+
+def write_gif(path: Path, frames: List[torch.Tensor], fps: float) -> None:
+    """Write ``[H, W, 3]`` uint8 frames (one size) as a looping animated GIF (:class:`GifStream`)."""
+    stream = GifStream(path, fps)
+    try:
+        for frame in frames:
+            stream.append(frame)
+    finally:
+        stream.close()
+
+
+def _even(frame: torch.Tensor) -> torch.Tensor:
+    """``frame`` cropped to even height and width (H.264 wants even sizes)."""
+    return frame[:frame.shape[0] // 2 * 2, :frame.shape[1] // 2 * 2]
+
+
+class AnimationWriter:
+    """Streams ``[H, W, 3]`` uint8 frames (one size) into ``stem.mp4`` through imageio-ffmpeg
+    when it is importable and its encoder starts, else into ``stem.gif`` through
+    :class:`GifStream`; each frame is written when appended. (Pillow's GIF writer and
+    torchvision's MP4 writer take the whole sequence at once, so they are not used here.)
+
+    ``path`` is known after the first frame; ``close()`` (or the ``with`` block's end)
+    finishes the file and returns its path."""
+
+    def __init__(self, stem: Path, fps: float):
+        self.stem = Path(stem)
+        self.fps = float(fps)
+        self.path: Optional[Path] = None
+        self.frames = 0
+        self._mp4 = None
+        self._gif: Optional[GifStream] = None
+
+    def _open(self) -> None:
+        try:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg  # noqa: F401
+
+            path = self.stem.with_suffix(".mp4")
+            self._mp4 = imageio.get_writer(path, fps=self.fps, macro_block_size=1)
+            self.path = path
+            return
+        except (ImportError, OSError, RuntimeError, ValueError):  # not installed, or no working encoder
+            self._mp4 = None
+        self.path = self.stem.with_suffix(".gif")
+        self._gif = GifStream(self.path, self.fps)
+
+    def append(self, frame: torch.Tensor) -> None:
+        if self.path is None:
+            self._open()
+        if self._mp4 is not None:
+            self._mp4.append_data(_even(frame).numpy())
+        else:
+            self._gif.append(frame)
+        self.frames += 1
+
+    def close(self) -> Optional[Path]:
+        if self._mp4 is not None:
+            self._mp4.close()
+            self._mp4 = None
+        if self._gif is not None:
+            self._gif.close()
+            self._gif = None
+        return self.path
+
+    def __enter__(self) -> "AnimationWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def write_animation(stem: Path, frames: List[torch.Tensor], fps: float) -> Path:
     """Write ``frames`` as ``stem.mp4`` through imageio-ffmpeg or torchvision when one is
     importable and works, else as ``stem.gif`` (through Pillow when importable, else
     :func:`write_gif`); returns the path written."""
-    even = [f[:f.shape[0] // 2 * 2, :f.shape[1] // 2 * 2] for f in frames]  # H.264 wants even sizes
+    even = [_even(f) for f in frames]
     try:
         import imageio.v2 as imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
