@@ -176,6 +176,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
+    import pickle
+
     import numpy as np
 
     from .synthesis import TripletSampler, write_triplets
@@ -201,7 +203,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         sampler = TripletSampler(genhead, generator=generator, **extra)
         write_triplets(sampler, args.out, args.count, batch=args.batch, log=print)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -336,6 +336,23 @@ def test_triplane_targets_at_canonical_codes(model, head):
     assert direct.abs().max() > 0  # points inside the planes' box
 
 
+def test_triplane_targets_are_read_at_the_head_canonical_points(model, head):
+    """Away from the canonical codes the points stay in observation space (the
+    reconstructor's loss warps them with the target's codes) and the features are the
+    head planes read at their head-canonical positions, not at the points themselves."""
+    sampler = TripletSampler(model, static_fraction=0.0, triplane_points=300,
+                             generator=torch.Generator().manual_seed(10))
+    batch = sampler.sample(2, return_planes=True)
+    fields = model.deformation.build(**{k: v.to(head.dtype) for k, v in batch.codes(2).as_dict().items()})
+    canonical = model.deformation.warp(batch.triplane_points.to(head.dtype), fields).head.float()
+    at_canonical = sample_triplanes(batch.planes[:, 3:6], canonical, box_warp=1.3, plane_layout="portrait4d")
+    at_points = sample_triplanes(batch.planes[:, 3:6], batch.triplane_points, box_warp=1.3,
+                                 plane_layout="portrait4d")
+    eps = torch.finfo(torch.float32).eps
+    assert torch.allclose(batch.triplane_features, at_canonical, rtol=0, atol=64 * eps * at_canonical.abs().max())
+    assert ((at_points - at_canonical).norm() / at_canonical.norm()).item() > 1e-2  # the warp matters here
+
+
 def test_triplane_targets_skip_eye_and_mouth_rays(model, head):
     sampler = TripletSampler(model, triplane_points=200, generator=torch.Generator().manual_seed(9))
     planes = torch.randn(1, 6, 32, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -427,5 +444,37 @@ def test_synthesize_command_errors(tmp_path, capsys):
     assert cli.main(["synthesize", "--genhead", str(tmp_path), "--out", str(tmp_path / "o"), "--count", "0",
                      "--device", "cpu"]) == 2
     assert "--count" in capsys.readouterr().err
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle")
+    assert cli.main(["synthesize", "--genhead", str(bad), "--out", str(tmp_path / "o"), "--count", "1",
+                     "--device", "cpu"]) == 2
+    assert "head4d synthesize" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["synthesize", "--out", str(tmp_path / "o"), "--count", "1"])
+
+
+def test_synthesize_command_reads_a_pickle_and_the_optional_arrays(tmp_path, head, monkeypatch, capsys):
+    """A file --genhead goes through head4d.checkpoints.load_network_pkl (its G_ema; the
+    loader replaced here, its own tests read real pickles); --motions and --cameras arrays
+    reach the sampler."""
+    import head4d.checkpoints
+
+    torch.manual_seed(0)
+    small = randomize(GenHead(small_config(has_superresolution=False), head), 3).eval()
+    loaded = []
+    monkeypatch.setattr(head4d.checkpoints, "load_network_pkl",
+                        lambda path, device="cpu": loaded.append((str(path), device)) or {"G_ema": small})
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(b"read by the replaced loader only")
+    clips = labelled_clips(2, 3).numpy()
+    table = sample_look_at_cameras(2, generator=torch.Generator().manual_seed(1)).numpy()
+    np.save(tmp_path / "motions.npy", clips)
+    np.save(tmp_path / "cameras.npy", table)
+    out = tmp_path / "out"
+    assert cli.main(["synthesize", "--genhead", str(pkl), "--out", str(out), "--count", "2", "--device", "cpu",
+                     "--motions", str(tmp_path / "motions.npy"), "--cameras", str(tmp_path / "cameras.npy")]) == 0
+    assert loaded == [(str(pkl), "cpu")]
+    labels = read_labels(out / "labels.npz")
+    # the dynamic row's expression comes from the clips (coefficient 1 is a frame index)
+    assert set(labels["motions"][0, :, 1].tolist()) <= {0.0, 1.0, 2.0}
+    assert (labels["condition_camera"][:, None] == table[None]).all(-1).any(-1).all()  # a dataset row

@@ -129,7 +129,8 @@ class TripletSampler:
     batched on its device (module docstring for what is drawn).
 
     Args:
-        genhead: a :class:`~head4d.models.GenHead` (used in eval mode, never trained here).
+        genhead: a :class:`~head4d.models.GenHead`, set to eval mode with its gradients off
+            (it is frozen; nothing here trains it).
         truncation_psi: the mapping's truncation (Portrait4D: 0.95).
         static_fraction: the share of each batch that is static (the last rows; 0.5).
         jaw_perturb_prob, jaw_perturb_max: the jaw perturbation (0.5, 0.2 radians).
