@@ -402,6 +402,12 @@ def test_bad_arguments(model):
         TripletSampler(model, motions=torch.zeros(3, 109))
     with pytest.raises(ValueError, match=r"shapes.*\[S, 300\]"):
         TripletSampler(model, shapes=torch.zeros(3, 100))
+    with pytest.raises(ValueError, match="focal"):
+        TripletSampler(model, focal=0.0)
+    with pytest.raises(ValueError, match="shape_std"):
+        TripletSampler(model, shape_std=-1.0)
+    with pytest.raises(ValueError, match="triplane_points"):
+        TripletSampler(model, triplane_points=0)
     with pytest.raises(ValueError, match="batch"):
         TripletSampler(model).sample(0)
     with pytest.raises(ValueError, match="pivot"):

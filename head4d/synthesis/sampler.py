@@ -44,7 +44,7 @@ from ..models._common import camera_rays
 from ..models.genhead import HEAD_PLANES, FlameCodes, GenHead
 from ..ops import auto_plane_limits, sample_triplanes, stratified_depths
 from . import cameras as cams
-from .motions import EXPRESSION, EYES, JAW, MOTION_SIZE, MotionSource, perturb_jaw
+from .motions import EXPRESSION, EYES, JAW, MotionSource, perturb_jaw
 
 NAME = "TripletSampler"
 #: The three views of a triplet, in order.
@@ -159,6 +159,11 @@ class TripletSampler:
         self.jaw_perturb_prob = _check_probability("jaw_perturb_prob", jaw_perturb_prob)
         if isinstance(jaw_perturb_max, bool) or not isinstance(jaw_perturb_max, (int, float)) or jaw_perturb_max < 0:
             raise ValueError(f"{NAME}: jaw_perturb_max must be a number >= 0, got {jaw_perturb_max!r}")
+        for name, value in (("shape_std", shape_std), ("focal", focal)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (name == "focal" and value == 0):
+                raise ValueError(f"{NAME}: {name} must be a finite number {'> 0' if name == 'focal' else '>= 0'}, "
+                                 f"got {value!r}")
         if isinstance(triplane_points, bool) or not isinstance(triplane_points, int) or triplane_points < 1:
             raise ValueError(f"{NAME}: triplane_points must be a positive int, got {triplane_points!r}")
         if dataset_cameras is not None:
@@ -262,9 +267,9 @@ class TripletSampler:
         ws_average = G.mapping(z, condition, truncation_psi=0)
         planes = G.planes(ws)
         background = G.background_image(z)
-        codes = FlameCodes(shape=shape.repeat_interleave(3, dim=0), expression=motions[..., EXPRESSION].reshape(-1, 100),
-                           neck_pose=neck.reshape(-1, 3), jaw_pose=motions[..., JAW].reshape(-1, 3),
-                           eye_pose=motions[..., EYES].reshape(-1, 6))
+        codes = FlameCodes(shape=shape.repeat_interleave(3, dim=0),
+                           expression=motions[..., EXPRESSION].reshape(-1, 100), neck_pose=neck.reshape(-1, 3),
+                           jaw_pose=motions[..., JAW].reshape(-1, 3), eye_pose=motions[..., EYES].reshape(-1, 6))
         flat_cameras = camera["cameras"].reshape(batch * 3, -1)
         out = G.render(planes, flat_cameras, codes, ws=ws_average, background=background, generator=self.generator)
 
