@@ -4,6 +4,8 @@
                  [--budget SECONDS] [--json PATH] [--write-order FILE]
     head4d bench --from-json BENCH_JSON --write-order FILE
     head4d info
+    head4d synthesize --genhead PKL_OR_DIR --out DIR --count N [--batch B] [--device cpu|cuda]
+                      [--seed S] [--motions NPY] [--cameras NPY]
     head4d demo [--checkpoint PKL_OR_DIR] [--out DIR] [--device cpu|cuda] [--resolution R]
                 [--frames N] [--cache DIR] [--fit-steps N]
     head4d reenact --checkpoint CKPT --source IMAGE --motion MOTIONS.npy [--source-motion FILE]
@@ -28,6 +30,9 @@ into a triplane once and cached (:mod:`head4d.demo.subject`).
 reconstructor (:mod:`head4d.reenact.run`): frames (PNG), an MP4 or GIF, optional depth maps
 and a mesh of the canonical head, streamed as they are rendered; it prints the frames per
 second and where the time went. ``--synthetic`` needs no files.
+
+``synthesize`` writes Portrait4D's reconstructor training triplets drawn from a GenHead
+(:mod:`head4d.synthesis`) as PNG images and one ``labels.npz``, with a progress bar.
 """
 from __future__ import annotations
 
@@ -201,6 +206,40 @@ def _reenact(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthesize(args: argparse.Namespace) -> int:
+    import pickle
+
+    import numpy as np
+
+    from .synthesis import TripletSampler, write_triplets
+
+    prog = "head4d synthesize"
+    if args.count < 1 or args.batch < 1:
+        print(f"{prog}: --count and --batch must be >= 1, got {args.count} and {args.batch}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        if os.path.isdir(args.genhead):
+            from .models import GenHead
+            genhead = GenHead.load(args.genhead, device=args.device)
+        else:
+            from .checkpoints import load_network_pkl
+            genhead = load_network_pkl(args.genhead, device=args.device)["G_ema"]
+        extra = {}
+        for option, key in ((args.motions, "motions"), (args.cameras, "dataset_cameras")):
+            if option is not None:
+                extra[key] = torch.from_numpy(np.load(option)).float()
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        sampler = TripletSampler(genhead, generator=generator, **extra)
+        write_triplets(sampler, args.out, args.count, batch=args.batch, log=print)
+    except (OSError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head4d", description="head4d: fast triplane NeRF head kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, which backends are available, and per op which it has")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("synthesize", help="write Portrait4D's reconstructor training triplets drawn from a GenHead",
+                       description="Draws (source, driver, target) triplets from a frozen GenHead as "
+                                   "head4d.synthesis.TripletSampler does online, and writes each view's image "
+                                   "and raw image as PNG plus one labels.npz (cameras, FLAME codes, motions, "
+                                   "motion scale, depth, masks, triplane-feature targets; see "
+                                   "head4d.synthesis.writer). The built-in procedural demo subject is one fitted "
+                                   "triplane, not a generator, so a GenHead is required.")
+    p.add_argument("--genhead", required=True, metavar="PKL_OR_DIR",
+                   help="a Portrait4D GenHead pickle (its G_ema) or a directory saved by GenHead.save")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="number of triplets")
+    p.add_argument("--batch", type=int, default=4, metavar="B", help="triplets per batch (default 4)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("--motions", metavar="NPY", help="motion clips [C, T, 109] (.npy; default: head4d's random "
+                                                     "motion model, head4d.synthesis.motions)")
+    p.add_argument("--cameras", metavar="NPY", help="dataset camera labels [M, 25] (.npy) for half the views "
+                                                     "(default: all look-at cameras)")
+    p.set_defaults(func=_synthesize)
     return parser
 
 
