@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
-from ..demo.images import to_uint8, write_png
+from ..media import to_uint8, write_png
 from .sampler import VIEWS, TripletSampler
 
 #: The TripletBatch fields written to ``labels.npz``.
