@@ -1,10 +1,11 @@
 """Where GenHead's forward + backward memory goes, on the CPU or on CUDA.
 
 For one ``fwd+bwd`` call of the ``genhead`` bench case's computation (the forward, then
-the gradients of every parameter it uses for a random cotangent) this prints, per
+the gradients of every parameter it uses for a cotangent of ones) this prints, per
 configuration (``torch``: every op on its reference; ``head4d``: each op's default;
-``head4d-fused``: the renderer's fused decode, ``GenHeadConfig.fused=True``; and the
-other settings given with ``--variants``):
+``head4d-fused``: ``GenHeadConfig.fused=True``, each triplane read and decoded by
+:func:`~head4d.ops.decode_triplanes`; ``head4d-unfused``: ``fused=False``; pick them with
+``--variants``):
 
 - the peak memory of the call above what was allocated before it: on CUDA
   ``max_memory_allocated``; on the CPU the running sum of the CPU allocator's
@@ -20,7 +21,7 @@ Usage::
                                         [--variants torch head4d head4d-fused] [--threads N]
 
 ``--config cpu`` is the reduced configuration of the bench case on the CPU
-(:func:`head4d.bench.op_cases.genhead._config`, super-resolution narrowed), with the
+(:func:`head4d.bench.op_cases.genhead._config`, the super-resolution narrowed off CUDA), with the
 neural rendering resolution set by ``--resolution`` and the masks rasterized at twice it;
 ``--config full`` is the released one (on the CPU too, in float32 where CUDA runs the
 FP16 blocks in float16).
