@@ -19,7 +19,9 @@ Goals (issue "GenHead on head4d's kernels", not yet measured on a GPU):
   default decodes unfused (faster there: 9.6 s against 16.3 s for a forward + backward at
   batch 4, 64^2, one thread), so on the CPU the memory goal's configuration is a case of
   its own, ``..._fused`` (``fused=True``, ``fwd+bwd`` only); its memory ratio (saved
-  bytes on the CPU) was 2.30x at N = 1, 16^2 (the default's 1.33x).
+  bytes on the CPU) was 2.30x at N = 1, 16^2 (the default's 1.33x). At that small shape
+  the peak ratio is lower, 1.55x (the super-resolution's 512^2 activations dominate); at
+  the goal's batch 4 and 64^2 it is 4.40x (below).
 
 What the memory goes to (``benchmarks/genhead_memory.py``, CPU, float32, one
 forward + backward; ``benchmarks/results/2026-12-05-cpu-genhead-memory``): at batch 4,
