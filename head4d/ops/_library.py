@@ -573,6 +573,24 @@ attention_triton.register_autograd(_attention_gradient, setup_context=_attention
 # derivatives; a third derivative through x raises.
 # ---------------------------------------------------------------------------------
 
+#: Activation codes (:data:`head4d.reference.bias_act.ACTIVATIONS`) whose first derivative
+#: is a function of the output ``y = clamp(act(z) * gain)``: linear, relu, lrelu. With
+#: ``gain > 0`` (and ``alpha > 0`` for lrelu) ``y`` has the sign of ``z``, so the
+#: derivative at ``z`` is the derivative taken at ``y`` (no bias, no clamp), zeroed where
+#: ``|y| >= clamp``; such calls keep ``y`` for the backward instead of ``x`` (StyleGAN2's
+#: op does the same), and ``y`` is the tensor the next layer keeps anyway.
+_LINEAR, _RELU, _LRELU = 0, 1, 2
+
+
+def _bias_act_keeps_output(x: Tensor, act: int, alpha: float, gain: float) -> bool:
+    """Whether a bias_act call keeps its output rather than its input for the backward:
+    an activation of :data:`_LINEAR`, :data:`_RELU`, :data:`_LRELU` with the signs above,
+    and float32 / float64 data (half-precision outputs are rounded, so a value just below
+    the clamp could read as clamped)."""
+    return (act in (_LINEAR, _RELU, _LRELU) and gain > 0 and (act != _LRELU or alpha > 0)
+            and x.dtype in (torch.float32, torch.float64))
+
+
 def _bias_act_bias_grad(grad_x: Tensor, b: Tensor, dim: int) -> Tensor:
     """The bias gradient: ``grad_x`` summed over every dimension but ``dim``, in float32
     (float64 for float64), returned in b's dtype."""
@@ -607,15 +625,21 @@ def _define_bias_act(name: str, derivative_name: str, kernels, devices: Sequence
 
     def forward_setup_context(ctx, inputs, output):
         x, b, dim, act, alpha, gain, clamp = inputs
-        ctx.save_for_backward(x, b)
+        ctx.keeps_output = _bias_act_keeps_output(x, act, alpha, gain)
+        ctx.save_for_backward(output if ctx.keeps_output else x, b)
         ctx.args = (dim, act, alpha, gain, clamp)
 
     def forward_gradient(ctx, grad_out):
-        x, b = ctx.saved_tensors
+        kept, b = ctx.saved_tensors
         dim, act, alpha, gain, clamp = ctx.args
         grad_x = grad_b = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x = derivative(grad_out, x, b, dim, act, 1, alpha, gain, clamp)
+            if ctx.keeps_output:  # kept = y: the derivative at y, zeroed where y is clamped
+                grad_x = derivative(grad_out, kept, None, dim, act, 1, alpha, gain, -1.0)
+                if clamp >= 0:
+                    grad_x = grad_x.masked_fill(kept.abs() >= clamp, 0)
+            else:
+                grad_x = derivative(grad_out, kept, b, dim, act, 1, alpha, gain, clamp)
             if b is not None and ctx.needs_input_grad[1]:
                 grad_b = _bias_act_bias_grad(grad_x, b, dim)
         return grad_x, grad_b, None, None, None, None, None
