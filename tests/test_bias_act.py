@@ -224,10 +224,10 @@ def test_empty_and_no_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_what_the_backward_keeps(backend):
-    """linear, relu and lrelu (gain > 0, alpha > 0) in float32 / float64 keep their output
-    for the backward, the tensor the next layer keeps anyway, not their input; other
-    activations, a negative alpha and half precision keep the input. The gradients are
-    the reference's either way (the tests above)."""
+    """linear, relu and lrelu (gain > 0, alpha > 0, no clamp) in float32 / float64 keep
+    their output for the backward, the tensor the next layer keeps anyway, not their
+    input; other activations, a negative alpha, a clamp and half precision keep the input.
+    The gradients are the reference's either way (the tests above)."""
     require_backend(backend)
 
     def kept(x, dtype=torch.float32, **kwargs):
@@ -244,8 +244,9 @@ def test_what_the_backward_keeps(backend):
 
     x = rand((4, 6, 5), 41)
     for act in ("linear", "relu", "lrelu"):
-        assert kept(x, act=act, clamp=1.5) == "output", act
-        assert kept(x, F64, act=act) == "output", act
+        assert kept(x, act=act) == "output", act
+        assert kept(x, F64, act=act, gain=0.5) == "output", act
+        assert kept(x, act=act, clamp=1.5) == "input", act
     assert kept(x, act="lrelu", alpha=-0.1) == "input"
     assert kept(x, act="tanh") == "input"
     assert kept(x, torch.float16, act="lrelu") == "input"
