@@ -33,9 +33,10 @@ decode's MLP activations (2.4 GB) are the difference. At the released config (ba
 (497 MB against 561 MB saved), the super-resolution (782 MB against 1461 MB) and the
 background (188 MB against 213 MB) were 92% of what it kept, every ``bias_act`` keeping
 its input beside the output the next layer keeps. Since the compiled ``bias_act`` keeps
-its output for linear, relu and lrelu in float32 / float64, they keep 380, 398 and
-174 MB, and ``fused=True`` reaches 1.96x the peak (2.75x saved): just short of the goal
-at batch 1 on the CPU.
+its output for linear, relu and lrelu without a clamp (float32 / float64), the backbone
+keeps 380 MB and ``fused=True`` reaches 1.69x the peak (2.01x saved); the
+super-resolution's and background's layers clamp and keep what they kept, so the goal
+is not met at batch 1 on the CPU.
 
 Both cases time ``fwd`` (inference, no gradient) and ``fwd+bwd`` (the forward, then the
 gradients of every parameter the forward uses, as a training step computes them). The
