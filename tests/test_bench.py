@@ -91,6 +91,27 @@ def test_genhead_render_case_agrees_with_its_reference_on_the_cpu():
     assert expected[0].std() > 0 and all(g.abs().sum() > 0 for g in expected[1:])
 
 
+def test_genhead_fused_case_meets_the_memory_goal_on_the_cpu():
+    """The CPU's ``genhead`` memory case (GenHeadConfig.fused=True, fwd+bwd only) agrees
+    with its reference and keeps at most half the bytes the reference keeps for the
+    backward; the default case beside it decodes unfused (the CPU's faster path)."""
+    from head4d.bench.harness import check, measure_memory, prepare, step
+
+    cases = {c.shape: c for c in bench.cases(bench.Settings(device=CPU), ["genhead"])}
+    fused = [c for shape, c in cases.items() if shape.endswith("_fused")]
+    assert len(fused) == 1 and len(cases) == 2
+    (case,) = fused
+    assert case.passes == ("fwd+bwd",) and case.measure_memory
+    assert cases[case.shape[: -len("_fused")]].passes == ("fwd", "fwd+bwd")
+    inputs = prepare(case, case.make_inputs(CPU, 0), "fwd+bwd")
+    expected = [t.detach() for t in step(case, "fwd+bwd", bench.REFERENCE)(inputs)]
+    ok, errors = check(case, "fwd+bwd", "cpu", inputs, expected)
+    assert ok, errors
+    saved_ref, _ = measure_memory(case, "fwd+bwd", bench.REFERENCE, inputs, CPU)
+    saved_fused, _ = measure_memory(case, "fwd+bwd", "cpu", inputs, CPU)
+    assert 2 * saved_fused <= saved_ref, (saved_fused, saved_ref)
+
+
 def test_settings_reject_two_modes_and_bad_batches():
     with pytest.raises(ValueError, match="quick and full"):
         bench.Settings(device=CPU, quick=True, full=True)

@@ -222,6 +222,36 @@ def test_empty_and_no_grad(backend):
     assert bias_act(x, torch.zeros(3), act="relu", backend=backend).shape == (0, 3, 2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_the_backward_keeps(backend):
+    """linear, relu and lrelu (gain > 0, alpha > 0, no clamp) in float32 / float64 keep
+    their output for the backward, the tensor the next layer keeps anyway, not their
+    input; other activations, a negative alpha, a clamp and half precision keep the input.
+    The gradients are the reference's either way (the tests above)."""
+    require_backend(backend)
+
+    def kept(x, dtype=torch.float32, **kwargs):
+        x = x.to(dtype).requires_grad_(True)
+        b = torch.linspace(-0.5, 0.5, x.shape[1], dtype=dtype)
+        storages = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.append(t.untyped_storage().data_ptr())
+                                                      or t, lambda t: t):
+            y = bias_act(x, b, backend=backend, **kwargs)
+        own = {x.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+        mine = [p for p in storages if p not in own]
+        return ("output" if mine == [y.untyped_storage().data_ptr()] else
+                "input" if x.untyped_storage().data_ptr() in storages and not mine else storages)
+
+    x = rand((4, 6, 5), 41)
+    for act in ("linear", "relu", "lrelu"):
+        assert kept(x, act=act) == "output", act
+        assert kept(x, F64, act=act, gain=0.5) == "output", act
+        assert kept(x, act=act, clamp=1.5) == "input", act
+    assert kept(x, act="lrelu", alpha=-0.1) == "input"
+    assert kept(x, act="tanh") == "input"
+    assert kept(x, torch.float16, act="lrelu") == "input"
+
+
 # ----------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------
