@@ -11,7 +11,7 @@
   architectures, with random weights and non-zero biases; the input composition (raw
   image and uv resized with antialiased bilinear, seg as it is).
 - R1 (the gradient of the logits with respect to the super-resolved and the raw image,
-  then a backward of its squared norm) through head4d's compiled kernels equals the
+  the uv and the seg input, then a backward of the weighted squared norms) through head4d's compiled kernels equals the
   ``torch`` backend's, parameter gradients included; gradients reach every parameter.
 - The blur of the super-resolved image, camera noise, FP16 off the CPU, errors.
 """
@@ -268,14 +268,19 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def r1_penalty(D, img, c):
-    """Upstream's R1: the gradient of sum(logits) with respect to the super-resolved and
-    the raw image (create_graph), squared and summed per sample; then the backward of its
-    sum. Returns the logits, the penalties and the parameter gradients by name; the last
-    layer's bias (a constant in the logit) has none, as the penalty does not depend on it."""
+def r1_penalty(D, img, c, gammas=(10.0, 30.0, 10.0)):
+    """The GAN loss's R1 for the dual discriminator: the gradients of sum(logits) with
+    respect to every input entry (create_graph; here the raw image is upsampled and uv
+    downsampled on the way in), squared and summed per sample, weighted by gamma / 2
+    (images, uv, seg); then the backward of its sum. Returns the logits, the penalties and
+    the parameter gradients by name; the last layer's bias (a constant in the logit) has
+    none, as the penalty does not depend on it."""
     logits = D(img, c)
-    grads = torch.autograd.grad(logits.sum(), [img["image_sr"], img["image"]], create_graph=True)
-    penalty = sum(g.square().sum(dim=[1, 2, 3]) for g in grads)
+    names = ("image_sr", "image", "uv", "seg")
+    grads = torch.autograd.grad(logits.sum(), [img[k] for k in names], create_graph=True)
+    norms = [g.square().sum(dim=[1, 2, 3]) for g in grads]
+    gamma, gamma_uv, gamma_seg = gammas
+    penalty = (norms[0] + norms[1]) * (gamma / 2) + norms[2] * (gamma_uv / 2) + norms[3] * (gamma_seg / 2)
     D.zero_grad()
     penalty.sum().backward()
     no_grad = [name for name, p in D.named_parameters() if p.grad is None]
