@@ -256,6 +256,25 @@ def test_fp16_blocks_run_float32_off_cuda():
     assert torch.equal(D(img, c), D(img, c, force_fp32=True))
 
 
+def test_other_configurations():
+    """Unconditional (no mapping, one output), no super-resolution (image | uv: 6 channels),
+    no seg; Freeze-D turns the first layers into buffers."""
+    torch.manual_seed(0)
+    D = disc.DualDiscriminatorDeform(c_dim=0, img_resolution=16, channel_base=128, channel_max=8,
+                                     has_superresolution=False, has_seg=False,
+                                     block_kwargs={"freeze_layers": 2})
+    assert D.img_channels == 6 and D.cmap_dim == 0 and not hasattr(D, "mapping")
+    assert D.b4.out.out_features == 1 and D.b16.num_layers == 4
+    frozen = {name for name, _ in D.named_buffers()} & {"b16.fromrgb.weight", "b16.conv0.weight"}
+    assert frozen == {"b16.fromrgb.weight", "b16.conv0.weight"} and "b16.conv1.weight" in dict(D.named_parameters())
+    img = {"image": torch.randn(2, 3, 16, 16), "uv": torch.randn(2, 3, 32, 32)}
+    x = D.compose_input(img, img_name="image")
+    expected = torch.cat([img["image"], F.interpolate(img["uv"], size=(16, 16), mode="bilinear",
+                                                      align_corners=False, antialias=True)], dim=1)
+    assert torch.equal(x, expected)
+    assert D(img, None, img_name="image").shape == (2, 1)
+
+
 # ----------------------------------------------------------------------------------
 # gradients and R1
 # ----------------------------------------------------------------------------------
