@@ -89,7 +89,7 @@ def blur_discriminator_input(img: Mapping[str, torch.Tensor], blur_sigma: float,
     Returns:
         a new dict (the other entries are the same tensors).
     """
-    from ..render.masks import blur_kernel  # here: head4d.render imports the models' modules
+    from ..render.masks import blur_kernel  # imported here: head4d.render imports head4d.nn
 
     op = "head4d.nn.blur_discriminator_input"
     if not isinstance(img, Mapping):
