@@ -80,3 +80,12 @@ __all__ += ["Block", "BlockCross", "DWConv", "DecoderTriplane", "EncoderCanonica
 from .encoders import EncoderBG, EncoderDetail, EncoderGlobal, add_coordinates  # noqa: E402
 
 __all__ += ["EncoderBG", "EncoderDetail", "EncoderGlobal", "add_coordinates"]
+
+# StyleGAN2's discriminator as Portrait4D trains with it (the camera-conditioned dual
+# discriminator and its blocks), with the upstream module and parameter names, and the
+# blur the GAN loss applies to its super-resolved input during the blur fade.
+from .discriminator import (DiscriminatorBlock, DiscriminatorEpilogue, DualDiscriminatorDeform,  # noqa: E402
+                            MinibatchStdLayer, blur_discriminator_input, filtered_resizing)
+
+__all__ += ["DiscriminatorBlock", "DiscriminatorEpilogue", "DualDiscriminatorDeform", "MinibatchStdLayer",
+            "blur_discriminator_input", "filtered_resizing"]
