@@ -12,6 +12,7 @@ settings for a cheap run (a 64 x 64 source, 8 x 8 rendering, 6 + 6 samples) are 
 ``config_overrides``.
 """
 import io
+import math
 import os
 
 import pytest
@@ -23,7 +24,6 @@ from head4d.head import FLAME, ProceduralHead
 from head4d.models import GenHead, GenHeadConfig, Reconstructor, ReconstructorConfig
 
 from genhead_testing import randomize
-from test_reconstructor import camera
 from upstream_pickles import (PersistentTree, UpstreamEasyDict, assert_bit_exact, dump_upstream,
                               reconstructor_init_kwargs, reconstructor_tree)
 
@@ -32,6 +32,16 @@ OVERRIDES = {"source_resolution": 64, "neural_rendering_resolution": 8, "depth_r
              "depth_resolution_importance": 6, "fine_resolution": 8, "coarse_resolution": 4}
 #: The recorded arguments that head4d does not use, as the warning names them.
 IGNORED = r"init_kwargs\.num_fp16_res, init_kwargs\.add_block, init_kwargs\.masked_sampling"
+
+
+def camera(n):
+    """Frontal Portrait4D cameras ``[n, 25]``: 4 units along +z looking at the origin, FOV 12
+    degrees, centred principal point."""
+    cam2world = torch.eye(4).repeat(n, 1, 1)
+    cam2world[:, 2, 3] = 4.0
+    focal = 1 / (math.tan(math.radians(12) / 2) * 1.414)
+    intrinsics = torch.tensor([[focal, 0, 0.5], [0, focal, 0.5], [0, 0, 1.0]]).repeat(n, 1, 1)
+    return torch.cat([cam2world.reshape(n, 16), intrinsics.reshape(n, 9)], dim=1)
 
 
 def small_config(**changes):
