@@ -105,7 +105,7 @@ def check_deformation_box(where: str, fields: Dict[str, Any], deformation_box: A
 def warn_ignored(where: str, ignored: List[str]) -> None:
     """One UserWarning naming every recorded argument head4d does not use (none: no warning)."""
     if ignored:
-        warnings.warn(f"{where}: arguments head4d does not use were ignored: {', '.join(ignored)}", stacklevel=4)
+        warnings.warn(f"{where}: arguments head4d does not use were ignored: {', '.join(ignored)}", stacklevel=5)
 
 
 def load_network_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], name: str = "G_ema") -> None:
