@@ -50,6 +50,7 @@ functools, operator, runpy, code, pty, ctypes, ...) are refused with an
 becomes a record when the pickle creates an object of it and is refused when the pickle
 calls it (an unknown name may be a function). Setting an object's state (BUILD) is
 allowed only on records, numpy arrays and dtypes and dicts, never on tensors or globals.
+
 Network snapshots: ``load_network_pkl(path, device="cpu", config_overrides=None)`` returns
 the snapshot with ``G_ema`` (and ``G``) as head4d models, by the class each was pickled as:
 ``PartTriPlaneGeneratorDeform`` (GenHead, ``genhead-ffhq512.pkl``) as
