@@ -181,6 +181,15 @@ def test_demo_errors_name_the_argument(tmp_path, capsys, monkeypatch):
     pkl.write_bytes(b"not read")
     assert cli.main(["demo", "--out", str(tmp_path), "--checkpoint", str(pkl)]) == 2
     assert "head4d.checkpoints.load_network_pkl" in capsys.readouterr().err
+    # a checkpoint of the other model kind (the loader replaced by one returning a stand-in)
+
+    class Reconstructor(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(head4d.checkpoints, "load_network_pkl", lambda path: {"G_ema": Reconstructor()},
+                        raising=False)
+    assert cli.main(["demo", "--out", str(tmp_path), "--checkpoint", str(pkl)]) == 2
+    assert "holds a Reconstructor, but the demo renders a GenHead" in capsys.readouterr().err
 
 
 def decode_gif_frames(data):

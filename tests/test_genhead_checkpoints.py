@@ -19,8 +19,8 @@ from head4d.checkpoints import load_network_pkl, read_pickle
 from head4d.head import FLAME, ProceduralHead
 from head4d.models import GenHead, GenHeadConfig
 from upstream_pickles import (MARK_ENV, PartDeformImportanceRenderer, PersistentTree, UpstreamEasyDict,
-                              assert_bit_exact, dump_upstream, marking_source, upstream_modules_installed,
-                              upstream_modules_loaded)
+                              assert_bit_exact, dump_upstream, flame_tree, marking_source,
+                              upstream_modules_installed, upstream_modules_loaded)
 
 RES = 8  # neural rendering resolution of the small model
 #: head4d's own settings (not in an upstream pickle), given to load_network_pkl as overrides.
@@ -55,25 +55,6 @@ def init_kwargs(config: GenHeadConfig, **changes):
             white_back=False))
     kwargs.update(changes)
     return kwargs
-
-
-def flame_tree(head, drop=()):
-    """``deformer`` with ``flame_deform`` holding FLAME's arrays as Portrait4D's checkpoint stores them."""
-    nv = head.num_vertices
-    flame = dict(faces_tensor=head.faces, v_template=head.v_template,
-                 shapedirs=torch.cat([head.shapedirs, head.exprdirs], dim=2),
-                 posedirs=head.posedirs.reshape(nv * 3, 36).t().contiguous(), J_regressor=head.j_regressor,
-                 parents=head.parents, lbs_weights=head.lbs_weights)
-    deform = dict(eye_idxs=head.eye_indices, face_idxs=head.face_indices, lips_idxs=head.lips_indices,
-                  simplify_idxs=head.companion_indices, simplify_baris=head.companion_weights.double(),
-                  simplify_faces=head.companion_faces)
-    flame = {k: v.clone() for k, v in flame.items() if k not in drop}
-    deform = {k: v.clone() for k, v in deform.items() if k not in drop}
-    model = PersistentTree("FLAME", buffers=flame,
-                           parameters={"eye_pose": torch.nn.Parameter(torch.zeros(1, 6), requires_grad=False),
-                                       "neck_pose": torch.nn.Parameter(torch.zeros(1, 3), requires_grad=False)})
-    return PersistentTree("PartDeformer", modules={
-        "flame_deform": PersistentTree("FlameDeform", buffers=deform, modules={"flame_model": model})})
 
 
 def genhead_tree(G, head, kwargs, *, drop=(), module_src=None):

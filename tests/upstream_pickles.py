@@ -14,6 +14,10 @@ under ``training.``) in ``sys.modules`` only while a pickle is written.
   ``_rebuild_parameter`` around ``_load_from_bytes`` of a legacy storage blob built here
   byte by byte from the format's description) and numpy arrays and scalars under numpy
   1.x's ``numpy.core`` names; `Global` and `Call` write any global or call by name.
+- `flame_tree`: the ``deformer`` holding a head model's arrays as Portrait4D's checkpoints
+  keep them under ``deformer.flame_deform`` (GenHead's and the reconstructor's alike).
+- `reconstructor_init_kwargs` and `reconstructor_tree`: a head4d Reconstructor as the
+  ``TriPlaneReconstructorNeutralize`` record of a Portrait4D reconstructor snapshot.
 """
 from __future__ import annotations
 
@@ -299,3 +303,76 @@ class PersistentTree:
         meta = dict(type="class", version=6, module_src=self.module_src, class_name=self.class_name,
                     state=self.state)
         return _reconstruct_persistent_obj, (meta,), None
+
+
+# ----------------------------------------------------------------------------------------
+# Portrait4D generators: the FLAME deformer, the reconstructor
+# ----------------------------------------------------------------------------------------
+
+def flame_tree(head, drop=()):
+    """``deformer`` with ``flame_deform`` holding FLAME's arrays as Portrait4D's checkpoint stores them
+    (shapedirs with the expression directions appended, posedirs in the ``[36, 3V]`` layout); the
+    entries named in ``drop`` are left out."""
+    nv = head.num_vertices
+    flame = dict(faces_tensor=head.faces, v_template=head.v_template,
+                 shapedirs=torch.cat([head.shapedirs, head.exprdirs], dim=2),
+                 posedirs=head.posedirs.reshape(nv * 3, 36).t().contiguous(), J_regressor=head.j_regressor,
+                 parents=head.parents, lbs_weights=head.lbs_weights)
+    deform = dict(eye_idxs=head.eye_indices, face_idxs=head.face_indices, lips_idxs=head.lips_indices,
+                  simplify_idxs=head.companion_indices, simplify_baris=head.companion_weights.double(),
+                  simplify_faces=head.companion_faces)
+    flame = {k: v.clone() for k, v in flame.items() if k not in drop}
+    deform = {k: v.clone() for k, v in deform.items() if k not in drop}
+    model = PersistentTree("FLAME", buffers=flame,
+                           parameters={"eye_pose": torch.nn.Parameter(torch.zeros(1, 6), requires_grad=False),
+                                       "neck_pose": torch.nn.Parameter(torch.zeros(1, 3), requires_grad=False)})
+    return PersistentTree("PartDeformer", modules={
+        "flame_deform": PersistentTree("FlameDeform", buffers=deform, modules={"flame_model": model})})
+
+
+def reconstructor_init_kwargs(config, **changes):
+    """The constructor arguments Portrait4D's reconstructor training scripts record for a
+    head4d ``ReconstructorConfig`` (training settings included, as the released snapshots hold
+    them; the rendering arguments are the released ones: 48 + 48 samples), updated by ``changes``."""
+    kwargs = dict(
+        mot_dims=config.motion_dim,
+        deformation_kwargs=UpstreamEasyDict(flame_cfg_path="models/FLAME/cfg.yaml", box_warp=config.box_warp),
+        channel_base=32768, channel_max=512, fused_modconv_default="inference_only", flame_full=True,
+        has_superresolution=config.has_superresolution, has_background=config.has_background,
+        num_blocks_neutral=config.num_blocks_neutral, num_blocks_motion=config.num_blocks_motion,
+        motion_map_layers=config.motion_map_layers,
+        rendering_kwargs=dict(
+            image_resolution=512, disparity_space_sampling=False, clamp_mode="softplus",
+            superresolution_module="models.stylegan.superresolution.SuperresolutionHybrid8XDC",
+            c_gen_conditioning_zero=False, gpc_reg_prob=0.5, c_scale=1, superresolution_noise_mode="none",
+            density_reg=0.25, density_reg_p_dist=0.004, reg_type="l1", decoder_lr_mul=config.decoder_lr_mul,
+            sr_antialias=config.sr_antialias, depth_resolution=48, depth_resolution_importance=48,
+            ray_start="auto-plane", ray_end="auto-plane", box_warp=config.box_warp, avg_camera_radius=1.0,
+            avg_camera_pivot=[0, 0, 0.2]),
+        num_fp16_res=0, sr_num_fp16_res=config.sr_num_fp16_res, add_block=False, masked_sampling=0.0,
+        sr_kwargs=UpstreamEasyDict(channel_base=config.channel_base, channel_max=config.channel_max,
+                                   fused_modconv_default=config.fused_modconv_default, use_ws_ones=False),
+        conv_clamp=None)
+    kwargs.update(changes)
+    return kwargs
+
+
+RECONSTRUCTOR_NETWORKS = ("encoder_global", "encoder_detail", "encoder_canonical", "generator_triplane",
+                          "background", "superresolution", "decoder")
+
+
+def reconstructor_tree(R, head, kwargs, *, neural_rendering_resolution=128, drop=()):
+    """R's networks and ``w_avg`` as the upstream ``TriPlaneReconstructorNeutralize`` record
+    (upstream module names), the deformer from ``head`` (`flame_tree`), ``dataset_label_std``,
+    the recorded ``init_kwargs`` and the ``rendering_kwargs`` and ``neural_rendering_resolution``
+    attributes."""
+    modules = {name: None if getattr(R, name) is None else PersistentTree.of_module(getattr(R, name))
+               for name in RECONSTRUCTOR_NETWORKS}
+    modules["renderer"] = PartDeformImportanceRenderer()
+    modules["deformer"] = flame_tree(head, drop)
+    return PersistentTree("TriPlaneReconstructorNeutralize", modules=modules,
+                          buffers={"w_avg": R.w_avg, "dataset_label_std": torch.rand(437, dtype=torch.float64)},
+                          init_kwargs=kwargs,
+                          attributes={"rendering_kwargs": kwargs.get("rendering_kwargs"),
+                                      "neural_rendering_resolution": neural_rendering_resolution,
+                                      "mot_dims": kwargs.get("mot_dims")})

@@ -50,17 +50,31 @@ functools, operator, runpy, code, pty, ctypes, ...) are refused with an
 becomes a record when the pickle creates an object of it and is refused when the pickle
 calls it (an unknown name may be a function). Setting an object's state (BUILD) is
 allowed only on records, numpy arrays and dtypes and dicts, never on tensors or globals.
-GenHead snapshots: ``load_network_pkl(path, device="cpu")`` returns the snapshot with
-``G_ema`` (and ``G``) as :class:`head4d.models.GenHead`, configured from the recorded
-arguments, weights loaded by name, FLAME built from the arrays the checkpoint stores
-(see `_genhead`); ``D`` and the rest as `read_pickle` returns them.
+
+Network snapshots: ``load_network_pkl(path, device="cpu", config_overrides=None)`` returns
+the snapshot with ``G_ema`` (and ``G``) as head4d models, by the class each was pickled as:
+``PartTriPlaneGeneratorDeform`` (GenHead, ``genhead-ffhq512.pkl``) as
+:class:`head4d.models.GenHead` (see `_genhead`), ``TriPlaneReconstructorNeutralize``
+(``portrait4d-genhead512.pkl``, ``portrait4d-static-genhead512.pkl``,
+``portrait4d-v2-vfhq512.pkl``) as :class:`head4d.models.Reconstructor` (see
+`_reconstructor`); configured from the recorded arguments, weights loaded by name, FLAME
+built from the arrays the checkpoint stores; ``D`` and the rest as `read_pickle` returns
+them. Any other class is refused with an error naming the ones head4d loads.
+
+One model, whatever the file: ``load(path_or_dir, device="cpu", kind=None)`` opens a
+network pickle (its ``G_ema``) or a directory of head4d's own format (``GenHead.save`` /
+``Reconstructor.save``) and returns the model; ``kind="GenHead"`` or ``"Reconstructor"``
+refuses a checkpoint of the other kind with an error naming both::
+
+    from head4d.checkpoints import load
+    R = load("portrait4d-v2-vfhq512.pkl", device="cuda", kind="Reconstructor")
 
 Storage blobs (torch's legacy ``torch.save`` of one storage, see `_tensors`) are parsed
 as data, and each tensor view is bounds-checked against its storage.
 """
-from ._genhead import load_network_pkl
+from ._loading import KINDS, load, load_network_pkl
 from ._pickle import DENIED_MODULES, EasyDict, UnsafePickleError, read_pickle
 from ._records import ObjectRecord, PersistentRecord
 
-__all__ = ["DENIED_MODULES", "EasyDict", "ObjectRecord", "PersistentRecord", "UnsafePickleError", "load_network_pkl",
-           "read_pickle"]
+__all__ = ["DENIED_MODULES", "EasyDict", "KINDS", "ObjectRecord", "PersistentRecord", "UnsafePickleError", "load",
+           "load_network_pkl", "read_pickle"]

@@ -147,6 +147,11 @@ def checkpoint_avatar(path: str, device: torch.device, seed: int) -> Avatar:
         kind = "GenHead.load (head4d's own format)" if source.is_dir() else "head4d.checkpoints.load_network_pkl"
         raise DemoError(f"--checkpoint {path}: loading needs {kind}, which this head4d does not have yet "
                         f"({exc}); run without --checkpoint for the built-in subject") from exc
+    from ..models import GenHead
+
+    if not isinstance(model, GenHead):
+        raise DemoError(f"--checkpoint {path}: holds a {type(model).__name__}, but the demo renders a GenHead "
+                        "(a genhead-*.pkl, or a directory written by GenHead.save)")
     model = model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(1, model.config.z_dim, generator=generator).to(device)
