@@ -221,12 +221,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         print(f"{prog}: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     try:
-        if os.path.isdir(args.genhead):
-            from .models import GenHead
-            genhead = GenHead.load(args.genhead, device=args.device)
-        else:
-            from .checkpoints import load_network_pkl
-            genhead = load_network_pkl(args.genhead, device=args.device)["G_ema"]
+        from .checkpoints import load
+        genhead = load(args.genhead, device=args.device, kind="GenHead")
         extra = {}
         for option, key in ((args.motions, "motions"), (args.cameras, "dataset_cameras")):
             if option is not None:

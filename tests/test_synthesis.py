@@ -460,16 +460,16 @@ def test_synthesize_command_errors(tmp_path, capsys):
 
 
 def test_synthesize_command_reads_a_pickle_and_the_optional_arrays(tmp_path, head, monkeypatch, capsys):
-    """A file --genhead goes through head4d.checkpoints.load_network_pkl (its G_ema; the
-    loader replaced here, its own tests read real pickles); --motions and --cameras arrays
+    """--genhead goes through head4d.checkpoints.load with kind GenHead (the loader replaced
+    here; its own tests read real pickles and directories); --motions and --cameras arrays
     reach the sampler."""
     import head4d.checkpoints
 
     torch.manual_seed(0)
     small = randomize(GenHead(small_config(has_superresolution=False), head), 3).eval()
     loaded = []
-    monkeypatch.setattr(head4d.checkpoints, "load_network_pkl",
-                        lambda path, device="cpu": loaded.append((str(path), device)) or {"G_ema": small})
+    monkeypatch.setattr(head4d.checkpoints, "load",
+                        lambda path, device="cpu", kind=None: loaded.append((str(path), device, kind)) or small)
     pkl = tmp_path / "net.pkl"
     pkl.write_bytes(b"read by the replaced loader only")
     clips = labelled_clips(2, 3).numpy()
@@ -479,7 +479,7 @@ def test_synthesize_command_reads_a_pickle_and_the_optional_arrays(tmp_path, hea
     out = tmp_path / "out"
     assert cli.main(["synthesize", "--genhead", str(pkl), "--out", str(out), "--count", "2", "--device", "cpu",
                      "--motions", str(tmp_path / "motions.npy"), "--cameras", str(tmp_path / "cameras.npy")]) == 0
-    assert loaded == [(str(pkl), "cpu")]
+    assert loaded == [(str(pkl), "cpu", "GenHead")]
     labels = read_labels(out / "labels.npz")
     # the dynamic row's expression comes from the clips (coefficient 1 is a frame index)
     assert set(labels["motions"][0, :, 1].tolist()) <= {0.0, 1.0, 2.0}

@@ -172,25 +172,20 @@ def motion_kind(motion_dim: int) -> str:
 
 def load_reconstructor(path: str, device: torch.device) -> Reconstructor:
     """A :class:`~head4d.models.Reconstructor` in eval mode on ``device`` from a Portrait4D
-    reconstructor pickle (through :func:`head4d.checkpoints.load_network_pkl`, its
-    ``G_ema``) or a directory written by :meth:`Reconstructor.save`."""
+    reconstructor pickle (its ``G_ema``) or a directory written by :meth:`Reconstructor.save`,
+    through :func:`head4d.checkpoints.load`."""
     source = Path(path)
     if not source.exists():
         raise ReenactError(f"--checkpoint {path}: no such file or directory")
-    try:
-        if source.is_dir():
-            model = Reconstructor.load(source)
-        else:
-            from ..checkpoints import load_network_pkl
+    from ..checkpoints import load
 
-            model = load_network_pkl(source)["G_ema"]
+    try:
+        model = load(source, kind="Reconstructor")
     except (ValueError, TypeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as exc:
-        # the unsafe-pickle refusal is an UnpicklingError too
-        raise ReenactError(f"--checkpoint {path}: not a reconstructor checkpoint head4d can read ({exc})") from exc
-    if not isinstance(model, Reconstructor):
-        raise ReenactError(f"--checkpoint {path}: holds a {type(model).__name__}, not a reconstructor (a Portrait4D "
-                           f"reconstructor pickle such as portrait4d-genhead512.pkl, or a Reconstructor.save "
-                           f"directory); a GenHead checkpoint goes to --genhead with --synthetic")
+        # the unsafe-pickle refusal is an UnpicklingError too; a GenHead checkpoint is a
+        # ValueError that names both kinds
+        raise ReenactError(f"--checkpoint {path}: not a reconstructor checkpoint head4d can read ({exc}); a "
+                           f"GenHead checkpoint goes to --genhead with --synthetic") from exc
     return model.to(device).eval()
 
 
