@@ -11,8 +11,9 @@ attention against PyTorch's ``scaled_dot_product_attention``:
 - ``reconstructor_train``: the training-shaped step, the one-call forward from the source
   image to the super-resolved image, then the gradients of every parameter it reads;
   ``fwd+bwd`` with memory measured (the peak on CUDA, the bytes saved for the backward on
-  the CPU). The triplane is decoded fused (``fused=True``, :func:`~head4d.ops.decode_triplanes`)
-  on both sides, as a training run configures it for memory.
+  the CPU). The model runs in training mode and decodes the triplane fused
+  (``fused=True``, :func:`~head4d.ops.decode_triplanes`) on both sides, as a training run
+  configures it for memory.
 - ``decoder_attention``: the triplane decoder's attention shape through
   :func:`head4d.ops.attention` (``triton`` on CUDA), with ``sdpa`` (the peer) beside it.
 
@@ -32,7 +33,9 @@ Goals (issue "The reconstructor", not yet measured on a GPU):
 Sizes. CUDA: the released v1 configuration (source 512^2, canonical tokens 32 x 32 of
 1,024 channels, triplane 3 x 32 x 256^2, 128^2 neural rendering, super-resolution to
 512^2 with its widths); ``reconstructor_encode`` N = 1, ``reconstructor_reenact`` N = 1
-and 8, ``reconstructor_train`` N = 4 (``--batch`` overrides each). CPU (every mode): the
+and 8, ``reconstructor_train`` N = 1 and 4 in the full mode (the gate's, which
+``benchmarks/run_gpu.sh`` runs after the bench), N = 1 for both in the default mode
+(``--batch`` overrides each). CPU (every mode): the
 full widths at a 64^2 source (4 x 4 canonical tokens, a 32 x 32 triplane, the decoder's
 attention over 16 x 16 queries and 8 x 8 keys), 16^2 neural rendering with 48 + 48
 samples, the neck grids 12^3 and 4^3, the super-resolution's blocks narrowed to 8 and 4
@@ -137,8 +140,9 @@ def build_model(config, seed: int, device: torch.device) -> torch.nn.Module:
     random triplane decoder's planes are large (std ~13 at the CPU sizes), and unit
     weights made every ray opaque to float32 rounding, where ``1 - opacity`` (the
     background's weight) is rounding noise and the background's gradients compare noise
-    (two backends' float32 sums 25% apart); std 0.1 gives opacities of 0.6 to 0.8. On the CPU the super-resolution's blocks are narrowed to
-    :data:`_CPU_SR_CHANNELS` at their upstream resolutions."""
+    (two backends' float32 sums 25% apart); std 0.1 gives opacities of 0.6 to 0.8.
+    On the CPU the super-resolution's blocks are narrowed to :data:`_CPU_SR_CHANNELS` at
+    their upstream resolutions."""
     from ... import nn as hnn
     from ...models import Reconstructor
 
@@ -300,12 +304,12 @@ def encode_case(n: int, cuda: bool, config=None) -> Case:
 @register("reconstructor_reenact", whole_model=True)
 def _reenact_cases(settings: Settings) -> List[Case]:
     """:meth:`Reconstructor.reenact` of one encoded source with N driving motions and
-    cameras (the per-frame part, batched over frames; N = 1 and 8 on CUDA, 1 on the CPU;
-    sizes in the module docstring). The encoded source (tokens, detail and background
+    cameras (the per-frame part, batched over frames; N = 1 and 8 on CUDA in the full
+    mode, the gate's, else 1; sizes in the module docstring). The encoded source (tokens, detail and background
     features) is an input, computed once per input set outside the timed calls. Output:
     ``image``, ``image_feature``, ``image_depth`` and ``opacity`` flattened per frame."""
     cuda = settings.device.type == "cuda"
-    return [reenact_case(n, cuda) for n in _batches(settings, (1, 8) if cuda else (1,))]
+    return [reenact_case(n, cuda) for n in _batches(settings, (1, 8) if cuda and settings.full else (1,))]
 
 
 def reenact_case(n: int, cuda: bool, config=None) -> Case:
@@ -357,11 +361,13 @@ def _train_cases(settings: Settings) -> List[Case]:
     """The training-shaped step: the one-call forward (N sources, one frame each) from the
     source image to the 512^2 image, then the gradients of every parameter it reads
     (:func:`used_parameter`; the weights are the template's, the data fresh per seed);
-    N = 4 on CUDA, 2 on the CPU (sizes in the module docstring), the triplane decoded
-    fused on both sides. Measures memory: the gate's memory ratio is the ``torch``
-    backend's peak (CPU: saved bytes) over head4d's. Output as ``reconstructor_reenact``'s."""
+    N = 1 and 4 on CUDA in the full mode (the gate's; 1 in the others), 2 on the CPU (sizes
+    in the module docstring), the triplane decoded
+    fused on both sides, the model in training mode. Measures memory: the gate's memory
+    ratio is the ``torch`` backend's peak (CPU: saved bytes) over head4d's. Output as
+    ``reconstructor_reenact``'s."""
     cuda = settings.device.type == "cuda"
-    return [train_case(n, cuda) for n in _batches(settings, (4,) if cuda else (2,))]
+    return [train_case(n, cuda) for n in _batches(settings, ((1, 4) if settings.full else (1,)) if cuda else (2,))]
 
 
 def train_case(n: int, cuda: bool, config=None) -> Case:
@@ -386,12 +392,14 @@ def train_case(n: int, cuda: bool, config=None) -> Case:
         model = template(device, config)
         previous = model.config.fused
         model.config.fused = True
+        model.train()  # as a training step runs it (the super-resolution's unfused modconv)
         try:
             out = _run_model(model, {k: inputs[k] for k in grad_of}, backend, "forward", inputs["source_image"],
                              inputs["source_motion"], inputs["driving_motion"], inputs["camera"],
                              generator=_render_gen(device))
         finally:
             model.config.fused = previous
+            model.eval()
         return _flat(out, _IMAGE_KEYS)
 
     planes_bytes = 3 * 32 * (side // 2) ** 2 * 4
@@ -466,3 +474,58 @@ def _attention_case(b: int, lq: int, lk: int, dtype: torch.dtype, backends: Tupl
         dtype=dtype,
         backends=backends,
     )
+
+
+def saved_bytes_by_stage(case: Case, backend: str, inputs: Inputs, config=None) -> Dict[str, int]:
+    """Where a ``reconstructor_train`` step's memory goes: the bytes autograd saves for the
+    backward during one ``fwd+bwd`` call of ``case`` (built with ``config``, None for the
+    device's) on ``backend``, by the module that was running when each tensor was saved:
+    the model's top-level modules, ``encoder_canonical`` split by its children (the
+    canonicalization blocks ``trans_blocks_neutral``, the re-enactment blocks
+    ``trans_blocks_motion``, the motion maps, the convolutions); ``renderer`` includes the
+    point decoding, fused or not; ``model`` is the reconstructor's own code (the background
+    compositing). Each storage counts once, at its first save, and the inputs' own storages
+    (the weights, the data) not at all, as :func:`~head4d.bench.harness.measure_memory`
+    counts, so the stages sum to its ``saved_bytes``. ``inputs`` as prepared for
+    ``fwd+bwd``."""
+    from ..harness import step
+
+    model = template(inputs["source_image"].device, config)
+    watched = [(name, module) for name, module in model.named_children()
+               if name not in ("deformation", "encoder_canonical")]
+    for name, module in model.encoder_canonical.named_children():
+        members = list(module) if isinstance(module, torch.nn.ModuleList) else [module]
+        watched += [(f"encoder_canonical.{name}", member) for member in members]
+    stages = ["model"]
+
+    def enter(name: str):
+        def hook(module, args) -> None:
+            stages.append(name)
+        return hook
+
+    def leave(module, args, output) -> None:  # returns None: the output is kept
+        stages.pop()
+
+    handles = []
+    for name, module in watched:
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    own = {(v.untyped_storage().data_ptr(), v.untyped_storage().nbytes()) for v in inputs.values()}
+    seen: set = set()
+    by_stage: Dict[str, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in own and key not in seen:
+            seen.add(key)
+            by_stage[stages[-1]] = by_stage.get(stages[-1], 0) + storage.nbytes()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step(case, "fwd+bwd", backend)(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return by_stage
