@@ -35,8 +35,7 @@ Sizes. CUDA: the released v1 configuration (source 512^2, canonical tokens 32 x 
 512^2 with its widths); ``reconstructor_encode`` N = 1, ``reconstructor_reenact`` N = 1
 and 8, ``reconstructor_train`` N = 1 and 4 in the full mode (the gate's, which
 ``benchmarks/run_gpu.sh`` runs after the bench), N = 1 for both in the default mode
-(``--batch`` overrides each). CPU (every mode): the
-full widths at a 64^2 source (4 x 4 canonical tokens, a 32 x 32 triplane, the decoder's
+(``--batch`` overrides each). CPU (every mode): the full widths at a 64^2 source (4 x 4 canonical tokens, a 32 x 32 triplane, the decoder's
 attention over 16 x 16 queries and 8 x 8 keys), 16^2 neural rendering with 48 + 48
 samples, the neck grids 12^3 and 4^3, the super-resolution's blocks narrowed to 8 and 4
 channels at their upstream 256^2 and 512^2; N = 1, and N = 2 for the training step.
