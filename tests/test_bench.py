@@ -112,6 +112,82 @@ def test_genhead_fused_case_meets_the_memory_goal_on_the_cpu():
     assert 2 * saved_fused <= saved_ref, (saved_fused, saved_ref)
 
 
+RECONSTRUCTOR_OPS = ("reconstructor_encode", "reconstructor_reenact", "reconstructor_train", "decoder_attention")
+
+
+def test_reconstructor_cases_time_the_released_sizes_on_cuda_without_building_a_model():
+    """The issue's batches (re-enactment at 1 and 8, training at 4) in the full mode, the
+    gate's; N = 1 in the default mode."""
+    from head4d.bench.op_cases import reconstructor
+
+    cuda = torch.device("cuda")  # building cases allocates nothing on the device
+    built = dict(reconstructor._TEMPLATES)
+    shared = {("reconstructor_encode", "encode_N1_src512_fp32"),
+              ("reconstructor_reenact", "reenact_N1_src512_R128_S48+48_img512_fp32"),
+              ("decoder_attention", "B1_H2_Lq16384_Lk4096_D512_fp32"),
+              ("decoder_attention", "B1_H2_Lq16384_Lk4096_D512_bf16")}
+    expected = {False: shared | {("reconstructor_train", "train_N1_src512_R128_S48+48_img512_fp32")},
+                True: shared | {("reconstructor_reenact", "reenact_N8_src512_R128_S48+48_img512_fp32"),
+                                ("reconstructor_train", "train_N1_src512_R128_S48+48_img512_fp32"),
+                                ("reconstructor_train", "train_N4_src512_R128_S48+48_img512_fp32")}}
+    for full in (False, True):
+        cases = bench.cases(bench.Settings(device=cuda, full=full), RECONSTRUCTOR_OPS)
+        assert {(c.op, c.shape) for c in cases} == expected[full]
+        for case in cases:
+            assert case.op in bench.WHOLE_MODELS  # none of them sets an op's backend order
+            if case.op == "decoder_attention":
+                assert case.backends == ("triton", "sdpa") and case.passes == ("fwd", "fwd+bwd")
+                # float32: TF32 products, the attention tests' 32 units of roundoff
+                assert case.tol() == (32 * 2.0 ** -11 if case.dtype == torch.float32 else 1e-2)
+            else:
+                assert case.tol() == 32 * 2.0 ** -11
+                assert case.backends == ("cuda",)
+                assert case.measure_memory == (case.op == "reconstructor_train")
+                assert case.passes == (("fwd+bwd",) if case.op == "reconstructor_train" else ("fwd",))
+    assert reconstructor._TEMPLATES == built  # the parameter names resolve on first use
+
+
+def test_reconstructor_cases_run_at_a_tiny_size_and_report_ratios():
+    """Every new case at a 64^2 source, 16^2 rendering with 6 + 6 samples: checked against the
+    reference and timed (a finite speedup), and the training step's gradients of every
+    parameter it reads agree, with head4d's fused path keeping fewer bytes for the
+    backward than the reference (the memory ratio the gate reads), and the per-stage
+    account of those bytes sums to the harness's count."""
+    from head4d.bench.harness import check, measure_memory, prepare, step
+    from head4d.bench.op_cases import reconstructor
+    from head4d.models import ReconstructorConfig
+
+    config = ReconstructorConfig(source_resolution=64, neural_rendering_resolution=16, depth_resolution=6,
+                                 depth_resolution_importance=6, fine_resolution=8, coarse_resolution=4)
+    (attention,) = bench.cases(bench.Settings(device=CPU), ["decoder_attention"])
+    for case in (attention, reconstructor.encode_case(1, False, config), reconstructor.reenact_case(1, False, config)):
+        rows = bench.run_case(case, CPU, budget_s=0.01)
+        assert rows and all(r.status == "ok" for r in rows), [(r.key, r.status, r.message) for r in rows]
+        assert all(math.isfinite(r.speedup) and r.speedup > 0 for r in rows)
+        assert {r.backend for r in rows} == {"torch"} | set(case.backends)
+
+    train = reconstructor.train_case(1, False, config)
+    inputs = prepare(train, train.make_inputs(CPU, 0), "fwd+bwd")
+    names = [k for k, _ in reconstructor.template(CPU, config).named_parameters()]
+    unread = [k for k in names if k.startswith("superresolution.") and k.endswith("noise_strength")]
+    assert unread and list(train.grad_of) == [k for k in names if k not in unread]
+    expected = [t.detach() for t in step(train, "fwd+bwd", bench.REFERENCE)(inputs)]
+    ok, errors = check(train, "fwd+bwd", "cpu", inputs, expected)
+    assert ok, {k: v for k, v in errors.items() if v > train.tol()}
+    assert len(errors) == 1 + len(names) - len(unread)
+    assert expected[0].std() > 0 and sum(bool(g.abs().sum() > 0) for g in expected[1:]) == len(expected) - 1
+    saved_cpu, _ = measure_memory(train, "fwd+bwd", "cpu", inputs, CPU)
+    by_stage = {backend: reconstructor.saved_bytes_by_stage(train, backend, inputs, config)
+                for backend in (bench.REFERENCE, "cpu")}
+    assert sum(by_stage["cpu"].values()) == saved_cpu
+    assert 0 < saved_cpu < sum(by_stage[bench.REFERENCE].values())
+    assert {"encoder_global", "encoder_detail", "background", "encoder_canonical.trans_blocks_neutral",
+            "encoder_canonical.trans_blocks_motion", "generator_triplane", "renderer",
+            "superresolution"} <= set(by_stage["cpu"])
+    # the fused decode keeps less than its reference (the whole renderer's memory floor)
+    assert by_stage["cpu"]["renderer"] < by_stage[bench.REFERENCE]["renderer"] / 2
+
+
 def test_settings_reject_two_modes_and_bad_batches():
     with pytest.raises(ValueError, match="quick and full"):
         bench.Settings(device=CPU, quick=True, full=True)

@@ -354,3 +354,26 @@ def test_bad_arguments():
         hnn.add_coordinates(torch.zeros(1, 3, 4, 4, dtype=torch.int32))
     # another in_channels takes in_channels - 2 image channels
     assert hnn.EncoderDetail(in_channels=6)(torch.zeros(1, 4, 8, 8)).shape == (1, 96, 4, 4)
+
+
+def test_detail_encoder_keeps_one_map_per_conv_for_the_backward():
+    """The LeakyReLUs run in place, so autograd keeps each conv's input (the previous
+    LeakyReLU's result, which that LeakyReLU keeps as well: one storage) and the last
+    result, not the convs' outputs besides: 5 maps, not 9."""
+    net = hnn.EncoderDetail()
+    image = torch.randn(1, 3, 32, 32, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(image)
+    maps = [5 * 32 * 32] + [64 * 16 * 16] + [96 * 16 * 16] * 4  # the coordinate-appended input, then 5 results
+    assert sum(saved.values()) == 4 * sum(maps)
+    grad, = torch.autograd.grad(out.sum(), image)
+    assert grad.abs().sum() > 0

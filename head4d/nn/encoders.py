@@ -49,6 +49,11 @@ __all__ = ["EncoderBG", "EncoderDetail", "EncoderGlobal", "add_coordinates"]
 
 #: The slope of every LeakyReLU in the detail encoder and the U-Net.
 LEAKY_SLOPE = 0.01
+#: Every LeakyReLU here follows a conv whose output nothing else reads, so it runs in place:
+#: autograd then keeps its result (which the next conv keeps anyway as its input) instead
+#: of its input as well, about halving what a conv stack saves for the backward; the
+#: gradient is the same (the result has the input's sign, the slope being positive).
+LEAKY_INPLACE = True
 #: Coordinate channels :func:`add_coordinates` appends.
 COORDINATE_CHANNELS = 2
 #: ``(width, blocks, stride, dilation)`` of ResNet-34's ``layer1`` .. ``layer4`` dilated to
@@ -313,7 +318,8 @@ class EncoderDetail(nn.Module):
         layers = []
         for c_in, c_out, k, stride in ((in_channels, 64, 7, 2), (64, 96, 3, 1), (96, 96, 3, 1), (96, 96, 3, 1),
                                        (96, 96, 3, 1)):
-            layers += [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2), nn.LeakyReLU(LEAKY_SLOPE)]
+            layers += [nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2),
+                       nn.LeakyReLU(LEAKY_SLOPE, inplace=LEAKY_INPLACE)]
         self.encoder = nn.Sequential(*layers)
         self.reset_parameters()
 
@@ -367,7 +373,7 @@ class UpsampleConv(nn.Module):
 
 
 def _conv_leaky(in_ch: int, out_ch: int, stride: int = 1) -> Tuple[nn.Module, nn.Module]:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1), nn.LeakyReLU(LEAKY_SLOPE)
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1), nn.LeakyReLU(LEAKY_SLOPE, inplace=LEAKY_INPLACE)
 
 
 class EncoderBG(nn.Module):

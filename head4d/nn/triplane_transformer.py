@@ -35,6 +35,16 @@ __all__ = ["DecoderTriplane", "EncoderCanonical"]
 
 #: Slope of every LeakyReLU in both modules.
 NEGATIVE_SLOPE = 0.01
+#: The triplane decoder's LeakyReLUs follow convs whose outputs nothing else reads, so they
+#: run in place: autograd keeps their results (the next conv's saved inputs) rather than
+#: their inputs too; the gradients are the same.
+CONV_LEAKY_INPLACE = True
+
+
+def _conv_leaky() -> nn.Module:
+    """The LeakyReLU after a triplane-decoder conv (slope :data:`NEGATIVE_SLOPE`, in place
+    per :data:`CONV_LEAKY_INPLACE`)."""
+    return nn.LeakyReLU(NEGATIVE_SLOPE, inplace=CONV_LEAKY_INPLACE)
 #: Channels of the canonical feature map (``sr``), of the detail features and of the planes.
 PLANE_CHANNELS = 96
 
@@ -317,17 +327,17 @@ class DecoderTriplane(nn.Module):
         self.sr_ratios = check_positive_int(op, "sr_ratios", sr_ratios)
         check_positive_float(op, "mlp_ratios", mlp_ratios)
         self.convs1 = nn.Sequential(
-            _conv3x3(2 * PLANE_CHANNELS, 256), nn.LeakyReLU(NEGATIVE_SLOPE),
-            _conv3x3(256, 128), nn.LeakyReLU(NEGATIVE_SLOPE))
+            _conv3x3(2 * PLANE_CHANNELS, 256), _conv_leaky(),
+            _conv3x3(256, 128), _conv_leaky())
         self.patch_embed = PatchEmbed(128, self.embed_dims)
         self.trans_blocks = nn.ModuleList(
             Block(self.embed_dims, num_heads, mlp_ratio=mlp_ratios, qkv_bias=True, sr_ratio=self.sr_ratios,
                   backend=backend)
             for _ in range(self.num_blocks))
         self.convs2 = nn.Sequential(
-            _conv3x3(self.embed_dims // 4 + PLANE_CHANNELS, 256), nn.LeakyReLU(NEGATIVE_SLOPE),
-            _conv3x3(256, 128), nn.LeakyReLU(NEGATIVE_SLOPE),
-            _conv3x3(128, 128), nn.LeakyReLU(NEGATIVE_SLOPE))
+            _conv3x3(self.embed_dims // 4 + PLANE_CHANNELS, 256), _conv_leaky(),
+            _conv3x3(256, 128), _conv_leaky(),
+            _conv3x3(128, 128), _conv_leaky())
         self.conv_last = _conv3x3(128, PLANE_CHANNELS)
         self.reset_parameters()
 

@@ -22,3 +22,4 @@ from . import conv2d_resample  # noqa: F401  (modulated_conv2d, discriminator_r1
 from . import rasterize  # noqa: F401  (rasterize_triangles)
 from . import render  # noqa: F401
 from . import genhead  # noqa: F401  (genhead, genhead_render)
+from . import reconstructor  # noqa: F401  (reconstructor_encode, reconstructor_reenact, reconstructor_train, decoder_attention)
