@@ -184,8 +184,11 @@ def test_reconstructor_cases_run_at_a_tiny_size_and_report_ratios():
     assert {"encoder_global", "encoder_detail", "background", "encoder_canonical.trans_blocks_neutral",
             "encoder_canonical.trans_blocks_motion", "generator_triplane", "renderer",
             "superresolution"} <= set(by_stage["cpu"])
-    # the fused decode keeps less than its reference (the whole renderer's memory floor)
-    assert by_stage["cpu"]["renderer"] < by_stage[bench.REFERENCE]["renderer"] / 2
+    # the fused decode keeps less than its reference (the whole renderer's memory floor): the
+    # reference decodes unfused, so its decoder's activations count in its own stage
+    rendering = {b: by_stage[b]["renderer"] + by_stage[b].get("decoder", 0) for b in by_stage}
+    assert "decoder" not in by_stage["cpu"] and "decoder" in by_stage[bench.REFERENCE]
+    assert rendering["cpu"] < rendering[bench.REFERENCE] / 2
 
 
 def test_settings_reject_two_modes_and_bad_batches():

@@ -408,15 +408,13 @@ def train_case(n: int, cuda: bool, config=None) -> Case:
     def run(inputs: Inputs, backend: str) -> torch.Tensor:
         device = inputs["source_image"].device
         model = template(device, config)
-        previous = model.config.fused
-        model.config.fused = True
         model.train()  # as a training step runs it (the super-resolution's unfused modconv)
         try:
+            # head4d's side decodes fused (the training configuration); the reference unfused
             out = _run_model(model, {k: inputs[k] for k in grad_of}, backend, "forward", inputs["source_image"],
-                             inputs["source_motion"], inputs["driving_motion"], inputs["camera"],
+                             inputs["source_motion"], inputs["driving_motion"], inputs["camera"], fused=True,
                              generator=_render_gen(device))
         finally:
-            model.config.fused = previous
             model.eval()
         return _flat(out, _IMAGE_KEYS)
 
