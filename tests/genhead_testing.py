@@ -87,3 +87,20 @@ def narrow_superresolution(model: torch.nn.Module) -> None:
                                    use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
     sr.block1 = hnn.SynthesisBlock(8, 4, w_dim=512, resolution=512, img_channels=3, is_last=True,
                                    use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
+
+
+#: The neural rendering resolution of :func:`small_genhead_config`.
+SMALL_RES = 12
+
+
+def small_genhead_config(**kwargs):
+    """A GenHeadConfig with tiny channels and resolutions and few samples (``kwargs``
+    override), for tests that run whole GenHeads on the CPU."""
+    from head4d.models import GenHeadConfig
+
+    args = dict(channel_base=256, channel_max=16, triplane_resolution=32, background_resolution=16,
+                background_channel_base=128, background_channel_max=16, background_mapping_layers=2,
+                depth_resolution=8, depth_resolution_importance=8, neural_rendering_resolution=SMALL_RES,
+                fine_resolution=12, coarse_resolution=4, mask_resolution=48)
+    args.update(kwargs)
+    return GenHeadConfig(**args)

@@ -31,14 +31,15 @@ from head4d.models import _common as models_common
 from head4d.models import genhead as genhead_module
 
 from conftest import require_backend
-from genhead_testing import camera, narrow_superresolution, randomize, upstream_sections
+from genhead_testing import (SMALL_RES, camera, narrow_superresolution, randomize, small_genhead_config,
+                             upstream_sections)
 from head4d.models import GraphedRender
 
 EPS32 = torch.finfo(torch.float32).eps
 DECODER_KEYS = [("decoder.net.0.weight", (64, 32)), ("decoder.net.0.bias", (64,)),
                 ("decoder.out_sigma.weight", (1, 64)), ("decoder.out_sigma.bias", (1,)),
                 ("decoder.out_rgb.weight", (32, 64)), ("decoder.out_rgb.bias", (32,))]
-RES = 12  # neural rendering resolution of the small model
+RES = SMALL_RES  # neural rendering resolution of the small model
 
 
 def rel_err(a, b):
@@ -46,13 +47,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def small_config(**kwargs):
-    args = dict(channel_base=256, channel_max=16, triplane_resolution=32, background_resolution=16,
-                background_channel_base=128, background_channel_max=16, background_mapping_layers=2,
-                depth_resolution=8, depth_resolution_importance=8, neural_rendering_resolution=RES,
-                fine_resolution=12, coarse_resolution=4, mask_resolution=48)
-    args.update(kwargs)
-    return GenHeadConfig(**args)
+small_config = small_genhead_config
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +240,8 @@ def test_fused_training_step_matches_torch_backend(model, inputs, monkeypatch):
     rounding, and the reference composition's (``backend="torch"``, decoded unfused) as
     closely as the unfused path does; it saves less for the backward than either."""
     calls = []
-    real = genhead_module.decode_triplanes
-    monkeypatch.setattr(genhead_module, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = models_common.decode_triplanes
+    monkeypatch.setattr(models_common, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
     z, c, codes = inputs
     keys = ("image", "image_raw", "image_feature", "image_depth", "opacity")
     results = {}

@@ -30,28 +30,22 @@ import torch
 
 from head4d import cli
 from head4d.head import ProceduralHead
-from head4d.models import FlameCodes, GenHead, GenHeadConfig
+from head4d.models import FlameCodes, GenHead
 from head4d.ops import sample_triplanes
 from head4d.synthesis import (MOTION_SIZE, TripletSampler, look_at_angles, look_at_cameras, read_labels,
                               sample_look_at_cameras, sample_look_at_parameters)
 from head4d.synthesis import cameras as cams
 from head4d.synthesis import motions as motion_module
 
-from genhead_testing import narrow_superresolution, randomize
+from genhead_testing import SMALL_RES, narrow_superresolution, randomize, small_genhead_config
 
-RES = 12  # neural rendering resolution of the small model
+RES = SMALL_RES  # neural rendering resolution of the small model
 #: Standard deviations allowed between a sample mean and its expectation: a correct
 #: sampler fails one such check with probability 2 * Phi(-5) ~ 6e-7.
 SIGMAS = 5.0
 
 
-def small_config(**kwargs):
-    args = dict(channel_base=256, channel_max=16, triplane_resolution=32, background_resolution=16,
-                background_channel_base=128, background_channel_max=16, background_mapping_layers=2,
-                depth_resolution=8, depth_resolution_importance=8, neural_rendering_resolution=RES,
-                fine_resolution=12, coarse_resolution=4, mask_resolution=48)
-    args.update(kwargs)
-    return GenHeadConfig(**args)
+small_config = small_genhead_config
 
 
 @pytest.fixture(scope="module")

@@ -78,32 +78,45 @@ def build_model(config, seed: int, device: torch.device) -> torch.nn.Module:
     initialization zeroes the density head, which would render nothing). On the CPU
     the super-resolution's blocks are narrowed to :data:`_CPU_SR_CHANNELS` at their
     upstream resolutions."""
-    from ... import nn as hnn
     from ...models import GenHead
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GenHead(config, _head(device))
-        if device.type != "cuda" and model.superresolution is not None:
-            sr = model.superresolution
-            wide, narrow = _CPU_SR_CHANNELS
-            sr.block0 = hnn.SynthesisBlock(sr.channels, wide, w_dim=512, resolution=256, img_channels=3,
-                                           is_last=False, use_fp16=True, conv_clamp=256,
-                                           fused_modconv_default="inference_only")
-            sr.block1 = hnn.SynthesisBlock(wide, narrow, w_dim=512, resolution=512, img_channels=3, is_last=True,
-                                           use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("noise_strength"):
-                    p.copy_(0.05 + 0.1 * torch.rand(p.shape, generator=gen))
-                elif name.endswith("affine.bias"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-                elif name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-                elif name == "decoder.out_sigma.weight":
-                    p.copy_(torch.randn(p.shape, generator=gen))
+        randomize_for_bench(model, device, seed)
     return model.to(device).eval()
+
+
+def randomize_for_bench(model: torch.nn.Module, device: torch.device, seed: int,
+                        density_weight_std: float = 1.0) -> None:
+    """In place, for a bench model (GenHead or the reconstructor) on ``device``: off CUDA the
+    super-resolution's blocks narrowed to :data:`_CPU_SR_CHANNELS` at their upstream
+    resolutions; noise strengths, biases and the affine biases random and non-zero, the
+    decoder's density weights N(0, ``density_weight_std``^2), ``w_avg`` random when the
+    model has one at the top."""
+    from ... import nn as hnn
+
+    if device.type != "cuda" and model.superresolution is not None:
+        sr = model.superresolution
+        wide, narrow = _CPU_SR_CHANNELS
+        sr.block0 = hnn.SynthesisBlock(sr.channels, wide, w_dim=512, resolution=256, img_channels=3,
+                                       is_last=False, use_fp16=True, conv_clamp=256,
+                                       fused_modconv_default="inference_only")
+        sr.block1 = hnn.SynthesisBlock(wide, narrow, w_dim=512, resolution=512, img_channels=3, is_last=True,
+                                       use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("noise_strength"):
+                p.copy_(0.05 + 0.1 * torch.rand(p.shape, generator=gen))
+            elif name.endswith("affine.bias"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif name == "decoder.out_sigma.weight":
+                p.copy_(density_weight_std * torch.randn(p.shape, generator=gen))
+        if isinstance(getattr(model, "w_avg", None), torch.Tensor):
+            model.w_avg.copy_(torch.randn(model.w_avg.shape, generator=gen))
 
 
 def _cameras(n: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:

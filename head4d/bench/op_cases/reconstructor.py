@@ -96,15 +96,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ..case import DTYPE_NAMES, Case, Inputs, Settings, register
-from .genhead import _cameras, _fast_backends, _flat, _head, _run_model
+from .genhead import _cameras, _fast_backends, _flat, _head, _run_model, randomize_for_bench
 
 #: The source image side on the CPU (every network is convolutional, so a smaller source
 #: runs the same layers at a smaller size).
 _CPU_SOURCE = 64
 #: The neural rendering resolution on the CPU.
 _CPU_NEURAL_RESOLUTION = 16
-#: The super-resolution's block widths on the CPU (upstream: 256 at 256^2, 128 at 512^2).
-_CPU_SR_CHANNELS = (8, 4)
 
 #: The std of the decoder's density weights in the benchmark's random model (see
 #: :func:`build_model`).
@@ -159,34 +157,14 @@ def build_model(config, seed: int, device: torch.device) -> torch.nn.Module:
     weights made every ray opaque to float32 rounding, where ``1 - opacity`` (the
     background's weight) is rounding noise and the background's gradients compare noise
     (two backends' float32 sums 25% apart); std 0.1 gives opacities of 0.6 to 0.8.
-    On the CPU the super-resolution's blocks are narrowed to :data:`_CPU_SR_CHANNELS` at
-    their upstream resolutions."""
-    from ... import nn as hnn
+    Off CUDA the super-resolution's blocks are narrowed as in GenHead's bench model
+    (:func:`~head4d.bench.op_cases.genhead.randomize_for_bench`)."""
     from ...models import Reconstructor
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Reconstructor(config, _head(device))
-        if device.type != "cuda" and model.superresolution is not None:
-            sr = model.superresolution
-            wide, narrow = _CPU_SR_CHANNELS
-            sr.block0 = hnn.SynthesisBlock(sr.channels, wide, w_dim=512, resolution=256, img_channels=3,
-                                           is_last=False, use_fp16=True, conv_clamp=256,
-                                           fused_modconv_default="inference_only")
-            sr.block1 = hnn.SynthesisBlock(wide, narrow, w_dim=512, resolution=512, img_channels=3, is_last=True,
-                                           use_fp16=True, conv_clamp=256, fused_modconv_default="inference_only")
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("noise_strength"):
-                    p.copy_(0.05 + 0.1 * torch.rand(p.shape, generator=gen))
-                elif name.endswith("affine.bias"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-                elif name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-                elif name == "decoder.out_sigma.weight":
-                    p.copy_(_DENSITY_WEIGHT_STD * torch.randn(p.shape, generator=gen))
-            model.w_avg.copy_(torch.randn(model.w_avg.shape, generator=gen))
+        randomize_for_bench(model, device, seed, _DENSITY_WEIGHT_STD)
     return model.to(device).eval()
 
 
