@@ -234,6 +234,15 @@ def test_dataset_xflip_flips_images_and_mirrors_labels(datasets, head):
     assert (coloured & mask).sum() > 0.9 * mask.sum()
 
 
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_zip_dataset_in_dataloader_workers(datasets, context):
+    """Workers read the zip through handles of their own (a shared one races on its position)."""
+    dataset = ImageLabelDataset(datasets[1])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context)
+    images = torch.cat([batch[0] for batch in loader])
+    assert torch.equal(images, torch.stack([dataset[i][0] for i in range(COUNT)]))
+
+
 def test_dataset_without_labels(datasets):
     dataset = ImageLabelDataset(datasets[0], use_labels=False, xflip=True)
     assert len(dataset) == 2 * COUNT and not dataset.has_labels

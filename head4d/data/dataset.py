@@ -149,21 +149,24 @@ def mirror_labels(labels: torch.Tensor, *, shape_signs: Optional[torch.Tensor] =
 
 
 class _Files:
-    """Read access to the files of a folder or a zip (opened lazily, so that a dataset
-    pickles into DataLoader workers without an open handle)."""
+    """Read access to the files of a folder or a zip. The archive is opened lazily and once
+    per process: DataLoader workers (forked or spawned) never share an open handle, whose
+    file position they would race on."""
 
     def __init__(self, path: Path):
         self.path = path
         self.is_zip = path.is_file()
         self._zip: Optional[zipfile.ZipFile] = None
+        self._zip_pid: Optional[int] = None
         if self.is_zip and not zipfile.is_zipfile(path):
             raise ValueError(f"ImageLabelDataset: path {str(path)!r} is a file but not a zip archive")
         if not self.is_zip and not path.is_dir():
             raise FileNotFoundError(f"ImageLabelDataset: path {str(path)!r} is neither a folder nor a zip")
 
     def _archive(self) -> zipfile.ZipFile:
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)  # a forked worker's inherited handle is dropped, not closed
+            self._zip_pid = os.getpid()
         return self._zip
 
     def names(self) -> List[str]:
@@ -179,9 +182,9 @@ class _Files:
         return (self.path / name).read_bytes()
 
     def close(self) -> None:
-        if self._zip is not None:
+        if self._zip is not None and self._zip_pid == os.getpid():
             self._zip.close()
-            self._zip = None
+        self._zip = None
 
     def __getstate__(self):
         return dict(self.__dict__, _zip=None)
