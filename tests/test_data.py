@@ -2,6 +2,7 @@
 and `head4d make-dataset --procedural N`."""
 import json
 import math
+import os
 import struct
 import zipfile
 import zlib
@@ -237,10 +238,28 @@ def test_dataset_xflip_flips_images_and_mirrors_labels(datasets, head):
 @pytest.mark.parametrize("context", ["fork", "spawn"])
 def test_zip_dataset_in_dataloader_workers(datasets, context):
     """Workers read the zip through handles of their own (a shared one races on its position)."""
-    dataset = ImageLabelDataset(datasets[1])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context)
-    images = torch.cat([batch[0] for batch in loader])
+    dataset = ImageLabelDataset(datasets[1])  # the parent has read the first image: its archive is open
+    loader = torch.utils.data.DataLoader(_ArchiveOwner(dataset), batch_size=2, num_workers=2,
+                                         multiprocessing_context=context)
+    batches = list(loader)
+    images = torch.cat([batch[0] for batch in batches])
     assert torch.equal(images, torch.stack([dataset[i][0] for i in range(COUNT)]))
+    reader, opener = torch.cat([batch[1] for batch in batches]), torch.cat([batch[2] for batch in batches])
+    assert torch.equal(reader, opener) and (reader != os.getpid()).all()
+
+
+class _ArchiveOwner(torch.utils.data.Dataset):
+    """Items of a zip dataset with the reading process and the process that opened the archive read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image = self.dataset[index][0]
+        return image, os.getpid(), self.dataset._files._zip_pid
 
 
 def test_dataset_without_labels(datasets):
