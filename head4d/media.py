@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 #: Levels of the GIF palette's colour cube (red, green, blue): 6 * 7 * 6 = 252 colours.
@@ -256,11 +257,9 @@ def _paeth(a: int, b: int, c: int) -> int:
     return b if pb <= pc else c
 
 
-def _unfilter_row(kind: int, row: "np.ndarray", above: "np.ndarray", bpp: int) -> "np.ndarray":
+def _unfilter_row(kind: int, row: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
     """Undo one scanline's PNG filter: ``row`` and ``above`` (the previous reconstructed
     scanline, zeros for the first) are uint8 arrays of one scanline's bytes."""
-    import numpy as np
-
     if kind == 0:
         return row
     if kind == 2:  # Up
@@ -287,8 +286,6 @@ def decode_png(data: bytes, name: str = "PNG data") -> torch.Tensor:
     uint8 RGB (grey repeated, alpha dropped), with the standard library's zlib: head4d's
     reader when Pillow is not installed. Other PNGs raise ``ValueError`` naming ``name``
     and what it holds."""
-    import numpy as np
-
     if data[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"{name}: not a PNG file (no PNG signature)")
     pos, header, idat = 8, None, []

@@ -1,5 +1,6 @@
 """GenHead's training data: head4d.data.ImageLabelDataset, mirror_labels, head4d's PNG reader
 and `head4d make-dataset --procedural N`."""
+import importlib.util
 import json
 import math
 import os
@@ -368,9 +369,7 @@ def test_bad_inputs(tmp_path):
         ImageLabelDataset(not_json)
     with pytest.raises(IndexError):
         dataset[5]
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("PIL") is None:
         jpeg = _write_dataset(tmp_path / "jpeg", {}, [["a.jpg", label]])
         (jpeg / "a.jpg").write_bytes(b"\xff\xd8\xff")
         with pytest.raises(ValueError, match="a.jpg: reading .jpg images needs Pillow"):
