@@ -71,7 +71,9 @@ def test_make_dataset_writes_what_the_dataset_reads(datasets):
 
     from_folder, from_zip = ImageLabelDataset(folder), ImageLabelDataset(archive)
     assert len(from_folder) == len(from_zip) == COUNT
-    assert from_folder.resolution == RESOLUTION
+    assert from_folder.resolution == RESOLUTION and from_zip.image_shape == [3, RESOLUTION, RESOLUTION]
+    assert from_folder.label_dim == LABEL_SIZE and from_zip.name == "archive"
+    assert torch.equal(from_zip.get_label(COUNT - 1), from_zip[COUNT - 1][1])
     for i in range(COUNT):
         image, label = from_folder[i]
         assert image.dtype == torch.uint8 and image.shape == (3, RESOLUTION, RESOLUTION)

@@ -303,7 +303,31 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
     @property
     def has_labels(self) -> bool:
+        """Whether items carry labels (``use_labels=True``)."""
         return self.labels.shape[1] > 0
+
+    @property
+    def name(self) -> str:
+        """The dataset's folder or archive name without its extension."""
+        return Path(self.path).stem
+
+    @property
+    def image_shape(self) -> List[int]:
+        """``[3, R, R]``, as StyleGAN's datasets give it."""
+        return [3, self.resolution, self.resolution]
+
+    @property
+    def num_channels(self) -> int:
+        return 3
+
+    @property
+    def label_dim(self) -> int:
+        """437 with labels, 0 without."""
+        return int(self.labels.shape[1])
+
+    def get_label(self, index: int) -> torch.Tensor:
+        """Item ``index``'s label without reading its image: ``[437]`` float32 (``[0]`` without labels)."""
+        return self.labels[index].clone()
 
     def close(self) -> None:
         """Close the zip archive (reopened on the next read)."""
