@@ -17,18 +17,19 @@ three channels and an alpha channel is dropped. PNG and JPEG are read through Pi
 is installed; without it, PNGs (8-bit, non-interlaced) through :func:`head4d.media.decode_png`
 and a JPEG raises an error that says to install Pillow.
 
-Portrait4D's own GenHead data holds the same 437 numbers per image (with the neck pose;
-its training loop folds the neck into the camera, so that the neck in the labels it trains
-with is 0). Its x-flip doubles the dataset by mirroring the image only: the label of a
-flipped image is the unflipped one, and the flips it trains with (FFHQ plus its mirror
-images) are separate images with their own fitted labels. head4d's ``xflip=True`` instead
-mirrors the label with the image (:func:`mirror_labels`), so that a flipped image's label
+Portrait4D's GenHead data stores the same 437 numbers per image; it trains with the neck at
+0 and the camera carrying the whole head rotation, which is what ``head4d make-dataset``
+writes. Its generic loader's x-flip doubles the dataset by mirroring the image only (a
+flipped image keeps the unflipped label), its GenHead loader ignores the flag, and the
+mirrored FFHQ images it trains with are stored as images of their own, each with its own
+label. head4d's ``xflip=True`` instead mirrors the label with the image (:func:`mirror_labels`), so that a flipped image's label
 describes it: the camera is reflected through the head's plane of symmetry (x = 0), the
 neck and jaw rotations are reflected, the two eyes' rotations are reflected and swapped;
 shape and expression coefficients are kept unless ``mirror_head`` gives a head model whose
 blendshapes are each mirror-symmetric or mirror-antisymmetric (the built-in
 :class:`~head4d.head.ProceduralHead`'s are), whose antisymmetric coefficients then change
-sign (FLAME's PCA bases are not exactly either, so no exact mirror of its codes exists).
+sign (FLAME's PCA bases need not be either; :func:`blendshape_mirror_signs` raises when they
+are not, since such codes have no exact mirror).
 """
 from __future__ import annotations
 
