@@ -96,12 +96,13 @@ def _albedo(head: ProceduralHead, vertices: torch.Tensor, eye_forward: torch.Ten
     """Per-vertex albedo ``[N, V, 3]``: tinted skin, eyeballs white with an iris cap about
     ``eye_forward`` ``[N, 2, 3]`` (left, right)."""
     n, v = vertices.shape[:2]
-    albedo = (torch.tensor(SKIN) * tint[:, None, :]).expand(n, v, 3).clone()
+    colour = lambda rgb: torch.tensor(rgb, dtype=vertices.dtype, device=vertices.device)  # noqa: E731
+    albedo = (colour(SKIN) * tint[:, None, :]).expand(n, v, 3).clone()
     for side, indices in enumerate((head.left_eye_indices, head.right_eye_indices)):
         ball = vertices[:, indices]
         direction = F.normalize(ball - ball.mean(dim=1, keepdim=True), dim=-1)
         in_iris = (direction * eye_forward[:, side, None]).sum(-1, keepdim=True) > IRIS_COS
-        albedo[:, indices] = torch.where(in_iris, torch.tensor(IRIS), torch.tensor(EYEBALL))
+        albedo[:, indices] = torch.where(in_iris, colour(IRIS), colour(EYEBALL))
     return albedo
 
 
@@ -134,7 +135,7 @@ def render_procedural(head: ProceduralHead, labels: torch.Tensor, resolution: in
     attributes = torch.cat([normals_camera, albedo], dim=-1)
     pixel = interpolate(attributes, head.faces, face_index, barycentric)
     normal = F.normalize(pixel[..., :3], dim=-1)
-    light = F.normalize(torch.tensor(LIGHT_DIRECTION, device=vertices.device), dim=0)
+    light = F.normalize(torch.tensor(LIGHT_DIRECTION, dtype=vertices.dtype, device=vertices.device), dim=0)
     # Faces seen from behind (inside the mouth) are lit as if they faced the camera.
     facing = torch.where(normal[..., 2:3] < 0, -normal, normal)
     shade = AMBIENT + DIFFUSE * (facing * light).sum(-1, keepdim=True).clamp_min(0)
