@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 #: Levels of the GIF palette's colour cube (red, green, blue): 6 * 7 * 6 = 252 colours.
@@ -39,6 +40,11 @@ def grid(rows: Sequence[Sequence[torch.Tensor]], gap: int = 2, fill: int = 255) 
 
 def write_png(path: Path, image: torch.Tensor) -> None:
     """Write ``[H, W, 3]`` uint8 as an 8-bit RGB PNG."""
+    Path(path).write_bytes(encode_png(image))
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """``[H, W, 3]`` uint8 to the bytes of an 8-bit RGB PNG file."""
     h, w, _ = image.shape
     raw = b"".join(b"\x00" + bytes(image[y].numpy().tobytes()) for y in range(h))
 
@@ -47,7 +53,7 @@ def write_png(path: Path, image: torch.Tensor) -> None:
 
     data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(data)
+    return data
 
 
 def _palette_indices(image: torch.Tensor) -> torch.Tensor:
@@ -235,3 +241,86 @@ def write_animation(stem: Path, frames: List[torch.Tensor], fps: float) -> Path:
         pass
     write_gif(path, frames, fps)
     return path
+
+
+#: Channels per pixel of the 8-bit PNG colour types :func:`read_png` decodes: grey, RGB,
+#: grey + alpha, RGBA (palette images, type 3, are not decoded).
+_PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    """The PNG Paeth predictor of one byte from its left ``a``, upper ``b`` and upper-left ``c``."""
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    if pa <= pb and pa <= pc:
+        return a
+    return b if pb <= pc else c
+
+
+def _unfilter_row(kind: int, row: np.ndarray, above: np.ndarray, bpp: int) -> np.ndarray:
+    """Undo one scanline's PNG filter: ``row`` and ``above`` (the previous reconstructed
+    scanline, zeros for the first) are uint8 arrays of one scanline's bytes."""
+    if kind == 0:
+        return row
+    if kind == 2:  # Up
+        return (row.astype(np.int64) + above).astype(np.uint8)
+    if kind == 1:  # Sub: per channel, a running sum along the row
+        pixels = row.astype(np.int64).reshape(-1, bpp)
+        return (np.cumsum(pixels, axis=0) % 256).astype(np.uint8).reshape(-1)
+    if kind not in (3, 4):
+        raise ValueError(f"unknown PNG filter type {kind}")
+    out = bytearray(row.tobytes())
+    up = above.tobytes()
+    for i in range(len(out)):
+        left = out[i - bpp] if i >= bpp else 0
+        if kind == 3:  # Average
+            out[i] = (out[i] + ((left + up[i]) >> 1)) & 0xFF
+        else:  # Paeth
+            upper_left = up[i - bpp] if i >= bpp else 0
+            out[i] = (out[i] + _paeth(left, up[i], upper_left)) & 0xFF
+    return np.frombuffer(bytes(out), dtype=np.uint8)
+
+
+def decode_png(data: bytes, name: str = "PNG data") -> torch.Tensor:
+    """Decode an 8-bit, non-interlaced PNG (grey, RGB, grey + alpha or RGBA) to ``[H, W, 3]``
+    uint8 RGB (grey repeated, alpha dropped), with the standard library's zlib: head4d's
+    reader when Pillow is not installed. Other PNGs raise ``ValueError`` naming ``name``
+    and what it holds."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError(f"{name}: not a PNG file (no PNG signature)")
+    pos, header, idat = 8, None, []
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or not idat:
+        raise ValueError(f"{name}: truncated PNG (no IHDR or no IDAT chunk)")
+    width, height, depth, colour, _, _, interlace = header
+    if depth != 8 or colour not in _PNG_CHANNELS or interlace != 0:
+        raise ValueError(f"{name}: head4d's PNG reader decodes 8-bit, non-interlaced grey / RGB / grey-alpha / "
+                         f"RGBA images; this one has bit depth {depth}, colour type {colour}, interlace "
+                         f"{interlace} (install Pillow to read it)")
+    bpp = _PNG_CHANNELS[colour]
+    stride = width * bpp
+    try:
+        raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
+    except zlib.error as exc:
+        raise ValueError(f"{name}: corrupt PNG image data ({exc})") from None
+    if raw.size != height * (stride + 1):
+        raise ValueError(f"{name}: PNG image data holds {raw.size} bytes, expected {height * (stride + 1)} "
+                         f"for {width} x {height} with {bpp} channels")
+    rows = raw.reshape(height, stride + 1)
+    pixels = np.empty((height, stride), dtype=np.uint8)
+    above = np.zeros(stride, dtype=np.uint8)
+    for y in range(height):
+        above = pixels[y] = _unfilter_row(int(rows[y, 0]), rows[y, 1:], above, bpp)
+    image = torch.from_numpy(pixels.reshape(height, width, bpp).copy())
+    if bpp in (1, 2):
+        return image[..., :1].expand(height, width, 3).contiguous()
+    return image[..., :3].contiguous()
