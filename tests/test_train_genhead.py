@@ -89,9 +89,9 @@ def test_discriminator_loss_falls_on_fixed_data(dataset):
     trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
     batch = trainer.sample_batch()
     real_c = batch["real_labels"][:, :25]
-    fake_c = batch["gen_labels"][:, :25]
+    fake_c = batch["gen_labels"][2, :, :25]
     with torch.no_grad():
-        fake = trainer.run_G(batch["gen_z"], batch["gen_labels"], 0.5)
+        fake = trainer.run_G(batch["gen_z"][2], batch["gen_labels"][2], 0.5)
     fake = {k: fake[k] for k in ("image", "uv", "seg")}
     real = trainer.real_inputs(batch, 0.0)
     losses = []
@@ -210,6 +210,30 @@ def test_ema_arithmetic_by_hand():
             want = float(p[i]) + 0.25 * (float(p_old[i]) - float(p[i]))
             assert abs(float(p_ema[i]) - want) <= 4 * EPS32 * max(abs(want), 1)
     assert torch.equal(ema.running_mean, model.running_mean)
+
+
+def test_schedules_by_hand(dataset):
+    from head4d.train.genhead import blur_sigma_at, swapping_prob_at
+
+    assert blur_sigma_at(0, 10, 200) == 10
+    assert blur_sigma_at(50_000, 10, 200) == 10 * (1 - 50_000 / 200_000)
+    assert blur_sigma_at(300_000, 10, 200) == 0 and blur_sigma_at(5, 10, 0) == 0
+    assert swapping_prob_at(0, 0.5, 1000) == 1
+    assert swapping_prob_at(250_000, 0.5, 1000) == 0.75 * 1 + 0.25 * 0.5
+    assert swapping_prob_at(2_000_000, 0.5, 1000) == 0.5
+    assert swapping_prob_at(10, None, 1000) is None
+    # upstream scales the blur fade and the EMA half-life with the total batch (32 -> 200, 10)
+    assert GenHeadTrainingConfig(batch=8).schedule_kimg(4) == (200.0, 10.0)
+    assert GenHeadTrainingConfig(batch=2).schedule_kimg(1) == (200 * 2 / 32, 10 * 2 / 32)
+    assert GenHeadTrainingConfig(batch=2, blur_fade_kimg=7, ema_kimg=3).schedule_kimg(1) == (7, 3)
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    batch = trainer.sample_batch()
+    assert batch["real_img"].shape == (2, 3, 16, 16) and batch["real_img"].dtype == torch.float32
+    assert batch["real_img"].min() >= -1 and batch["real_img"].max() <= 1
+    assert batch["gen_z"].shape == (4, 2, 64) and batch["gen_labels"].shape == (4, 2, 437)
+    assert not torch.equal(batch["gen_z"][0], batch["gen_z"][2])  # each phase draws its own fakes
+    with pytest.raises(ValueError, match="dataset is empty"):
+        GenHeadTrainer(GenHeadTrainingConfig.small(), [])
 
 
 def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):

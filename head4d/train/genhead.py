@@ -23,7 +23,10 @@ processes) runs StyleGAN2's phases, each with its own optimizer step:
   gamma_seg / 2 * |dD/d seg|^2`` per sample (:func:`r1_penalty`), a double backward through
   head4d's StyleGAN2 ops.
 - The EMA generator ``G_ema`` follows ``G`` (:func:`head4d.train.common.ema_beta`, half-life
-  ``ema_kimg`` = 10 kimg, ramp-up 0.05).
+  ``ema_kimg = 10 * B / 32`` kimg for a total batch B, ramp-up 0.05).
+
+As in StyleGAN2, the real batch is drawn once per step and shared by the phases, while each
+phase draws its own fake latents and conditions (:meth:`GenHeadTrainer.sample_batch`).
 
 The discriminator's input (:class:`~head4d.nn.DualDiscriminatorDeform`, a dict):
 
@@ -39,7 +42,8 @@ The discriminator's input (:class:`~head4d.nn.DualDiscriminatorDeform`, a dict):
   the fake one; R1's ``gamma_seg`` still applies.
 - During the blur fade the ``image_sr`` entry (``image`` without a super-resolution) is
   blurred with sigma ``blur_init_sigma * max(1 - cur_nimg / (blur_fade_kimg * 1000), 0)``
-  (10 fading over 200 kimg) for fakes and reals.
+  (10 fading over ``200 * B / 32`` kimg for a total batch B, 200 at upstream's 32) for fakes and
+  reals.
 
 Part-region regularizers (``Gmain``): the transmittance terms are here, ``100 *
 mean(T_bg * eye_mask)`` and ``100 * mean(T_bg * mouth_mask)`` (no background may show
@@ -53,7 +57,9 @@ Defaults (:class:`GenHeadTrainingConfig`) are Portrait4D's ``genhead-ffhq512`` s
 Adam betas (0, 0.99), eps 1e-8, G lr 0.0025, D lr 0.002 (both then adjusted for lazy
 regularization), R1 gamma 1 / uv 10 / seg 1 (the config's values; the loss class's own
 defaults, which the config overrides, are 10 / 30 / 10), minibatch-std group 2, neural
-rendering resolution 64. ``batch`` is per process (upstream: 32 over 4 GPUs, 8 each).
+rendering resolution 64, density regularization 0.25 every 4 G steps (p_dist 0.004), swap
+probability 0.5 after a 1000-kimg fade. ``batch`` is per process (upstream: 32 over 4 GPUs,
+8 each).
 
 Resuming: the checkpoint holds rank 0's random states; on resume every other rank draws
 from a state derived from the seed, its rank and the step (the ranks must not share noise).
@@ -83,6 +89,8 @@ __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "r1_penalty", "small_discr
            "small_genhead_config", "train_genhead"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The phases of a step, in order (each draws its own fake latents and conditions).
+PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 
 
 def small_genhead_config() -> Dict[str, Any]:
@@ -116,10 +124,11 @@ class GenHeadTrainingConfig:
     Optimizers: ``g_lr``, ``d_lr``, ``betas``, ``eps``, ``g_reg_interval``,
     ``d_reg_interval`` (None: no lazy regularization).
     Losses: ``r1_gamma`` (image and raw image), ``r1_gamma_uv``, ``r1_gamma_seg``,
-    ``blur_init_sigma``, ``blur_fade_kimg``, ``gpc_reg_prob`` (None: zero condition),
+    ``blur_init_sigma``, ``blur_fade_kimg`` (None: ``200 * B / 32`` for a total batch B, as
+    upstream scales it), ``gpc_reg_prob`` (None: zero condition),
     ``gpc_reg_fade_kimg``, ``density_reg``, ``density_reg_p_dist``, ``density_reg_points``,
     ``part_t_weight`` (the eye / mouth transmittance terms).
-    EMA: ``ema_kimg``, ``ema_rampup``.
+    EMA: ``ema_kimg`` (None: ``10 * B / 32``, upstream's), ``ema_rampup``.
     """
 
     data: Optional[str] = None
@@ -145,14 +154,14 @@ class GenHeadTrainingConfig:
     r1_gamma_uv: float = 10.0
     r1_gamma_seg: float = 1.0
     blur_init_sigma: float = 10.0
-    blur_fade_kimg: float = 200.0
+    blur_fade_kimg: Optional[float] = None
     gpc_reg_prob: Optional[float] = 0.5
     gpc_reg_fade_kimg: float = 1000.0
     density_reg: float = 0.25
     density_reg_p_dist: float = 0.004
     density_reg_points: int = 1000
     part_t_weight: float = 100.0
-    ema_kimg: float = 10.0
+    ema_kimg: Optional[float] = None
     ema_rampup: Optional[float] = 0.05
 
     @classmethod
@@ -162,6 +171,15 @@ class GenHeadTrainingConfig:
                     density_reg_points=64)
         args.update(kwargs)
         return cls(**args)
+
+    def schedule_kimg(self, world_size: int) -> Tuple[float, float]:
+        """``(blur_fade_kimg, ema_kimg)`` in effect for ``world_size`` processes: the set
+        values, or upstream's batch-scaled defaults ``200 * B / 32`` and ``10 * B / 32`` with
+        ``B = batch * world_size``."""
+        total = self.batch * world_size
+        blur = self.blur_fade_kimg if self.blur_fade_kimg is not None else 200 * total / 32
+        ema = self.ema_kimg if self.ema_kimg is not None else 10 * total / 32
+        return blur, ema
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
@@ -174,6 +192,8 @@ class GenHeadTrainingConfig:
                      "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
                      "ema_kimg"):
             value = getattr(self, name)
+            if value is None and name in ("blur_fade_kimg", "ema_kimg"):
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0:
                 raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
@@ -295,20 +315,25 @@ class GenHeadTrainer:
 
     # ------------------------------------------------------------------ data
     def sample_batch(self) -> Dict[str, torch.Tensor]:
-        """N real images (``real_img`` float32 in [-1, 1]) with their labels, and N fake
-        conditions: ``gen_z`` and ``gen_labels`` (labels of other random real items)."""
+        """One step's data, as StyleGAN2 draws it: N real images (``real_img`` float32 in
+        [-1, 1]) with their labels (``real_labels [N, 437]``), shared by the phases; and per
+        phase (:data:`PHASES` order) N fake latents and conditions, ``gen_z [4, N, z_dim]`` and
+        ``gen_labels [4, N, 437]`` (labels of other random real items)."""
         n = self.config.batch
-        index = torch.randint(len(self.dataset), (2 * n,), generator=self.data_generator).tolist()
-        images, labels = zip(*(self.dataset[i] for i in index))
-        images = torch.stack([torch.as_tensor(x) for x in images[:n]]).to(self.device)
-        labels = torch.stack([torch.as_tensor(y) for y in labels]).to(self.device, torch.float32)
+        p = len(PHASES)
+        index = torch.randint(len(self.dataset), ((1 + p) * n,), generator=self.data_generator).tolist()
+        items = [self.dataset[i] for i in index[:n]]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(self.device)
+        labels = torch.stack([torch.as_tensor(y) for _, y in items] +
+                             [torch.as_tensor(self.dataset[i][1]) for i in index[n:]]).to(self.device, torch.float32)
         if labels.shape[1] != LABEL_SIZE:
             raise ValueError(f"GenHeadTrainer: dataset labels must have {LABEL_SIZE} numbers, got {labels.shape[1]}")
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"GenHeadTrainer: dataset images must be uint8 [3, R, R], got {images.dtype} "
                              f"{list(images.shape[1:])}")
         return {"real_img": images.to(torch.float32) / 127.5 - 1, "real_labels": labels[:n],
-                "gen_z": torch.randn(n, self.G.config.z_dim, device=self.device), "gen_labels": labels[n:]}
+                "gen_z": torch.randn(p, n, self.G.config.z_dim, device=self.device),
+                "gen_labels": labels[n:].reshape(p, n, LABEL_SIZE)}
 
     def correspondence(self, camera: torch.Tensor, codes: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The correspondence map ``[N, 3, R, R]`` (R the discriminator's resolution) of the
@@ -437,9 +462,9 @@ class GenHeadTrainer:
         over the ranks) as floats and also keeps them in ``last_losses``."""
         cfg = self.config
         batch = self.sample_batch()
-        blur_sigma = blur_sigma_at(self.cur_nimg, cfg.blur_init_sigma, cfg.blur_fade_kimg)
+        blur_fade_kimg, ema_kimg = cfg.schedule_kimg(self.dist.world_size)
+        blur_sigma = blur_sigma_at(self.cur_nimg, cfg.blur_init_sigma, blur_fade_kimg)
         swapping_prob = swapping_prob_at(self.cur_nimg, cfg.gpc_reg_prob, cfg.gpc_reg_fade_kimg)
-        gen_c, _ = labels_to_codes(batch["gen_labels"])
         real_c, _ = labels_to_codes(batch["real_labels"])
         losses: Dict[str, torch.Tensor] = {}
         for phase in self.phases(self.step_index):
@@ -448,8 +473,10 @@ class GenHeadTrainer:
             self.G.requires_grad_(training_g)
             self.D.requires_grad_(not training_g)
             opt.zero_grad(set_to_none=True)
+            gen_z, gen_labels = batch["gen_z"][PHASES.index(phase)], batch["gen_labels"][PHASES.index(phase)]
+            gen_c = gen_labels[:, :25]
             if phase == "Gmain":
-                fake = self.run_G(batch["gen_z"], batch["gen_labels"], swapping_prob)
+                fake = self.run_G(gen_z, gen_labels, swapping_prob)
                 loss_adv = F.softplus(-self.run_D(fake, gen_c, blur_sigma)).mean()
                 t_bg = 1 - fake["opacity"]
                 loss_eye_t = (t_bg * fake["eye_mask"]).mean() * cfg.part_t_weight
@@ -458,12 +485,12 @@ class GenHeadTrainer:
                 losses.update({"Loss/G/loss": loss_adv, "Loss/G/loss_eye_T": loss_eye_t,
                                "Loss/G/loss_mouth_T": loss_mouth_t})
             elif phase == "Greg":
-                loss = self.density_regularizer(batch["gen_z"], batch["gen_labels"], swapping_prob)
+                loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
                 losses["Loss/G/TVloss"] = loss
                 loss = loss * cfg.g_reg_interval
             elif phase == "Dmain":
                 with torch.no_grad():
-                    fake = self.run_G(batch["gen_z"], batch["gen_labels"], swapping_prob)
+                    fake = self.run_G(gen_z, gen_labels, swapping_prob)
                 real = self.real_inputs(batch, blur_sigma)
                 loss = self.discriminator_loss(real, real_c, fake, gen_c, blur_sigma)
                 losses["Loss/D/loss"] = loss
@@ -480,7 +507,7 @@ class GenHeadTrainer:
         self.D.requires_grad_(True)
         world_batch = cfg.batch * self.dist.world_size
         self.cur_nimg += world_batch
-        update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, cfg.ema_kimg, cfg.ema_rampup))
+        update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, ema_kimg, cfg.ema_rampup))
         self.step_index += 1
         self.last_losses = {k: float(self.dist.mean(v.detach())) for k, v in losses.items()}
         return self.last_losses
