@@ -11,7 +11,9 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
 - R1 (``r1_penalty``) against a plain autograd computation written here on a float64 copy
   of a discriminator with a super-resolution input, the four gammas distinct; the
   penalty's parameter gradients (double backward) too.
-- The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand.
+- The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand; the
+  blur fade, the swap probability and upstream's batch scaling of their lengths by hand;
+  each phase draws its own fakes.
 - A checkpoint round trip: a run resumed from step 1 takes the same step 2 (losses and
   weights bit-exact); a write that fails after its temporary file exists leaves the
   previous checkpoint loadable and no temporary file; bad checkpoints are clear errors.
@@ -27,7 +29,6 @@ import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import head4d.nn as hnn
 from head4d.cli import main as cli_main
@@ -343,7 +344,8 @@ def _distributed_worker(rank, world_size, port, out_dir):
                     "G_ema": flat_parameters(trainer.G_ema), "step": trainer.step_index,
                     "nimg": trainer.cur_nimg, "losses": trainer.last_losses}, out_dir / f"rank{rank}.pt")
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # train_genhead destroys the group it created
+            torch.distributed.destroy_process_group()
 
 
 def test_two_processes_hold_identical_weights(tmp_path):

@@ -226,6 +226,7 @@ class Distributed:
                  device: Union[str, torch.device] = "cpu"):
         self.rank, self.world_size, self.local_rank = int(rank), int(world_size), int(local_rank)
         self.device = torch.device(device)
+        self.owns_group = False
 
     @classmethod
     def from_env(cls, device: Optional[Union[str, torch.device]] = None) -> "Distributed":
@@ -239,11 +240,21 @@ class Distributed:
         device = torch.device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        owns_group = False
         if world_size > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
         if dist.is_initialized():
             rank, world_size = dist.get_rank(), dist.get_world_size()
-        return cls(rank, world_size, local_rank, device)
+        out = cls(rank, world_size, local_rank, device)
+        out.owns_group = owns_group
+        return out
+
+    def close(self) -> None:
+        """Destroy the process group if :meth:`from_env` created it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
 
     @property
     def is_main(self) -> bool:
@@ -345,7 +356,8 @@ class ProgressLog:
             left = max(self.total_images - cur_nimg, 0) / rate
             eta = f" eta {int(left // 3600):d}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         values = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
-        self.print(f"step {step} kimg {cur_nimg / 1000:.3f} img/s {rate:.2f} {values}{eta}")
+        rate_text = f"{rate:.2f}" if math.isfinite(rate) else "-"  # the first report has no interval yet
+        self.print(f"step {step} kimg {cur_nimg / 1000:.3f} img/s {rate_text} {values}{eta}")
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, cur_nimg)

@@ -67,7 +67,6 @@ from a state derived from the seed, its rank and the step (the ranks must not sh
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -576,6 +575,15 @@ def train_genhead(config: GenHeadTrainingConfig, dataset: Optional[Sequence] = N
     """
     config.check()
     dist_ = Distributed.from_env(config.device)
+    try:
+        return _train(config, dist_, dataset, head_model, max_steps)
+    finally:
+        dist_.close()
+
+
+def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[Sequence], head_model,
+           max_steps: Optional[int]) -> GenHeadTrainer:
+    """:func:`train_genhead`'s loop inside its process group."""
     if dataset is None:
         dataset = _open_dataset(config)
     trainer = GenHeadTrainer(config, dataset, dist_, head_model)
