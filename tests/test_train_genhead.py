@@ -67,6 +67,8 @@ def flat_parameters(module):
 def test_two_steps_finite_losses_phases_and_ema(dataset):
     trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
     g0, d0 = flat_parameters(trainer.G), flat_parameters(trainer.D)
+    w_avg0 = trainer.G.backbone.mapping.w_avg.clone()
+    bg_w_avg0 = trainer.G.background.mapping.w_avg.clone()
     assert torch.equal(flat_parameters(trainer.G_ema), g0)
     first = trainer.step()
     assert set(first) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/G/TVloss",
@@ -79,6 +81,10 @@ def test_two_steps_finite_losses_phases_and_ema(dataset):
     assert trainer.step_index == 2 and trainer.cur_nimg == 4
     g, d = flat_parameters(trainer.G), flat_parameters(trainer.D)
     assert not torch.equal(g, g0) and not torch.equal(d, d0)
+    # Dmain's generator pass tracks the backbone's w_avg (not the background's), G_ema copies it
+    assert not torch.equal(trainer.G.backbone.mapping.w_avg, w_avg0)
+    assert torch.equal(trainer.G.background.mapping.w_avg, bg_w_avg0)
+    assert torch.equal(trainer.G_ema.backbone.mapping.w_avg, trainer.G.backbone.mapping.w_avg)
     # EMA after step 2: ema_nimg = min(10 * 1000, 4 * 0.05) = 0.2 images, beta = 0.5 ** (2 / 0.2)
     beta = 0.5 ** (2 / 0.2)
     expected = g + beta * (ema_before - g)

@@ -17,7 +17,8 @@ processes) runs StyleGAN2's phases, each with its own optimizer step:
   triplanes. Upstream reads the densities through its deformation (the sample's FLAME
   warp); here both triplanes are read at the points themselves (no warp): the term
   smooths each triplane's density field where it is sampled either way.
-- ``Dmain`` (every step): ``softplus(D(fake)) + softplus(-D(real))``.
+- ``Dmain`` (every step): ``softplus(D(fake)) + softplus(-D(real))``; its generator pass
+  also updates the backbone mapping's ``w_avg`` (the background's is never updated, as upstream).
 - ``Dreg`` (every ``d_reg_interval`` = 16 steps, loss times the interval): R1 on the real
   inputs, ``gamma / 2 * (|dD/d image_sr|^2 + |dD/d image|^2) + gamma_uv / 2 * |dD/d uv|^2 +
   gamma_seg / 2 * |dD/d seg|^2`` per sample (:func:`r1_penalty`), a double backward through
@@ -368,9 +369,12 @@ class GenHeadTrainer:
         out["seg"] = seg
         return out
 
-    def run_G(self, z: torch.Tensor, labels: torch.Tensor, swapping_prob: Optional[float]) -> Dict[str, torch.Tensor]:
+    def run_G(self, z: torch.Tensor, labels: torch.Tensor, swapping_prob: Optional[float],
+              update_emas: bool = False) -> Dict[str, torch.Tensor]:
         """Fakes for latent ``z`` and the conditions of ``labels``: GenHead's render dict plus
-        the discriminator entries (``uv``, ``seg``, ``image_sr`` with a super-resolution)."""
+        the discriminator entries (``uv``, ``seg``, ``image_sr`` with a super-resolution).
+        ``update_emas``: the backbone mapping's running average of w (``w_avg``, the
+        truncation's centre) moves towards this batch's ws, as upstream does in ``Dmain``."""
         camera, codes = labels_to_codes(labels)
         cond = self.G.condition(camera, codes["shape"])
         if swapping_prob is None:
@@ -378,7 +382,7 @@ class GenHeadTrainer:
         else:
             swap = torch.rand((cond.shape[0], 1), device=cond.device) < swapping_prob
             cond = torch.where(swap, torch.roll(cond, 1, 0), cond)
-        ws = self.G.mapping(z, cond)
+        ws = self.G.mapping(z, cond, update_emas=update_emas)
         planes = self.G.planes(ws, noise_mode="random")
         background = self.G.background_image(z, noise_mode="random")
         out = self.G.render(planes, camera, codes, ws=ws, background=background)
@@ -489,7 +493,7 @@ class GenHeadTrainer:
                 loss = loss * cfg.g_reg_interval
             elif phase == "Dmain":
                 with torch.no_grad():
-                    fake = self.run_G(gen_z, gen_labels, swapping_prob)
+                    fake = self.run_G(gen_z, gen_labels, swapping_prob, update_emas=True)
                 real = self.real_inputs(batch, blur_sigma)
                 loss = self.discriminator_loss(real, real_c, fake, gen_c, blur_sigma)
                 losses["Loss/D/loss"] = loss
