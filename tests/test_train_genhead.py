@@ -9,8 +9,9 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
 - The discriminator loss on fixed real and fake inputs falls over 20 steps and ends with
   the real logits above the fake ones (a flipped sign would fail this).
 - R1 (``r1_penalty``) against a plain autograd computation written here on a float64 copy
-  of a discriminator with a super-resolution input, the four gammas distinct; the
-  penalty's parameter gradients (double backward) too.
+  of a discriminator with a super-resolution input, the four gammas distinct, without and
+  with the fade's blur (gradients with respect to the unblurred image, the blur written
+  here with ``F.conv2d``); the penalty's parameter gradients (double backward) too.
 - The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand; the
   blur fade, the swap probability and upstream's batch scaling of their lengths by hand;
   each phase draws its own fakes.
@@ -29,6 +30,7 @@ import socket
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import head4d.nn as hnn
 from head4d.cli import main as cli_main
@@ -124,14 +126,26 @@ def _small_sr_discriminator():
     return D
 
 
-def test_r1_penalty_equals_plain_autograd():
+def _plain_blur(image, sigma):
+    """The blur fade written out: the separable kernel ``2^(-(k / sigma)^2)``, ``k = -r..r``,
+    ``r = floor(3 sigma)``, normalised, zero padding."""
+    r = math.floor(3 * sigma)
+    k = torch.arange(-r, r + 1, dtype=image.dtype).div(sigma).square().neg().exp2()
+    k = k / k.sum()
+    c = image.shape[1]
+    image = F.conv2d(image, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, r), groups=c)
+    return F.conv2d(image, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(r, 0), groups=c)
+
+
+@pytest.mark.parametrize("blur_sigma", [0.0, 0.7])
+def test_r1_penalty_equals_plain_autograd(blur_sigma):
     D = _small_sr_discriminator()
     gen = torch.Generator().manual_seed(5)
     img = {"image_sr": torch.randn(4, 3, 16, 16, generator=gen), "image": torch.randn(4, 3, 8, 8, generator=gen),
            "uv": torch.randn(4, 3, 16, 16, generator=gen), "seg": torch.randn(4, 1, 8, 8, generator=gen)}
     c = camera(4)
     gammas = (2.0, 5.0, 7.0)
-    logits, penalty = r1_penalty(D, img, c, *gammas)
+    logits, penalty = r1_penalty(D, img, c, *gammas, blur_sigma=blur_sigma)
     penalty.mean().backward()
     grads = {n: p.grad.clone() for n, p in D.named_parameters() if p.grad is not None}
 
@@ -140,7 +154,8 @@ def test_r1_penalty_equals_plain_autograd():
     ref = hnn.set_stylegan2_backend(copy.deepcopy(D).double(), "torch")
     ref.zero_grad(set_to_none=True)
     inputs = {k: v.double().requires_grad_(True) for k, v in img.items()}
-    ref_logits = ref(inputs, c.double())
+    blurred = dict(inputs, image_sr=_plain_blur(inputs["image_sr"], blur_sigma) if blur_sigma else inputs["image_sr"])
+    ref_logits = ref(blurred, c.double())
     g_sr, g_raw, g_uv, g_seg = torch.autograd.grad(ref_logits.sum(), [inputs[k] for k in ("image_sr", "image", "uv",
                                                                                           "seg")], create_graph=True)
     ref_penalty = (g_sr.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])) * gammas[0] / 2 \
@@ -161,7 +176,7 @@ def test_r1_penalty_equals_plain_autograd():
     # float32 computation is off by ~1e-4 there), so each parameter's error is held to a
     # few times that of the float32 plain-torch computation of the same penalty.
     probe = hnn.set_stylegan2_backend(copy.deepcopy(D), "torch")
-    _, probe_penalty = r1_penalty(probe, img, c, *gammas)
+    _, probe_penalty = r1_penalty(probe, img, c, *gammas, blur_sigma=blur_sigma)
     probe_penalty.mean().backward()
     for name, p in probe.named_parameters():
         if p.grad is None:

@@ -21,8 +21,8 @@ processes) runs StyleGAN2's phases, each with its own optimizer step:
   also updates the backbone mapping's ``w_avg`` (the background's is never updated, as upstream).
 - ``Dreg`` (every ``d_reg_interval`` = 16 steps, loss times the interval): R1 on the real
   inputs, ``gamma / 2 * (|dD/d image_sr|^2 + |dD/d image|^2) + gamma_uv / 2 * |dD/d uv|^2 +
-  gamma_seg / 2 * |dD/d seg|^2`` per sample (:func:`r1_penalty`), a double backward through
-  head4d's StyleGAN2 ops.
+  gamma_seg / 2 * |dD/d seg|^2`` per sample (:func:`r1_penalty`; the gradient with respect to
+  the image before the fade's blur), a double backward through head4d's StyleGAN2 ops.
 - The EMA generator ``G_ema`` follows ``G`` (:func:`head4d.train.common.ema_beta`, half-life
   ``ema_kimg = 10 * B / 32`` kimg for a total batch B, ramp-up 0.05).
 
@@ -210,7 +210,7 @@ class GenHeadTrainingConfig:
 # ---------------------------------------------------------------------- loss pieces
 def r1_penalty(D: torch.nn.Module, img: Mapping[str, torch.Tensor], c: torch.Tensor, gamma: float,
                gamma_uv: float, gamma_seg: float, img_name: str = "image_sr",
-               img_raw_name: Optional[str] = "image") -> Tuple[torch.Tensor, torch.Tensor]:
+               img_raw_name: Optional[str] = "image", blur_sigma: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """R1 on real inputs: ``(logits [N, 1], penalty [N])`` with ``penalty = gamma / 2 *
     (|g_img|^2 + |g_raw|^2) + gamma_uv / 2 * |g_uv|^2 + gamma_seg / 2 * |g_seg|^2``, g the
     gradient of ``sum(logits)`` with respect to each entry (summed over C, H, W), built with
@@ -218,16 +218,19 @@ def r1_penalty(D: torch.nn.Module, img: Mapping[str, torch.Tensor], c: torch.Ten
 
     Args:
         D: a :class:`~head4d.nn.DualDiscriminatorDeform`.
-        img: the real input dict (entries are detached and made to require gradients here;
-            any blur must already be applied).
+        img: the real input dict (entries are detached and made to require gradients here).
         c: ``[N, 25]`` camera labels.
         img_name, img_raw_name: the image entries (``img_raw_name`` None without a
             super-resolution).
+        blur_sigma: the blur fade's sigma, applied to ``img[img_name]`` after it is made to
+            require gradients: the gradients are taken with respect to the unblurred
+            input, through the blur, as upstream does.
     """
     names = [img_name] + ([img_raw_name] if img_raw_name is not None else [])
     names += (["uv"] if D.has_uv else []) + (["seg"] if D.has_seg else [])
     inputs = {k: v.detach().requires_grad_(k in names) for k, v in img.items()}
-    logits = D(inputs, c, img_name=img_name, img_raw_name=img_raw_name or "image")
+    logits = D(blur_discriminator_input(inputs, blur_sigma, img_name), c, img_name=img_name,
+               img_raw_name=img_raw_name or "image")
     grads = torch.autograd.grad(outputs=[logits.sum()], inputs=[inputs[k] for k in names], create_graph=True)
     penalty = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
     for name, grad in zip(names, grads):
@@ -499,9 +502,8 @@ class GenHeadTrainer:
                 losses["Loss/D/loss"] = loss
             else:  # Dreg
                 real = self.real_inputs(batch, blur_sigma)
-                real = blur_discriminator_input(real, blur_sigma, self.img_name)
                 _, penalty = r1_penalty(self.D, real, real_c, cfg.r1_gamma, cfg.r1_gamma_uv, cfg.r1_gamma_seg,
-                                        self.img_name, self.img_raw_name)
+                                        self.img_name, self.img_raw_name, blur_sigma)
                 loss = penalty.mean()
                 losses["Loss/D/reg"] = loss
                 loss = loss * cfg.d_reg_interval
