@@ -18,8 +18,9 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
 - A checkpoint round trip: a run resumed from step 1 takes the same step 2 (losses and
   weights bit-exact); a write that fails after its temporary file exists leaves the
   previous checkpoint loadable and no temporary file; bad checkpoints are clear errors.
-- ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps, prints
-  progress lines and logs; ``--resume`` continues from it.
+- ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps and the
+  EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
+  lines and logs; ``--resume`` continues from it (and replaces the export).
 - Two processes (gloo, ``torch.multiprocessing``, torchrun's environment variables) run two
   steps on different data and hold identical, changed weights after them.
 """
@@ -340,6 +341,11 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     assert state["step"] == 2 and state["cur_nimg"] == 4 and state["config"]["dry_run"]
     printed = capsys.readouterr().out
     assert "step 1 " in printed and "step 2 " in printed and "img/s" in printed and "Loss/D/loss" in printed
+    from head4d.models import GenHead
+    exported = GenHead.load(out / "G_ema")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state["G_ema"][name]), name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
     logs = list(out.glob("events.out.tfevents.*")) + list(out.glob("log.jsonl"))
     assert logs, sorted(p.name for p in out.iterdir())
     # --resume continues from step 2 (two more steps with --dry-run)

@@ -54,7 +54,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "Distributed", "ProgressLog", "ema_beta", "get_rng_state",
-           "lazy_adam_settings", "load_checkpoint", "save_checkpoint", "set_rng_state", "update_ema"]
+           "lazy_adam_settings", "load_checkpoint", "replace_directory", "save_checkpoint", "set_rng_state",
+           "update_ema"]
 
 CHECKPOINT_FORMAT = "head4d.train"
 CHECKPOINT_VERSION = 1
@@ -164,6 +165,32 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         raise ValueError(f"load_checkpoint: {path} has version {state['version']}, this head4d reads up to "
                          f"{CHECKPOINT_VERSION}")
     return state
+
+
+def replace_directory(directory: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Write a model directory (``write(path)``, e.g. ``GenHead.save``) beside ``directory``,
+    then swap it in: the old directory, if any, is renamed aside, the new one renamed onto
+    ``directory``, the old one removed. A failed write leaves ``directory`` as it was."""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        write(fresh)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    old = None
+    if directory.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+        old.rmdir()
+        os.replace(directory, old)
+    os.replace(fresh, directory)
+    _fsync_directory(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return directory
 
 
 def config_to_dict(config: Any) -> Dict[str, Any]:

@@ -83,12 +83,14 @@ from ..models.genhead import GenHeadConfig, clip_vertices
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
 from ..render.masks import correspondence_map
 from .common import (Distributed, ProgressLog, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings,
-                     load_checkpoint, save_checkpoint, set_rng_state, update_ema)
+                     load_checkpoint, replace_directory, save_checkpoint, set_rng_state, update_ema)
 
 __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "r1_penalty", "small_discriminator_kwargs",
            "small_genhead_config", "train_genhead"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: The EMA generator exported at the end of a run (``GenHead.save``'s safetensors format).
+EXPORT_NAME = "G_ema"
 #: The phases of a step, in order (each draws its own fake latents and conditions).
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 
@@ -277,6 +279,9 @@ class GenHeadTrainer:
 
     Attributes: ``G``, ``D``, ``G_ema``, ``G_opt``, ``D_opt``, ``step_index`` (steps done),
     ``cur_nimg`` (images seen by all processes), ``last_losses``.
+
+    Building seeds torch's global generator (``config.seed`` for the weights, then a
+    per-rank seed for the training's draws); the data order comes from a generator of its own.
     """
 
     def __init__(self, config: GenHeadTrainingConfig, dataset: Sequence, distributed: Optional[Distributed] = None,
@@ -568,7 +573,9 @@ def train_genhead(config: GenHeadTrainingConfig, dataset: Optional[Sequence] = N
     """Train GenHead: build (or resume from ``out/checkpoint.pt`` with ``config.resume``),
     run steps until ``config.kimg`` thousand images (two with ``dry_run``, at most
     ``max_steps`` when given), log, and write the checkpoint every ``checkpoint_every`` steps
-    and at the end. Works unchanged under ``torchrun`` (see :class:`Distributed`).
+    and at the end; at the end also export the EMA generator to ``out/G_ema`` with
+    :meth:`GenHead.save` (for ``head4d demo --checkpoint`` and the synthesis). Works unchanged
+    under ``torchrun`` (see :class:`Distributed`).
 
     Args:
         config: :class:`GenHeadTrainingConfig`.
@@ -615,8 +622,11 @@ def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[
             if trainer.step_index % config.checkpoint_every == 0:
                 trainer.save(checkpoint)
         trainer.save(checkpoint)
+        if dist_.is_main:
+            replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
         dist_.barrier()
-        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images)")
+        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images) and the EMA "
+                  f"generator to {out / EXPORT_NAME} (GenHead.load reads it)")
     finally:
         log.close()
     return trainer
