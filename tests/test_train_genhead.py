@@ -260,7 +260,7 @@ def test_schedules_by_hand(dataset):
 
 
 def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
-    config = GenHeadTrainingConfig.small(seed=1)
+    config = GenHeadTrainingConfig.small(seed=1, batch=1)
     trainer = GenHeadTrainer(config, dataset)
     trainer.step()
     path = trainer.save(tmp_path / "checkpoint.pt")
@@ -268,10 +268,10 @@ def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
     expected_g = flat_parameters(trainer.G)
     expected_ema = flat_parameters(trainer.G_ema)
 
-    other = GenHeadTrainer(GenHeadTrainingConfig.small(seed=1), dataset)
+    other = GenHeadTrainer(GenHeadTrainingConfig.small(seed=1, batch=1), dataset)
     torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
     other.load(path)
-    assert other.step_index == 1 and other.cur_nimg == 2
+    assert other.step_index == 1 and other.cur_nimg == 1
     got = other.step()
     assert got == expected
     assert torch.equal(flat_parameters(other.G), expected_g)
@@ -335,10 +335,10 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(genhead_module, "_open_dataset", lambda config: make_dataset(4))
     out = tmp_path / "out"
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
-                   "--device", "cpu", "--batch", "2"])
+                   "--device", "cpu", "--batch", "1"])
     assert rc == 0
     state = common.load_checkpoint(out / "checkpoint.pt")
-    assert state["step"] == 2 and state["cur_nimg"] == 4 and state["config"]["dry_run"]
+    assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
     printed = capsys.readouterr().out
     assert "step 1 " in printed and "step 2 " in printed and "img/s" in printed and "Loss/D/loss" in printed
     from head4d.models import GenHead
@@ -350,7 +350,7 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     assert logs, sorted(p.name for p in out.iterdir())
     # --resume continues from step 2 (two more steps with --dry-run)
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
-                   "--device", "cpu", "--batch", "2", "--resume"])
+                   "--device", "cpu", "--batch", "1", "--resume"])
     assert rc == 0 and common.load_checkpoint(out / "checkpoint.pt")["step"] == 4
 
 
