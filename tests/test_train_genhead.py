@@ -21,6 +21,8 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
 - ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps and the
   EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
   lines and logs; ``--resume`` continues from it (and replaces the export).
+- Gradient averaging over two processes (a gradient missing on one rank counts as zero,
+  one missing everywhere stays missing).
 - Two processes (gloo, ``torch.multiprocessing``, torchrun's environment variables) run two
   steps on different data and hold identical, changed weights after them.
 """
@@ -373,6 +375,33 @@ def _distributed_worker(rank, world_size, port, out_dir):
     finally:
         if torch.distributed.is_initialized():  # train_genhead destroys the group it created
             torch.distributed.destroy_process_group()
+
+
+def _average_gradients_worker(rank, world_size, port, out_dir):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    group = common.Distributed.from_env("cpu")
+    try:
+        both, one, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        both.grad = torch.full((3,), float(rank + 1))   # 1 and 2: mean 1.5
+        if rank == 0:
+            one.grad = torch.full((3,), 4.0)             # 4 and (none) 0: mean 2
+        group.average_gradients([both, one, none])
+        torch.save({"both": both.grad, "one": one.grad, "none": none.grad, "rank": group.rank,
+                    "world": group.world_size}, out_dir / f"grads{rank}.pt")
+    finally:
+        group.close()
+
+
+def test_average_gradients_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_gradients_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        assert got["rank"] == rank and got["world"] == 2
+        assert torch.equal(got["both"], torch.full((3,), 1.5)) and torch.equal(got["one"], torch.full((3,), 2.0))
+        assert got["none"] is None
 
 
 def test_two_processes_hold_identical_weights(tmp_path):

@@ -301,11 +301,18 @@ class Distributed:
                 dist.broadcast(tensor.data, src=0)
 
     def average_gradients(self, params: Iterable[torch.Tensor]) -> None:
-        """Each parameter's gradient replaced by its mean over the ranks (a missing gradient
-        counts as zero, so that every rank makes the same calls)."""
+        """Each parameter's gradient replaced by its mean over the ranks. A parameter that
+        has a gradient on some rank counts as zero where it has none; one without a gradient
+        on every rank keeps none (so Adam skips it, as in a single process)."""
         if not self.active:
             return
         params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        device = params[0].device
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+        dist.all_reduce(present)
+        params = [p for p, count in zip(params, present.tolist()) if count > 0]
         if not params:
             return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
