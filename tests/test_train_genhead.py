@@ -70,31 +70,37 @@ def flat_parameters(module):
 
 
 def test_two_steps_finite_losses_phases_and_ema(dataset):
-    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    # EMA half-life 2 images, no ramp-up: beta = 0.5 ** (2 / 2) = 0.5 on every step
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(ema_kimg=0.002, ema_rampup=None), dataset)
     g0, d0 = flat_parameters(trainer.G), flat_parameters(trainer.D)
     w_avg0 = trainer.G.backbone.mapping.w_avg.clone()
     bg_w_avg0 = trainer.G.background.mapping.w_avg.clone()
     assert torch.equal(flat_parameters(trainer.G_ema), g0)
     first = trainer.step()
+    g1, ema1 = flat_parameters(trainer.G), flat_parameters(trainer.G_ema)
+    assert torch.allclose(ema1, g1 + 0.5 * (g0 - g1), rtol=4 * EPS32, atol=4 * EPS32)
     assert set(first) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/G/TVloss",
                           "Loss/D/loss", "Loss/D/reg"}
-    ema_before = flat_parameters(trainer.G_ema)
     second = trainer.step()
     assert set(second) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/D/loss"}
     for losses in (first, second):
         assert all(math.isfinite(v) for v in losses.values()), losses
     assert trainer.step_index == 2 and trainer.cur_nimg == 4
     g, d = flat_parameters(trainer.G), flat_parameters(trainer.D)
-    assert not torch.equal(g, g0) and not torch.equal(d, d0)
+    assert not torch.equal(g, g1) and not torch.equal(g1, g0) and not torch.equal(d, d0)
+    assert torch.allclose(flat_parameters(trainer.G_ema), g + 0.5 * (ema1 - g), rtol=4 * EPS32, atol=4 * EPS32)
     # Dmain's generator pass tracks the backbone's w_avg (not the background's), G_ema copies it
     assert not torch.equal(trainer.G.backbone.mapping.w_avg, w_avg0)
     assert torch.equal(trainer.G.background.mapping.w_avg, bg_w_avg0)
     assert torch.equal(trainer.G_ema.backbone.mapping.w_avg, trainer.G.backbone.mapping.w_avg)
-    # EMA after step 2: ema_nimg = min(10 * 1000, 4 * 0.05) = 0.2 images, beta = 0.5 ** (2 / 0.2)
-    beta = 0.5 ** (2 / 0.2)
-    expected = g + beta * (ema_before - g)
-    assert torch.allclose(flat_parameters(trainer.G_ema), expected, rtol=4 * EPS32, atol=4 * EPS32)
-    assert not torch.equal(flat_parameters(trainer.G_ema), g)
+
+
+def test_ema_copies_on_the_first_step_with_rampup(dataset):
+    """StyleGAN2's decay uses the images seen before the step: 0 on the first step with a
+    ramp-up, so G_ema is then a copy of G."""
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    trainer.step()
+    assert torch.equal(flat_parameters(trainer.G_ema), flat_parameters(trainer.G))
 
 
 def test_discriminator_loss_falls_on_fixed_data(dataset):
@@ -210,6 +216,10 @@ def test_lazy_schedule_and_adjusted_adam(dataset):
     quiet = GenHeadTrainer(GenHeadTrainingConfig.small(r1_gamma=0, r1_gamma_uv=0, r1_gamma_seg=0, density_reg=0),
                            dataset)
     assert quiet.phases(0) == ["Gmain", "Dmain"]
+    # no lazy regularization: both terms on every step, the optimizers' settings as given
+    eager = GenHeadTrainer(GenHeadTrainingConfig.small(g_reg_interval=None, d_reg_interval=None), dataset)
+    assert all(eager.phases(i) == ["Gmain", "Greg", "Dmain", "Dreg"] for i in range(5))
+    assert eager.G_opt.param_groups[0]["lr"] == 0.0025 and eager.D_opt.param_groups[0]["betas"] == (0.0, 0.99)
 
 
 def test_ema_arithmetic_by_hand():

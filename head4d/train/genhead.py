@@ -124,7 +124,7 @@ class GenHeadTrainingConfig:
     defaults), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments;
     ``img_resolution`` and ``has_superresolution`` follow the generator).
     Optimizers: ``g_lr``, ``d_lr``, ``betas``, ``eps``, ``g_reg_interval``,
-    ``d_reg_interval`` (None: no lazy regularization).
+    ``d_reg_interval`` (None: no lazy regularization, the term on every step at weight 1).
     Losses: ``r1_gamma`` (image and raw image), ``r1_gamma_uv``, ``r1_gamma_seg``,
     ``blur_init_sigma``, ``blur_fade_kimg`` (None: ``200 * B / 32`` for a total batch B, as
     upstream scales it), ``gpc_reg_prob`` (None: zero condition),
@@ -457,14 +457,15 @@ class GenHeadTrainer:
     def phases(self, step_index: int) -> List[str]:
         """The phases of step ``step_index`` (0-based): ``Gmain``, ``Greg`` when the step is a
         multiple of ``g_reg_interval`` (and the density term is on), ``Dmain``, ``Dreg`` when a
-        multiple of ``d_reg_interval`` (and some R1 gamma is > 0)."""
+        multiple of ``d_reg_interval`` (and some R1 gamma is > 0). An interval of None
+        regularizes on every step at weight 1 (no lazy regularization)."""
         cfg = self.config
         out = ["Gmain"]
-        if cfg.g_reg_interval is not None and cfg.density_reg > 0 and step_index % cfg.g_reg_interval == 0:
+        if cfg.density_reg > 0 and step_index % (cfg.g_reg_interval or 1) == 0:
             out.append("Greg")
         out.append("Dmain")
         gammas = cfg.r1_gamma + cfg.r1_gamma_uv + cfg.r1_gamma_seg
-        if cfg.d_reg_interval is not None and gammas > 0 and step_index % cfg.d_reg_interval == 0:
+        if gammas > 0 and step_index % (cfg.d_reg_interval or 1) == 0:
             out.append("Dreg")
         return out
 
@@ -498,7 +499,7 @@ class GenHeadTrainer:
             elif phase == "Greg":
                 loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
                 losses["Loss/G/TVloss"] = loss
-                loss = loss * cfg.g_reg_interval
+                loss = loss * (cfg.g_reg_interval or 1)
             elif phase == "Dmain":
                 with torch.no_grad():
                     fake = self.run_G(gen_z, gen_labels, swapping_prob, update_emas=True)
@@ -511,13 +512,14 @@ class GenHeadTrainer:
                                         self.img_name, self.img_raw_name, blur_sigma)
                 loss = penalty.mean()
                 losses["Loss/D/reg"] = loss
-                loss = loss * cfg.d_reg_interval
+                loss = loss * (cfg.d_reg_interval or 1)
             self._optimize(module, opt, loss)
         self.G.requires_grad_(True)
         self.D.requires_grad_(True)
         world_batch = cfg.batch * self.dist.world_size
-        self.cur_nimg += world_batch
+        # as StyleGAN2: the decay uses the images seen before this step (the first step copies G)
         update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, ema_kimg, cfg.ema_rampup))
+        self.cur_nimg += world_batch
         self.step_index += 1
         self.last_losses = {k: float(self.dist.mean(v.detach())) for k, v in losses.items()}
         return self.last_losses
