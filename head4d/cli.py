@@ -12,6 +12,8 @@
                    [--camera fixed|orbit|FILE] [--neck POSES.npy] [--out DIR] [--batch K] [--device cpu|cuda]
                    [--resolution R] [--depth] [--mesh] [--fps F]
     head4d reenact --synthetic [--checkpoint CKPT] [--genhead CKPT] [--frames N] ...
+    head4d make-dataset --procedural N --out DIR [--resolution R] [--seed S] [--zip] [--device cpu|cuda]
+    head4d train genhead --data DIR --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
@@ -33,6 +35,9 @@ second and where the time went. ``--synthetic`` needs no files.
 
 ``synthesize`` writes Portrait4D's reconstructor training triplets drawn from a GenHead
 (:mod:`head4d.synthesis`) as PNG images and one ``labels.npz``, with a progress bar.
+
+``train genhead`` runs GenHead's GAN training (:mod:`head4d.train.genhead`) on a labelled
+image dataset; started by ``torchrun --nproc_per_node N`` it trains on N processes.
 """
 from __future__ import annotations
 
@@ -256,6 +261,24 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_genhead(args: argparse.Namespace) -> int:
+    from .train.genhead import GenHeadTrainingConfig, train_genhead
+
+    prog = "head4d train genhead"
+    kwargs = {"data": args.data, "out": args.out, "resume": args.resume, "dry_run": args.dry_run,
+              "seed": args.seed, "xflip": args.xflip}
+    for name in ("batch", "kimg", "device"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    try:
+        config = GenHeadTrainingConfig.small(**kwargs) if args.small else GenHeadTrainingConfig(**kwargs)
+        train_genhead(config)
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head4d", description="head4d: fast triplane NeRF head kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -395,6 +418,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zip", action="store_true", help="write one zip archive instead of a folder")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to rasterize (default cpu)")
     p.set_defaults(func=_make_dataset)
+
+    p = sub.add_parser("train", help="train a model (GenHead's GAN training); runs under torchrun unchanged")
+    train_sub = p.add_subparsers(dest="training", required=True)
+    p = train_sub.add_parser("genhead", help="GenHead's GAN training on a labelled image dataset",
+                             description="Portrait4D's GenHead GAN training (head4d.train.genhead): the dual "
+                                         "discriminator, R1, lazy regularization, the blur fade, the pose "
+                                         "conditioning swap, the density and part-region regularizers, EMA. "
+                                         "Writes OUT/checkpoint.pt (atomically) and the logs. Under "
+                                         "'torchrun --nproc_per_node N' each process trains on --batch images.")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder or zip with dataset.json")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs)")
+    p.add_argument("--batch", type=int, metavar="B", help="images per process (default 8; --small: 2)")
+    p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 25000)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
+    p.add_argument("--small", action="store_true", help="a tiny GenHead and discriminator (CPU tests)")
+    p.add_argument("--xflip", action="store_true", help="add mirrored copies of the dataset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.set_defaults(func=_train_genhead)
     return parser
 
 

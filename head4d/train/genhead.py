@@ -1,0 +1,634 @@
+"""GenHead's GAN training (Portrait4D stage one): :class:`GenHeadTrainer`, :func:`train_genhead`.
+
+One training step (``step``; N images per process, ``cur_nimg`` images seen so far by all
+processes) runs StyleGAN2's phases, each with its own optimizer step:
+
+- ``Gmain`` (every step): fakes from random z, each conditioned on the camera and FLAME
+  codes of a random real label (fakes take their conditions from the data). With the
+  pose-conditioning swap probability ``p = (1 - a) + a * gpc_reg_prob``, ``a = min(cur_nimg
+  / (gpc_reg_fade_kimg * 1000), 1)`` (1 fading to 0.5 over 1000 kimg), a sample's mapping
+  condition (camera + shape) is replaced by the next-in-batch one (the batch rolled by
+  one); the render always uses the sample's own camera and codes. Loss: non-saturating
+  ``softplus(-D(fake))``, plus the part-region terms below.
+- ``Greg`` (every ``g_reg_interval`` = 4 steps, loss times the interval): the density
+  regularizer: 1000 points uniform in ``[-1, 1]^3`` per sample and the same points moved by
+  ``N(0, 1) * density_reg_p_dist * box_warp`` (0.004 * 1.3); the L1 distance between the
+  raw densities at the two, times ``density_reg`` (0.25), averaged over the head and part
+  triplanes. Upstream reads the densities through its deformation (the sample's FLAME
+  warp); here both triplanes are read at the points themselves (no warp): the term
+  smooths each triplane's density field where it is sampled either way.
+- ``Dmain`` (every step): ``softplus(D(fake)) + softplus(-D(real))``; its generator pass
+  also updates the backbone mapping's ``w_avg`` (the background's is never updated, as upstream).
+- ``Dreg`` (every ``d_reg_interval`` = 16 steps, loss times the interval): R1 on the real
+  inputs, ``gamma / 2 * (|dD/d image_sr|^2 + |dD/d image|^2) + gamma_uv / 2 * |dD/d uv|^2 +
+  gamma_seg / 2 * |dD/d seg|^2`` per sample (:func:`r1_penalty`; the gradient with respect to
+  the image before the fade's blur), a double backward through head4d's StyleGAN2 ops.
+- The EMA generator ``G_ema`` follows ``G`` (:func:`head4d.train.common.ema_beta`, half-life
+  ``ema_kimg = 10 * B / 32`` kimg for a total batch B, ramp-up 0.05).
+
+As in StyleGAN2, the real batch is drawn once per step and shared by the phases, while each
+phase draws its own fake latents and conditions (:meth:`GenHeadTrainer.sample_batch`).
+
+The discriminator's input (:class:`~head4d.nn.DualDiscriminatorDeform`, a dict):
+
+- fakes: ``image_sr`` GenHead's super-resolved image, ``image`` its raw render, ``uv`` the
+  correspondence map of its FLAME codes under its camera (:func:`correspondence_map`),
+  ``seg = (1 - T_bg) * 2 - 1 = opacity * 2 - 1``.
+- reals: ``image_sr`` the dataset image scaled to ``[-1, 1]``; ``image`` that image resized
+  to the neural rendering resolution (antialiased bilinear) and blurred with the current
+  blur sigma (upstream blurs the real raw image too); ``uv`` rendered online from the
+  label's codes exactly as for fakes; ``seg``: head4d's datasets carry no segmentation,
+  so the real seg is all ones (everything foreground; upstream uses a Mask2Former mask).
+  This is a known gap: with a background in the real images D can tell the real seg from
+  the fake one; R1's ``gamma_seg`` still applies.
+- During the blur fade the ``image_sr`` entry (``image`` without a super-resolution) is
+  blurred with sigma ``blur_init_sigma * max(1 - cur_nimg / (blur_fade_kimg * 1000), 0)``
+  (10 fading over ``200 * B / 32`` kimg for a total batch B, 200 at upstream's 32) for fakes and
+  reals.
+
+Part-region regularizers (``Gmain``): the transmittance terms are here, ``100 *
+mean(T_bg * eye_mask)`` and ``100 * mean(T_bg * mouth_mask)`` (no background may show
+through the eyes or the mouth). TODO: upstream's other four, ``10 * mean(softplus(head
+density inside the eye box) * eye_mask)`` (and inside the mouth), and the MipNeRF-360
+distortion loss of the ray weights times the eye / mouth masks (weight 100), need the
+renderer to return the per-sample head densities, intervals and weights, which
+:meth:`GenHead.render` does not expose yet.
+
+Defaults (:class:`GenHeadTrainingConfig`) are Portrait4D's ``genhead-ffhq512`` settings:
+Adam betas (0, 0.99), eps 1e-8, G lr 0.0025, D lr 0.002 (both then adjusted for lazy
+regularization), R1 gamma 1 / uv 10 / seg 1 (the config's values; the loss class's own
+defaults, which the config overrides, are 10 / 30 / 10), minibatch-std group 2, neural
+rendering resolution 64, density regularization 0.25 every 4 G steps (p_dist 0.004), swap
+probability 0.5 after a 1000-kimg fade. ``batch`` is per process (upstream: 32 over 4 GPUs,
+8 each).
+
+Resuming: the checkpoint holds rank 0's random states; on resume every other rank draws
+from a state derived from the seed, its rank and the step (the ranks must not share noise).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..head.labels import LABEL_SIZE, parse_labels
+from ..models import GenHead
+from ..models._common import triplane_point_decoder
+from ..models.genhead import GenHeadConfig, clip_vertices
+from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
+from ..render.masks import correspondence_map
+from .common import (Distributed, ProgressLog, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings,
+                     load_checkpoint, replace_directory, save_checkpoint, set_rng_state, update_ema)
+
+__all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "r1_penalty", "small_discriminator_kwargs",
+           "small_genhead_config", "train_genhead"]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+#: The EMA generator exported at the end of a run (``GenHead.save``'s safetensors format).
+EXPORT_NAME = "G_ema"
+#: The phases of a step, in order (each draws its own fake latents and conditions).
+PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
+
+
+def small_genhead_config() -> Dict[str, Any]:
+    """A tiny GenHead for CPU tests (``--small``): narrow backbone, 32^2 planes, no
+    super-resolution, 16^2 renders with 8 + 8 samples."""
+    return dict(z_dim=64, w_dim=64, channel_base=256, channel_max=16, triplane_resolution=32,
+                background_resolution=16, background_channel_base=128, background_channel_max=16,
+                background_mapping_layers=2, has_superresolution=False, depth_resolution=8,
+                depth_resolution_importance=8, neural_rendering_resolution=16, fine_resolution=12,
+                coarse_resolution=4, mask_resolution=32)
+
+
+def small_discriminator_kwargs() -> Dict[str, Any]:
+    """A tiny dual discriminator for :func:`small_genhead_config` (16^2 input, no super-resolution)."""
+    return dict(channel_base=256, channel_max=16, num_fp16_res=0, has_superresolution=False,
+                mapping_kwargs={"num_layers": 2})
+
+
+@dataclass
+class GenHeadTrainingConfig:
+    """GenHead training settings (defaults: Portrait4D's; see the module docstring).
+
+    Data and run: ``data`` (a dataset folder or zip), ``out`` (the output folder),
+    ``batch`` (images per process), ``kimg`` (thousands of images to train on, all
+    processes), ``xflip``, ``seed``, ``resume`` (continue from ``out/checkpoint.pt``),
+    ``dry_run`` (two steps), ``log_every`` / ``checkpoint_every`` (steps), ``device``
+    (None: CUDA when available).
+    Networks: ``genhead`` (:class:`~head4d.models.GenHeadConfig` fields over its
+    defaults), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments;
+    ``img_resolution`` and ``has_superresolution`` follow the generator).
+    Optimizers: ``g_lr``, ``d_lr``, ``betas``, ``eps``, ``g_reg_interval``,
+    ``d_reg_interval`` (None: no lazy regularization, the term on every step at weight 1).
+    Losses: ``r1_gamma`` (image and raw image), ``r1_gamma_uv``, ``r1_gamma_seg``,
+    ``blur_init_sigma``, ``blur_fade_kimg`` (None: ``200 * B / 32`` for a total batch B, as
+    upstream scales it), ``gpc_reg_prob`` (None: zero condition),
+    ``gpc_reg_fade_kimg``, ``density_reg``, ``density_reg_p_dist``, ``density_reg_points``,
+    ``part_t_weight`` (the eye / mouth transmittance terms).
+    EMA: ``ema_kimg`` (None: ``10 * B / 32``, upstream's), ``ema_rampup``.
+    """
+
+    data: Optional[str] = None
+    out: str = "train_out"
+    batch: int = 8
+    kimg: float = 25000
+    xflip: bool = False
+    seed: int = 0
+    resume: bool = False
+    dry_run: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    device: Optional[str] = None
+    genhead: Dict[str, Any] = field(default_factory=dict)
+    discriminator: Dict[str, Any] = field(default_factory=dict)
+    g_lr: float = 0.0025
+    d_lr: float = 0.002
+    betas: Tuple[float, float] = (0.0, 0.99)
+    eps: float = 1e-8
+    g_reg_interval: Optional[int] = 4
+    d_reg_interval: Optional[int] = 16
+    r1_gamma: float = 1.0
+    r1_gamma_uv: float = 10.0
+    r1_gamma_seg: float = 1.0
+    blur_init_sigma: float = 10.0
+    blur_fade_kimg: Optional[float] = None
+    gpc_reg_prob: Optional[float] = 0.5
+    gpc_reg_fade_kimg: float = 1000.0
+    density_reg: float = 0.25
+    density_reg_p_dist: float = 0.004
+    density_reg_points: int = 1000
+    part_t_weight: float = 100.0
+    ema_kimg: Optional[float] = None
+    ema_rampup: Optional[float] = 0.05
+
+    @classmethod
+    def small(cls, **kwargs) -> "GenHeadTrainingConfig":
+        """The tiny CPU configuration (``--small``), with ``kwargs`` over it."""
+        args = dict(genhead=small_genhead_config(), discriminator=small_discriminator_kwargs(), batch=2,
+                    density_reg_points=64)
+        args.update(kwargs)
+        return cls(**args)
+
+    def schedule_kimg(self, world_size: int) -> Tuple[float, float]:
+        """``(blur_fade_kimg, ema_kimg)`` in effect for ``world_size`` processes: the set
+        values, or upstream's batch-scaled defaults ``200 * B / 32`` and ``10 * B / 32`` with
+        ``B = batch * world_size``."""
+        total = self.batch * world_size
+        blur = self.blur_fade_kimg if self.blur_fade_kimg is not None else 200 * total / 32
+        ema = self.ema_kimg if self.ema_kimg is not None else 10 * total / 32
+        return blur, ema
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        op = "GenHeadTrainingConfig"
+        for name in ("batch", "log_every", "checkpoint_every", "density_reg_points"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+        for name in ("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
+                     "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
+                     "ema_kimg"):
+            value = getattr(self, name)
+            if value is None and name in ("blur_fade_kimg", "ema_kimg"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{op}: betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.gpc_reg_prob is not None and not 0 <= self.gpc_reg_prob <= 1:
+            raise ValueError(f"{op}: gpc_reg_prob must be None or in [0, 1], got {self.gpc_reg_prob!r}")
+        for name in ("g_reg_interval", "d_reg_interval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{op}: {name} must be None or an int >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------- loss pieces
+def r1_penalty(D: torch.nn.Module, img: Mapping[str, torch.Tensor], c: torch.Tensor, gamma: float,
+               gamma_uv: float, gamma_seg: float, img_name: str = "image_sr",
+               img_raw_name: Optional[str] = "image", blur_sigma: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """R1 on real inputs: ``(logits [N, 1], penalty [N])`` with ``penalty = gamma / 2 *
+    (|g_img|^2 + |g_raw|^2) + gamma_uv / 2 * |g_uv|^2 + gamma_seg / 2 * |g_seg|^2``, g the
+    gradient of ``sum(logits)`` with respect to each entry (summed over C, H, W), built with
+    ``create_graph`` so that the penalty back-propagates into D (double backward).
+
+    Args:
+        D: a :class:`~head4d.nn.DualDiscriminatorDeform`.
+        img: the real input dict (entries are detached and made to require gradients here).
+        c: ``[N, 25]`` camera labels.
+        img_name, img_raw_name: the image entries (``img_raw_name`` None without a
+            super-resolution).
+        blur_sigma: the blur fade's sigma, applied to ``img[img_name]`` after it is made to
+            require gradients: the gradients are taken with respect to the unblurred
+            input, through the blur, as upstream does.
+    """
+    names = [img_name] + ([img_raw_name] if img_raw_name is not None else [])
+    names += (["uv"] if D.has_uv else []) + (["seg"] if D.has_seg else [])
+    inputs = {k: v.detach().requires_grad_(k in names) for k, v in img.items()}
+    logits = D(blur_discriminator_input(inputs, blur_sigma, img_name), c, img_name=img_name,
+               img_raw_name=img_raw_name or "image")
+    grads = torch.autograd.grad(outputs=[logits.sum()], inputs=[inputs[k] for k in names], create_graph=True)
+    penalty = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+    for name, grad in zip(names, grads):
+        gamma_of = gamma_uv if name == "uv" else gamma_seg if name == "seg" else gamma
+        penalty = penalty + grad.float().square().sum([1, 2, 3]) * (gamma_of / 2)
+    return logits, penalty
+
+
+def blur_sigma_at(cur_nimg: int, blur_init_sigma: float, blur_fade_kimg: float) -> float:
+    """The blur fade: ``blur_init_sigma * max(1 - cur_nimg / (blur_fade_kimg * 1000), 0)``, 0
+    without a fade."""
+    if blur_fade_kimg <= 0:
+        return 0.0
+    return max(1 - cur_nimg / (blur_fade_kimg * 1e3), 0.0) * blur_init_sigma
+
+
+def swapping_prob_at(cur_nimg: int, gpc_reg_prob: Optional[float], gpc_reg_fade_kimg: float) -> Optional[float]:
+    """The pose-conditioning swap probability: ``(1 - a) + a * gpc_reg_prob`` with ``a =
+    min(cur_nimg / (gpc_reg_fade_kimg * 1000), 1)`` (1 without a fade); None when
+    ``gpc_reg_prob`` is None (the mapping then gets a zero condition)."""
+    if gpc_reg_prob is None:
+        return None
+    alpha = min(cur_nimg / (gpc_reg_fade_kimg * 1e3), 1.0) if gpc_reg_fade_kimg > 0 else 1.0
+    return (1 - alpha) + alpha * gpc_reg_prob
+
+
+def labels_to_codes(labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """``labels [N, 437]`` to the camera ``[N, 25]`` and the FLAME codes dict."""
+    parts = parse_labels(labels)
+    codes = {k: parts[k] for k in ("shape", "expression", "neck_pose", "jaw_pose", "eye_pose")}
+    return parts["camera"], codes
+
+
+# ---------------------------------------------------------------------- trainer
+class GenHeadTrainer:
+    """Networks, optimizers and one training step of GenHead's GAN training.
+
+    Args:
+        config: :class:`GenHeadTrainingConfig`.
+        dataset: items ``(uint8 image [3, R, R], float32 label [437])``
+            (:class:`head4d.data.ImageLabelDataset` or any such sequence).
+        distributed: :class:`~head4d.train.common.Distributed` (None: one process).
+        head_model: GenHead's head model (None: the built-in procedural head).
+
+    Attributes: ``G``, ``D``, ``G_ema``, ``G_opt``, ``D_opt``, ``step_index`` (steps done),
+    ``cur_nimg`` (images seen by all processes), ``last_losses``.
+
+    Building seeds torch's global generator (``config.seed`` for the weights, then a
+    per-rank seed for the training's draws); the data order comes from a generator of its own.
+    """
+
+    def __init__(self, config: GenHeadTrainingConfig, dataset: Sequence, distributed: Optional[Distributed] = None,
+                 head_model=None):
+        config.check()
+        self.config = config
+        self.dist = distributed if distributed is not None else Distributed(
+            device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.dist.device
+        if len(dataset) < 1:
+            raise ValueError("GenHeadTrainer: dataset is empty")
+        self.dataset = dataset
+        torch.manual_seed(config.seed)  # same initial weights on every rank (then broadcast)
+        self.G = GenHead(GenHeadConfig(**config.genhead), head_model).to(self.device).train()
+        g = self.G.config
+        d_kwargs = dict(config.discriminator)
+        d_kwargs.setdefault("has_superresolution", g.has_superresolution)
+        d_kwargs.setdefault("img_resolution", g.img_resolution if g.has_superresolution
+                            else g.neural_rendering_resolution)
+        self.D = DualDiscriminatorDeform(c_dim=25, **d_kwargs).to(self.device).train()
+        if self.D.has_superresolution != g.has_superresolution:
+            raise ValueError("GenHeadTrainer: the discriminator must have a super-resolution input exactly when "
+                             "GenHead has a super-resolution")
+        self.dist.broadcast_parameters([self.G, self.D])
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        g_lr, g_betas = lazy_adam_settings(config.g_lr, tuple(config.betas), config.g_reg_interval)
+        d_lr, d_betas = lazy_adam_settings(config.d_lr, tuple(config.betas), config.d_reg_interval)
+        self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
+        self.D_opt = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.eps)
+        self.data_generator = torch.Generator().manual_seed(config.seed * 7919 + self.dist.rank)
+        torch.manual_seed(config.seed * 7919 + self.dist.rank + 1)
+        self.step_index = 0
+        self.cur_nimg = 0
+        self.last_losses: Dict[str, float] = {}
+        head = self.G.head_model
+        self._canonical = head.canonical_vertices().to(self.device)
+        self.img_name = "image_sr" if g.has_superresolution else "image"
+        self.img_raw_name = "image" if g.has_superresolution else None
+
+    # ------------------------------------------------------------------ data
+    def sample_batch(self) -> Dict[str, torch.Tensor]:
+        """One step's data, as StyleGAN2 draws it: N real images (``real_img`` float32 in
+        [-1, 1]) with their labels (``real_labels [N, 437]``), shared by the phases; and per
+        phase (:data:`PHASES` order) N fake latents and conditions, ``gen_z [4, N, z_dim]`` and
+        ``gen_labels [4, N, 437]`` (labels of other random real items)."""
+        n = self.config.batch
+        p = len(PHASES)
+        index = torch.randint(len(self.dataset), ((1 + p) * n,), generator=self.data_generator).tolist()
+        items = [self.dataset[i] for i in index[:n]]
+        images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(self.device)
+        labels = torch.stack([torch.as_tensor(y) for _, y in items] +
+                             [torch.as_tensor(self.dataset[i][1]) for i in index[n:]]).to(self.device, torch.float32)
+        if labels.shape[1] != LABEL_SIZE:
+            raise ValueError(f"GenHeadTrainer: dataset labels must have {LABEL_SIZE} numbers, got {labels.shape[1]}")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"GenHeadTrainer: dataset images must be uint8 [3, R, R], got {images.dtype} "
+                             f"{list(images.shape[1:])}")
+        return {"real_img": images.to(torch.float32) / 127.5 - 1, "real_labels": labels[:n],
+                "gen_z": torch.randn(p, n, self.G.config.z_dim, device=self.device),
+                "gen_labels": labels[n:].reshape(p, n, LABEL_SIZE)}
+
+    def correspondence(self, camera: torch.Tensor, codes: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The correspondence map ``[N, 3, R, R]`` (R the discriminator's resolution) of the
+        head posed by ``codes`` under ``camera``; no gradient."""
+        head = self.G.head_model
+        n = camera.shape[0]
+        r = self.D.img_resolution
+        with torch.no_grad():
+            verts = head(**{k: v.to(head.dtype) for k, v in codes.items()})
+            clip = clip_vertices(verts, camera[:, :16].reshape(n, 4, 4), camera[:, 16:25].reshape(n, 3, 3))
+            uv = correspondence_map(clip, head.faces, (r, r), self._canonical, head.face_indices, head.eye_indices)
+        return uv.to(torch.float32)
+
+    def real_inputs(self, batch: Mapping[str, torch.Tensor], blur_sigma: float) -> Dict[str, torch.Tensor]:
+        """The discriminator's dict for the real images (module docstring), not yet blurred
+        in the ``image_sr`` entry (:meth:`run_D` does that)."""
+        img = batch["real_img"]
+        camera, codes = labels_to_codes(batch["real_labels"])
+        r = self.G.config.neural_rendering_resolution
+        d_res = self.D.img_resolution
+        if img.shape[-1] != d_res:
+            img = filtered_resizing(img, d_res)
+        out = {"uv": self.correspondence(camera, codes)}
+        seg = torch.ones_like(img[:, :1])
+        if self.img_raw_name is not None:
+            raw = filtered_resizing(img, r)
+            seg = filtered_resizing(seg, r)
+            if math.floor(3 * blur_sigma) > 0:
+                raw = blur_discriminator_input({"image": raw}, blur_sigma, "image")["image"]
+                seg = blur_discriminator_input({"seg": seg}, blur_sigma, "seg")["seg"]
+            out[self.img_raw_name] = raw
+        out[self.img_name] = img
+        out["seg"] = seg
+        return out
+
+    def run_G(self, z: torch.Tensor, labels: torch.Tensor, swapping_prob: Optional[float],
+              update_emas: bool = False) -> Dict[str, torch.Tensor]:
+        """Fakes for latent ``z`` and the conditions of ``labels``: GenHead's render dict plus
+        the discriminator entries (``uv``, ``seg``, ``image_sr`` with a super-resolution).
+        ``update_emas``: the backbone mapping's running average of w (``w_avg``, the
+        truncation's centre) moves towards this batch's ws, as upstream does in ``Dmain``."""
+        camera, codes = labels_to_codes(labels)
+        cond = self.G.condition(camera, codes["shape"])
+        if swapping_prob is None:
+            cond = torch.zeros_like(cond)
+        else:
+            swap = torch.rand((cond.shape[0], 1), device=cond.device) < swapping_prob
+            cond = torch.where(swap, torch.roll(cond, 1, 0), cond)
+        ws = self.G.mapping(z, cond, update_emas=update_emas)
+        planes = self.G.planes(ws, noise_mode="random")
+        background = self.G.background_image(z, noise_mode="random")
+        out = self.G.render(planes, camera, codes, ws=ws, background=background)
+        out["uv"] = self.correspondence(camera, codes)
+        out["seg"] = out["opacity"] * 2 - 1
+        if self.img_raw_name is not None:
+            out["image_sr"] = out["image"]
+            out["image"] = out["image_raw"]
+        else:
+            out["image"] = out["image_raw"]
+        out["planes"] = planes
+        return out
+
+    def run_D(self, img: Mapping[str, torch.Tensor], camera: torch.Tensor, blur_sigma: float) -> torch.Tensor:
+        """Logits ``[N, 1]`` of the discriminator for an input dict, ``image_sr`` (``image``
+        without a super-resolution) blurred with ``blur_sigma``."""
+        img = blur_discriminator_input(img, blur_sigma, self.img_name)
+        return self.D(img, camera, img_name=self.img_name, img_raw_name=self.img_raw_name or "image")
+
+    def discriminator_loss(self, real: Mapping[str, torch.Tensor], real_c: torch.Tensor,
+                           fake: Mapping[str, torch.Tensor], fake_c: torch.Tensor,
+                           blur_sigma: float) -> torch.Tensor:
+        """``mean(softplus(D(fake))) + mean(softplus(-D(real)))`` (fakes detached)."""
+        fake = {k: v.detach() for k, v in fake.items()}
+        return F.softplus(self.run_D(fake, fake_c, blur_sigma)).mean() + \
+            F.softplus(-self.run_D(real, real_c, blur_sigma)).mean()
+
+    def density_regularizer(self, z: torch.Tensor, labels: torch.Tensor,
+                            swapping_prob: Optional[float]) -> torch.Tensor:
+        """The density TV term (module docstring), times ``density_reg``."""
+        cfg = self.config
+        camera, codes = labels_to_codes(labels)
+        cond = self.G.condition(camera, codes["shape"])
+        if swapping_prob is None:
+            cond = torch.zeros_like(cond)
+        elif float(torch.rand([])) < swapping_prob:
+            cond = torch.roll(cond, 1, 0)
+        planes = self.G.planes(self.G.mapping(z, cond), noise_mode="random")
+        n = z.shape[0]
+        points = torch.rand((n, cfg.density_reg_points, 3), device=z.device) * 2 - 1
+        moved = points + torch.randn_like(points) * cfg.density_reg_p_dist * self.G.config.box_warp
+        both = torch.cat([points, moved], dim=1)
+        g = self.G
+        with g._scope():
+            decode = triplane_point_decoder(g.decoder, g.renderer, z.device, g.config.fused, g.config.box_warp,
+                                            g._ops_backend)
+            total = 0
+            for part in (slice(0, 3), slice(3, 6)):
+                sigma = decode(planes[:, part], both)["sigma"]
+                m = cfg.density_reg_points
+                total = total + F.l1_loss(sigma[:, :m], sigma[:, m:]) / 2
+        return total * cfg.density_reg
+
+    # ------------------------------------------------------------------ phases
+    def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        params = [p for p in module.parameters() if p.requires_grad]
+        loss.backward()
+        self.dist.average_gradients(params)
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+
+    def phases(self, step_index: int) -> List[str]:
+        """The phases of step ``step_index`` (0-based): ``Gmain``, ``Greg`` when the step is a
+        multiple of ``g_reg_interval`` (and the density term is on), ``Dmain``, ``Dreg`` when a
+        multiple of ``d_reg_interval`` (and some R1 gamma is > 0). An interval of None
+        regularizes on every step at weight 1 (no lazy regularization)."""
+        cfg = self.config
+        out = ["Gmain"]
+        if cfg.density_reg > 0 and step_index % (cfg.g_reg_interval or 1) == 0:
+            out.append("Greg")
+        out.append("Dmain")
+        gammas = cfg.r1_gamma + cfg.r1_gamma_uv + cfg.r1_gamma_seg
+        if gammas > 0 and step_index % (cfg.d_reg_interval or 1) == 0:
+            out.append("Dreg")
+        return out
+
+    def step(self) -> Dict[str, float]:
+        """One training step (all its phases), the EMA update; returns the losses (means
+        over the ranks) as floats and also keeps them in ``last_losses``."""
+        cfg = self.config
+        batch = self.sample_batch()
+        blur_fade_kimg, ema_kimg = cfg.schedule_kimg(self.dist.world_size)
+        blur_sigma = blur_sigma_at(self.cur_nimg, cfg.blur_init_sigma, blur_fade_kimg)
+        swapping_prob = swapping_prob_at(self.cur_nimg, cfg.gpc_reg_prob, cfg.gpc_reg_fade_kimg)
+        real_c, _ = labels_to_codes(batch["real_labels"])
+        losses: Dict[str, torch.Tensor] = {}
+        for phase in self.phases(self.step_index):
+            training_g = phase.startswith("G")
+            module, opt = (self.G, self.G_opt) if training_g else (self.D, self.D_opt)
+            self.G.requires_grad_(training_g)
+            self.D.requires_grad_(not training_g)
+            opt.zero_grad(set_to_none=True)
+            gen_z, gen_labels = batch["gen_z"][PHASES.index(phase)], batch["gen_labels"][PHASES.index(phase)]
+            gen_c = gen_labels[:, :25]
+            if phase == "Gmain":
+                fake = self.run_G(gen_z, gen_labels, swapping_prob)
+                loss_adv = F.softplus(-self.run_D(fake, gen_c, blur_sigma)).mean()
+                t_bg = 1 - fake["opacity"]
+                loss_eye_t = (t_bg * fake["eye_mask"]).mean() * cfg.part_t_weight
+                loss_mouth_t = (t_bg * fake["mouth_mask"]).mean() * cfg.part_t_weight
+                loss = loss_adv + loss_eye_t + loss_mouth_t
+                losses.update({"Loss/G/loss": loss_adv, "Loss/G/loss_eye_T": loss_eye_t,
+                               "Loss/G/loss_mouth_T": loss_mouth_t})
+            elif phase == "Greg":
+                loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
+                losses["Loss/G/TVloss"] = loss
+                loss = loss * (cfg.g_reg_interval or 1)
+            elif phase == "Dmain":
+                with torch.no_grad():
+                    fake = self.run_G(gen_z, gen_labels, swapping_prob, update_emas=True)
+                real = self.real_inputs(batch, blur_sigma)
+                loss = self.discriminator_loss(real, real_c, fake, gen_c, blur_sigma)
+                losses["Loss/D/loss"] = loss
+            else:  # Dreg
+                real = self.real_inputs(batch, blur_sigma)
+                _, penalty = r1_penalty(self.D, real, real_c, cfg.r1_gamma, cfg.r1_gamma_uv, cfg.r1_gamma_seg,
+                                        self.img_name, self.img_raw_name, blur_sigma)
+                loss = penalty.mean()
+                losses["Loss/D/reg"] = loss
+                loss = loss * (cfg.d_reg_interval or 1)
+            self._optimize(module, opt, loss)
+        self.G.requires_grad_(True)
+        self.D.requires_grad_(True)
+        world_batch = cfg.batch * self.dist.world_size
+        # as StyleGAN2: the decay uses the images seen before this step (the first step copies G)
+        update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, ema_kimg, cfg.ema_rampup))
+        self.cur_nimg += world_batch
+        self.step_index += 1
+        self.last_losses = {k: float(self.dist.mean(v.detach())) for k, v in losses.items()}
+        return self.last_losses
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> Dict[str, Any]:
+        """Everything a resume needs (see :mod:`head4d.train.common`)."""
+        return {"kind": "genhead", "G": self.G.state_dict(), "D": self.D.state_dict(),
+                "G_ema": self.G_ema.state_dict(), "G_opt": self.G_opt.state_dict(), "D_opt": self.D_opt.state_dict(),
+                "step": self.step_index, "cur_nimg": self.cur_nimg, "rng": get_rng_state(),
+                "data_rng": self.data_generator.get_state(), "config": config_to_dict(self.config)}
+
+    def save(self, path) -> Path:
+        """Write the checkpoint atomically (rank 0 only; other ranks return the path)."""
+        if not self.dist.is_main:
+            return Path(path)
+        return save_checkpoint(path, self.state())
+
+    def load(self, path) -> None:
+        """Restore a checkpoint written by :meth:`save` (networks, optimizers, EMA, counters,
+        random states); the next step continues exactly where the saved run would have."""
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("kind") != "genhead":
+            raise ValueError(f"GenHeadTrainer.load: {path} is a {state.get('kind')!r} checkpoint, not a GenHead one")
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.G_opt.load_state_dict(state["G_opt"])
+        self.D_opt.load_state_dict(state["D_opt"])
+        self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        if self.dist.is_main:
+            set_rng_state(state["rng"])
+            self.data_generator.set_state(state["data_rng"])
+        else:
+            seed = self.config.seed * 7919 + self.dist.rank + 104729 * (self.step_index + 1)
+            torch.manual_seed(seed)
+            self.data_generator.manual_seed(seed + 1)
+
+
+def _open_dataset(config: GenHeadTrainingConfig):
+    if config.data is None:
+        raise ValueError("train_genhead: config.data (--data) must name a dataset folder or zip")
+    try:
+        from ..data import ImageLabelDataset
+    except ImportError as exc:
+        raise RuntimeError("train_genhead: reading a dataset needs head4d.data (ImageLabelDataset), which this "
+                           "head4d lacks") from exc
+    return ImageLabelDataset(config.data, xflip=config.xflip)
+
+
+def train_genhead(config: GenHeadTrainingConfig, dataset: Optional[Sequence] = None, head_model=None,
+                  max_steps: Optional[int] = None) -> GenHeadTrainer:
+    """Train GenHead: build (or resume from ``out/checkpoint.pt`` with ``config.resume``),
+    run steps until ``config.kimg`` thousand images (two with ``dry_run``, at most
+    ``max_steps`` when given), log, and write the checkpoint every ``checkpoint_every`` steps
+    and at the end; at the end also export the EMA generator to ``out/G_ema`` with
+    :meth:`GenHead.save` (for ``head4d demo --checkpoint`` and the synthesis). Works unchanged
+    under ``torchrun`` (see :class:`Distributed`).
+
+    Args:
+        config: :class:`GenHeadTrainingConfig`.
+        dataset: the items (None: ``ImageLabelDataset(config.data)``).
+        head_model: GenHead's head model (None: the procedural head).
+        max_steps: a cap on the steps of this call.
+
+    Returns:
+        the trainer after the last step.
+    """
+    config.check()
+    dist_ = Distributed.from_env(config.device)
+    try:
+        return _train(config, dist_, dataset, head_model, max_steps)
+    finally:
+        dist_.close()
+
+
+def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[Sequence], head_model,
+           max_steps: Optional[int]) -> GenHeadTrainer:
+    """:func:`train_genhead`'s loop inside its process group."""
+    if dataset is None:
+        dataset = _open_dataset(config)
+    trainer = GenHeadTrainer(config, dataset, dist_, head_model)
+    out = Path(config.out)
+    checkpoint = out / CHECKPOINT_NAME
+    if config.resume:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"train_genhead: --resume given but there is no {checkpoint}")
+        trainer.load(checkpoint)
+    total = int(config.kimg * 1000)
+    log = ProgressLog(out, total, enabled=dist_.is_main)
+    steps = 0
+    limit = 2 if config.dry_run else max_steps
+    try:
+        while trainer.cur_nimg < total and (limit is None or steps < limit):
+            losses = trainer.step()
+            steps += 1
+            for name, value in losses.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"train_genhead: {name} is {value} at step {trainer.step_index}")
+            if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
+                log.report(trainer.step_index, trainer.cur_nimg, losses)
+            if trainer.step_index % config.checkpoint_every == 0:
+                trainer.save(checkpoint)
+        trainer.save(checkpoint)
+        if dist_.is_main:
+            replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
+        dist_.barrier()
+        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images) and the EMA "
+                  f"generator to {out / EXPORT_NAME} (GenHead.load reads it)")
+    finally:
+        log.close()
+    return trainer

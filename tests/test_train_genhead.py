@@ -1,0 +1,429 @@
+"""``head4d.train``: GenHead's GAN training and the pieces shared by the trainings.
+
+All on the CPU with the tiny configuration (``GenHeadTrainingConfig.small``: a 16^2
+GenHead without super-resolution and a 16^2 discriminator) on a dataset built here in
+memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset`` yields).
+
+- Two training steps: finite losses, the phases of each step (``Greg`` and ``Dreg`` on step
+  0, not on step 1), weights moved, the EMA generator at the hand-computed EMA of ``G``.
+- The discriminator loss on fixed real and fake inputs falls over 20 steps and ends with
+  the real logits above the fake ones (a flipped sign would fail this).
+- R1 (``r1_penalty``) against a plain autograd computation written here on a float64 copy
+  of a discriminator with a super-resolution input, the four gammas distinct, without and
+  with the fade's blur (gradients with respect to the unblurred image, the blur written
+  here with ``F.conv2d``); the penalty's parameter gradients (double backward) too.
+- The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand; the
+  blur fade, the swap probability and upstream's batch scaling of their lengths by hand;
+  each phase draws its own fakes.
+- A checkpoint round trip: a run resumed from step 1 takes the same step 2 (losses and
+  weights bit-exact); a write that fails after its temporary file exists leaves the
+  previous checkpoint loadable and no temporary file; bad checkpoints are clear errors.
+- ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps and the
+  EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
+  lines and logs; ``--resume`` continues from it (and replaces the export).
+- Gradient averaging over two processes (a gradient missing on one rank counts as zero,
+  one missing everywhere stays missing).
+- Two processes (gloo, ``torch.multiprocessing``, torchrun's environment variables) run two
+  steps on different data and hold identical, changed weights after them.
+"""
+import copy
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import head4d.nn as hnn
+from head4d.cli import main as cli_main
+from head4d.head.labels import make_labels
+from head4d.train import common
+from head4d.train.genhead import GenHeadTrainer, GenHeadTrainingConfig, r1_penalty, train_genhead
+
+from genhead_testing import camera
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def make_dataset(count=4, resolution=16, seed=0):
+    """``count`` items ``(uint8 [3, R, R], float32 [437])``: random images, cameras at
+    yaws in [-0.4, 0.4], random expressions and jaw openings, zero shape and neck."""
+    gen = torch.Generator().manual_seed(seed)
+    cams = torch.cat([camera(1, yaw=-0.4 + 0.8 * i / max(count - 1, 1)) for i in range(count)])
+    jaw = torch.zeros(count, 3)
+    jaw[:, 0] = 0.3 * torch.rand(count, generator=gen)
+    labels = make_labels(cams[:, :16].reshape(count, 4, 4), cams[:, 16:].reshape(count, 3, 3), torch.zeros(count, 300),
+                         0.5 * torch.randn(count, 100, generator=gen), torch.zeros(count, 3), jaw,
+                         torch.zeros(count, 6)).float()
+    images = torch.randint(0, 256, (count, 3, resolution, resolution), generator=gen, dtype=torch.uint8)
+    return [(images[i], labels[i]) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_dataset()
+
+
+def flat_parameters(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def test_two_steps_finite_losses_phases_and_ema(dataset):
+    # EMA half-life 2 images, no ramp-up: beta = 0.5 ** (2 / 2) = 0.5 on every step
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(ema_kimg=0.002, ema_rampup=None), dataset)
+    g0, d0 = flat_parameters(trainer.G), flat_parameters(trainer.D)
+    w_avg0 = trainer.G.backbone.mapping.w_avg.clone()
+    bg_w_avg0 = trainer.G.background.mapping.w_avg.clone()
+    assert torch.equal(flat_parameters(trainer.G_ema), g0)
+    first = trainer.step()
+    g1, ema1 = flat_parameters(trainer.G), flat_parameters(trainer.G_ema)
+    assert torch.allclose(ema1, g1 + 0.5 * (g0 - g1), rtol=4 * EPS32, atol=4 * EPS32)
+    assert set(first) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/G/TVloss",
+                          "Loss/D/loss", "Loss/D/reg"}
+    second = trainer.step()
+    assert set(second) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/D/loss"}
+    for losses in (first, second):
+        assert all(math.isfinite(v) for v in losses.values()), losses
+    assert trainer.step_index == 2 and trainer.cur_nimg == 4
+    g, d = flat_parameters(trainer.G), flat_parameters(trainer.D)
+    assert not torch.equal(g, g1) and not torch.equal(g1, g0) and not torch.equal(d, d0)
+    assert torch.allclose(flat_parameters(trainer.G_ema), g + 0.5 * (ema1 - g), rtol=4 * EPS32, atol=4 * EPS32)
+    # Dmain's generator pass tracks the backbone's w_avg (not the background's), G_ema copies it
+    assert not torch.equal(trainer.G.backbone.mapping.w_avg, w_avg0)
+    assert torch.equal(trainer.G.background.mapping.w_avg, bg_w_avg0)
+    assert torch.equal(trainer.G_ema.backbone.mapping.w_avg, trainer.G.backbone.mapping.w_avg)
+
+
+def test_ema_copies_on_the_first_step_with_rampup(dataset):
+    """StyleGAN2's decay uses the images seen before the step: 0 on the first step with a
+    ramp-up, so G_ema is then a copy of G."""
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    trainer.step()
+    assert torch.equal(flat_parameters(trainer.G_ema), flat_parameters(trainer.G))
+
+
+def test_discriminator_loss_falls_on_fixed_data(dataset):
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    batch = trainer.sample_batch()
+    real_c = batch["real_labels"][:, :25]
+    fake_c = batch["gen_labels"][2, :, :25]
+    with torch.no_grad():
+        fake = trainer.run_G(batch["gen_z"][2], batch["gen_labels"][2], 0.5)
+    fake = {k: fake[k] for k in ("image", "uv", "seg")}
+    real = trainer.real_inputs(batch, 0.0)
+    losses = []
+    for _ in range(20):
+        trainer.D_opt.zero_grad(set_to_none=True)
+        loss = trainer.discriminator_loss(real, real_c, fake, fake_c, 0.0)
+        loss.backward()
+        trainer.D_opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * losses[0], losses
+    with torch.no_grad():
+        assert (trainer.run_D(real, real_c, 0.0).min() > trainer.run_D(fake, fake_c, 0.0).max())
+
+
+def _small_sr_discriminator():
+    torch.manual_seed(3)
+    D = hnn.DualDiscriminatorDeform(c_dim=25, img_resolution=16, channel_base=256, channel_max=16, num_fp16_res=0)
+    with torch.no_grad():
+        for name, p in D.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape))
+    return D
+
+
+def _plain_blur(image, sigma):
+    """The blur fade written out: the separable kernel ``2^(-(k / sigma)^2)``, ``k = -r..r``,
+    ``r = floor(3 sigma)``, normalised, zero padding."""
+    r = math.floor(3 * sigma)
+    k = torch.arange(-r, r + 1, dtype=image.dtype).div(sigma).square().neg().exp2()
+    k = k / k.sum()
+    c = image.shape[1]
+    image = F.conv2d(image, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), padding=(0, r), groups=c)
+    return F.conv2d(image, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), padding=(r, 0), groups=c)
+
+
+@pytest.mark.parametrize("blur_sigma", [0.0, 0.7])
+def test_r1_penalty_equals_plain_autograd(blur_sigma):
+    D = _small_sr_discriminator()
+    gen = torch.Generator().manual_seed(5)
+    img = {"image_sr": torch.randn(4, 3, 16, 16, generator=gen), "image": torch.randn(4, 3, 8, 8, generator=gen),
+           "uv": torch.randn(4, 3, 16, 16, generator=gen), "seg": torch.randn(4, 1, 8, 8, generator=gen)}
+    c = camera(4)
+    gammas = (2.0, 5.0, 7.0)
+    logits, penalty = r1_penalty(D, img, c, *gammas, blur_sigma=blur_sigma)
+    penalty.mean().backward()
+    grads = {n: p.grad.clone() for n, p in D.named_parameters() if p.grad is not None}
+
+    # Reference: a float64 copy on the plain-torch ops (its epilogue computes in float32, as
+    # the discriminator always does), the gradients taken one by one.
+    ref = hnn.set_stylegan2_backend(copy.deepcopy(D).double(), "torch")
+    ref.zero_grad(set_to_none=True)
+    inputs = {k: v.double().requires_grad_(True) for k, v in img.items()}
+    blurred = dict(inputs, image_sr=_plain_blur(inputs["image_sr"], blur_sigma) if blur_sigma else inputs["image_sr"])
+    ref_logits = ref(blurred, c.double())
+    g_sr, g_raw, g_uv, g_seg = torch.autograd.grad(ref_logits.sum(), [inputs[k] for k in ("image_sr", "image", "uv",
+                                                                                          "seg")], create_graph=True)
+    ref_penalty = (g_sr.square().sum([1, 2, 3]) + g_raw.square().sum([1, 2, 3])) * gammas[0] / 2 \
+        + g_uv.square().sum([1, 2, 3]) * gammas[1] / 2 + g_seg.square().sum([1, 2, 3]) * gammas[2] / 2
+    ref_penalty.mean().backward()
+    tol = 1e3 * EPS32  # float32 against float64 through a double backward of ~10 layers
+    logits, ref_logits = logits.detach().double(), ref_logits.detach().double()
+    ref_penalty = ref_penalty.detach().double()
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()) < tol
+    assert torch.all(ref_penalty > 0)
+    assert ((penalty.detach().double() - ref_penalty).abs().max() / ref_penalty.abs().max()) < tol
+    ref_grads = {n: p.grad.double() for n, p in ref.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads)
+    flat = torch.cat([grads[n].double().reshape(-1) for n in ref_grads])
+    flat_ref = torch.cat([g.reshape(-1) for g in ref_grads.values()])
+    assert ((flat - flat_ref).norm() / flat_ref.norm()) < tol
+    # Per parameter: the R1 gradients of the convolution biases cancel strongly (a plain
+    # float32 computation is off by ~1e-4 there), so each parameter's error is held to a
+    # few times that of the float32 plain-torch computation of the same penalty.
+    probe = hnn.set_stylegan2_backend(copy.deepcopy(D), "torch")
+    _, probe_penalty = r1_penalty(probe, img, c, *gammas, blur_sigma=blur_sigma)
+    probe_penalty.mean().backward()
+    for name, p in probe.named_parameters():
+        if p.grad is None:
+            continue
+        scale = ref_grads[name].abs().max().clamp_min(1e-30)
+        err = (grads[name].double() - ref_grads[name]).abs().max() / scale
+        err32 = (p.grad.double() - ref_grads[name]).abs().max() / scale
+        assert err <= max(4 * err32, 100 * EPS32), (name, err.item(), err32.item())
+
+
+def test_lazy_schedule_and_adjusted_adam(dataset):
+    config = GenHeadTrainingConfig.small()
+    trainer = GenHeadTrainer(config, dataset)
+    greg = [i for i in range(40) if "Greg" in trainer.phases(i)]
+    dreg = [i for i in range(40) if "Dreg" in trainer.phases(i)]
+    assert greg == list(range(0, 40, 4)) and dreg == [0, 16, 32]
+    assert all(trainer.phases(i)[0] == "Gmain" and "Dmain" in trainer.phases(i) for i in range(40))
+    g_group, d_group = trainer.G_opt.param_groups[0], trainer.D_opt.param_groups[0]
+    assert g_group["lr"] == pytest.approx(0.0025 * 4 / 5, rel=1e-15)
+    assert g_group["betas"] == pytest.approx((0.0, 0.99 ** (4 / 5)), rel=1e-15)
+    assert d_group["lr"] == pytest.approx(0.002 * 16 / 17, rel=1e-15)
+    assert d_group["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)), rel=1e-15)
+    assert g_group["eps"] == 1e-8
+    assert common.lazy_adam_settings(0.1, (0.5, 0.9), None) == (0.1, (0.5, 0.9))
+    with pytest.raises(ValueError, match="reg_interval"):
+        common.lazy_adam_settings(0.1, (0.5, 0.9), 0)
+    # gamma 0 everywhere: no R1 phase; no density weight: no Greg phase
+    quiet = GenHeadTrainer(GenHeadTrainingConfig.small(r1_gamma=0, r1_gamma_uv=0, r1_gamma_seg=0, density_reg=0),
+                           dataset)
+    assert quiet.phases(0) == ["Gmain", "Dmain"]
+    # no lazy regularization: both terms on every step, the optimizers' settings as given
+    eager = GenHeadTrainer(GenHeadTrainingConfig.small(g_reg_interval=None, d_reg_interval=None), dataset)
+    assert all(eager.phases(i) == ["Gmain", "Greg", "Dmain", "Dreg"] for i in range(5))
+    assert eager.G_opt.param_groups[0]["lr"] == 0.0025 and eager.D_opt.param_groups[0]["betas"] == (0.0, 0.99)
+
+
+def test_ema_arithmetic_by_hand():
+    assert common.ema_beta(4, 100, 10, 0.05) == 0.5 ** (4 / 5)
+    assert common.ema_beta(4, 10 ** 6, 10, 0.05) == 0.5 ** (4 / 10000)
+    assert common.ema_beta(4, 100, 10, None) == 0.5 ** (4 / 10000)
+    assert common.ema_beta(4, 0, 10, 0.05) == 0.0
+    with pytest.raises(ValueError, match="batch"):
+        common.ema_beta(0, 0, 10, 0.05)
+    torch.manual_seed(0)
+    model, ema = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for m in (model, ema):
+            m.weight.normal_()
+            m.bias.normal_()
+            m.running_mean.normal_()
+    before = [p.detach().clone() for p in ema.parameters()]
+    model.requires_grad_(False)
+    ema.requires_grad_(False)
+    common.update_ema(ema, model, 0.25)
+    for p_ema, p_old, p in zip(ema.parameters(), before, model.parameters()):
+        for i in range(3):
+            want = float(p[i]) + 0.25 * (float(p_old[i]) - float(p[i]))
+            assert abs(float(p_ema[i]) - want) <= 4 * EPS32 * max(abs(want), 1)
+    assert torch.equal(ema.running_mean, model.running_mean)
+
+
+def test_schedules_by_hand(dataset):
+    from head4d.train.genhead import blur_sigma_at, swapping_prob_at
+
+    assert blur_sigma_at(0, 10, 200) == 10
+    assert blur_sigma_at(50_000, 10, 200) == 10 * (1 - 50_000 / 200_000)
+    assert blur_sigma_at(300_000, 10, 200) == 0 and blur_sigma_at(5, 10, 0) == 0
+    assert swapping_prob_at(0, 0.5, 1000) == 1
+    assert swapping_prob_at(250_000, 0.5, 1000) == 0.75 * 1 + 0.25 * 0.5
+    assert swapping_prob_at(2_000_000, 0.5, 1000) == 0.5
+    assert swapping_prob_at(10, None, 1000) is None
+    # upstream scales the blur fade and the EMA half-life with the total batch (32 -> 200, 10)
+    assert GenHeadTrainingConfig(batch=8).schedule_kimg(4) == (200.0, 10.0)
+    assert GenHeadTrainingConfig(batch=2).schedule_kimg(1) == (200 * 2 / 32, 10 * 2 / 32)
+    assert GenHeadTrainingConfig(batch=2, blur_fade_kimg=7, ema_kimg=3).schedule_kimg(1) == (7, 3)
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    batch = trainer.sample_batch()
+    assert batch["real_img"].shape == (2, 3, 16, 16) and batch["real_img"].dtype == torch.float32
+    assert batch["real_img"].min() >= -1 and batch["real_img"].max() <= 1
+    assert batch["gen_z"].shape == (4, 2, 64) and batch["gen_labels"].shape == (4, 2, 437)
+    assert not torch.equal(batch["gen_z"][0], batch["gen_z"][2])  # each phase draws its own fakes
+    with pytest.raises(ValueError, match="dataset is empty"):
+        GenHeadTrainer(GenHeadTrainingConfig.small(), [])
+
+
+def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
+    config = GenHeadTrainingConfig.small(seed=1, batch=1)
+    trainer = GenHeadTrainer(config, dataset)
+    trainer.step()
+    path = trainer.save(tmp_path / "checkpoint.pt")
+    expected = trainer.step()
+    expected_g = flat_parameters(trainer.G)
+    expected_ema = flat_parameters(trainer.G_ema)
+
+    other = GenHeadTrainer(GenHeadTrainingConfig.small(seed=1, batch=1), dataset)
+    torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
+    other.load(path)
+    assert other.step_index == 1 and other.cur_nimg == 1
+    got = other.step()
+    assert got == expected
+    assert torch.equal(flat_parameters(other.G), expected_g)
+    assert torch.equal(flat_parameters(other.G_ema), expected_ema)
+    state = common.load_checkpoint(path)
+    assert state["config"]["seed"] == 1 and state["step"] == 1 and "D_opt" in state and "rng" in state
+
+
+def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    common.save_checkpoint(path, {"step": 1, "weights": torch.arange(5.0)})
+
+    def crash(tmp):
+        assert tmp.exists() and tmp.parent == path.parent and tmp.stat().st_size > 0
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"step": 2, "weights": torch.zeros(5)}, _before_replace=crash)
+    state = common.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a head4d training checkpoint"):
+        common.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(TypeError, match="state must be a dict"):
+        common.save_checkpoint(tmp_path / "x.pt", [1, 2])
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    state = common.get_rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    common.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_config_errors_and_cli(tmp_path, capsys):
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        GenHeadTrainingConfig(batch=0).check()
+    with pytest.raises(ValueError, match="gpc_reg_prob"):
+        GenHeadTrainingConfig(gpc_reg_prob=2.0).check()
+    rc = cli_main(["train", "genhead", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"),
+                   "--small", "--dry-run", "--device", "cpu"])
+    assert rc == 2
+    assert "head4d train genhead:" in capsys.readouterr().err
+
+
+def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
+    """``head4d train genhead --small --dry-run``, the dataset reader replaced by the
+    in-memory one (this test is about the command, not the dataset format)."""
+    from head4d.train import genhead as genhead_module
+
+    monkeypatch.setattr(genhead_module, "_open_dataset", lambda config: make_dataset(4))
+    out = tmp_path / "out"
+    rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
+                   "--device", "cpu", "--batch", "1"])
+    assert rc == 0
+    state = common.load_checkpoint(out / "checkpoint.pt")
+    assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
+    printed = capsys.readouterr().out
+    assert "step 1 " in printed and "step 2 " in printed and "img/s" in printed and "Loss/D/loss" in printed
+    from head4d.models import GenHead
+    exported = GenHead.load(out / "G_ema")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state["G_ema"][name]), name
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    logs = list(out.glob("events.out.tfevents.*")) + list(out.glob("log.jsonl"))
+    assert logs, sorted(p.name for p in out.iterdir())
+    # --resume continues from step 2 (two more steps with --dry-run)
+    rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
+                   "--device", "cpu", "--batch", "1", "--resume"])
+    assert rc == 0 and common.load_checkpoint(out / "checkpoint.pt")["step"] == 4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world_size, port, out_dir):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    try:
+        config = GenHeadTrainingConfig.small(out=str(out_dir), device="cpu", batch=1, log_every=1)
+        trainer = train_genhead(config, make_dataset(4, seed=rank), max_steps=2)
+        torch.save({"G": flat_parameters(trainer.G), "D": flat_parameters(trainer.D),
+                    "G_ema": flat_parameters(trainer.G_ema), "step": trainer.step_index,
+                    "nimg": trainer.cur_nimg, "losses": trainer.last_losses}, out_dir / f"rank{rank}.pt")
+    finally:
+        if torch.distributed.is_initialized():  # train_genhead destroys the group it created
+            torch.distributed.destroy_process_group()
+
+
+def _average_gradients_worker(rank, world_size, port, out_dir):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    group = common.Distributed.from_env("cpu")
+    try:
+        both, one, none = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        both.grad = torch.full((3,), float(rank + 1))   # 1 and 2: mean 1.5
+        if rank == 0:
+            one.grad = torch.full((3,), 4.0)             # 4 and (none) 0: mean 2
+        group.average_gradients([both, one, none])
+        torch.save({"both": both.grad, "one": one.grad, "none": none.grad, "rank": group.rank,
+                    "world": group.world_size}, out_dir / f"grads{rank}.pt")
+    finally:
+        group.close()
+
+
+def test_average_gradients_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_gradients_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        assert got["rank"] == rank and got["world"] == 2
+        assert torch.equal(got["both"], torch.full((3,), 1.5)) and torch.equal(got["one"], torch.full((3,), 2.0))
+        assert got["none"] is None
+
+
+def test_two_processes_hold_identical_weights(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["step"] == r1["step"] == 2 and r0["nimg"] == r1["nimg"] == 4
+    for name in ("G", "D", "G_ema"):
+        assert torch.equal(r0[name], r1[name]), name
+    assert r0["losses"] == r1["losses"] and all(math.isfinite(v) for v in r0["losses"].values())
+    torch.manual_seed(0)  # the initial weights of both ranks (seed 0, then broadcast)
+    fresh = GenHeadTrainer(GenHeadTrainingConfig.small(batch=1), make_dataset(4))
+    assert not torch.equal(flat_parameters(fresh.G), r0["G"])
+    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
