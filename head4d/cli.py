@@ -172,14 +172,23 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo.run import DemoError, run_demo
+def _fit_settings(prog: str, args: argparse.Namespace):
+    """The procedural subject's fit settings from ``--fit-steps`` (None after printing an
+    error when it is below 1)."""
     from .demo.subject import FitSettings
 
     if args.fit_steps is not None and args.fit_steps < 1:
-        print(f"head4d demo: --fit-steps must be >= 1, got {args.fit_steps}", file=sys.stderr)
+        print(f"{prog}: --fit-steps must be >= 1, got {args.fit_steps}", file=sys.stderr)
+        return None
+    return FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import DemoError, run_demo
+
+    settings = _fit_settings("head4d demo", args)
+    if settings is None:
         return 2
-    settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
     try:
         run_demo(args.out, checkpoint=args.checkpoint, device=args.device, resolution=args.resolution,
                  frames=args.frames, cache_dir=args.cache, settings=settings, seed=args.seed)
@@ -190,13 +199,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _reenact(args: argparse.Namespace) -> int:
-    from .demo.subject import FitSettings
     from .reenact import ReenactError, run_reenact
 
-    if args.fit_steps is not None and args.fit_steps < 1:
-        print(f"head4d reenact: --fit-steps must be >= 1, got {args.fit_steps}", file=sys.stderr)
+    settings = _fit_settings("head4d reenact", args)
+    if settings is None:
         return 2
-    settings = FitSettings() if args.fit_steps is None else FitSettings(steps=args.fit_steps)
     try:
         run_reenact(args.out, checkpoint=args.checkpoint, source=args.source, motion=args.motion,
                     source_motion=args.source_motion, camera=args.camera, neck=args.neck, batch=args.batch,

@@ -325,6 +325,16 @@ class TriplaneHeadModel(nn.Module):
     SAVE_VERSION = 1
     CONFIG_CLASS: type = object
 
+    @classmethod
+    def _own_config(cls, config):
+        """A copy of ``config`` (None: the defaults of ``CONFIG_CLASS``), which must be a
+        ``CONFIG_CLASS``; the model keeps the copy, so the caller's object never changes."""
+        if config is None:
+            return cls.CONFIG_CLASS()
+        if not isinstance(config, cls.CONFIG_CLASS):
+            raise TypeError(f"{cls.NAME}: config must be a {cls.CONFIG_CLASS.__name__}, got {type(config).__name__}")
+        return dataclasses.replace(config)
+
     @property
     def head_model(self) -> HeadModel:
         return self.deformation.head_model

@@ -70,7 +70,6 @@ PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), throug
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Union
 
@@ -299,10 +298,7 @@ class GenHead(TriplaneHeadModel):
 
     def __init__(self, config: Optional[GenHeadConfig] = None, head_model: Optional[HeadModel] = None):
         super().__init__()
-        if config is None:
-            config = GenHeadConfig()
-        if not isinstance(config, GenHeadConfig):
-            raise TypeError(f"{NAME}: config must be a GenHeadConfig, got {type(config).__name__}")
+        config = self._own_config(config)
         if config.triplane_channels % 6 != 0:
             raise ValueError(f"{NAME}: config.triplane_channels must be a multiple of 6 (six planes), "
                              f"got {config.triplane_channels}")
@@ -312,7 +308,7 @@ class GenHead(TriplaneHeadModel):
         if not isinstance(head_model, HeadModel):
             raise TypeError(f"{NAME}: head_model must be a head4d.head.HeadModel (FLAME or ProceduralHead), "
                             f"got {type(head_model).__name__}")
-        self.config = dataclasses.replace(config)
+        self.config = config
         c = self.config
         self.c_dim = CAMERA_SIZE + SHAPE_SIZE
         self.backbone = Generator(c.z_dim, self.c_dim, c.w_dim, img_resolution=c.triplane_resolution,

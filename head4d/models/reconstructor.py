@@ -54,7 +54,6 @@ references through :func:`head4d._backend.backend_scope`.
 """
 from __future__ import annotations
 
-import dataclasses
 import numbers
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -200,10 +199,7 @@ class Reconstructor(TriplaneHeadModel):
 
     def __init__(self, config: Optional[ReconstructorConfig] = None, head_model: Optional[HeadModel] = None):
         super().__init__()
-        if config is None:
-            config = ReconstructorConfig()
-        if not isinstance(config, ReconstructorConfig):
-            raise TypeError(f"{NAME}: config must be a ReconstructorConfig, got {type(config).__name__}")
+        config = self._own_config(config)
         if isinstance(config.motion_dim, bool) or not isinstance(config.motion_dim, int) or config.motion_dim < 1:
             raise ValueError(f"{NAME}: config.motion_dim must be a positive int ({PDFGC_MOTION_DIM} for PD-FGC "
                              f"motion, {FLAME_MOTION_DIM} for FLAME motion), got {config.motion_dim!r}")
@@ -217,7 +213,7 @@ class Reconstructor(TriplaneHeadModel):
         if not isinstance(head_model, HeadModel):
             raise TypeError(f"{NAME}: head_model must be a head4d.head.HeadModel (FLAME or ProceduralHead), "
                             f"got {type(head_model).__name__}")
-        self.config = dataclasses.replace(config)
+        self.config = config
         c = self.config
         self.encoder_global = EncoderGlobal()
         self.encoder_detail = EncoderDetail()
