@@ -40,7 +40,8 @@ setup_kwargs = dict(
     extras_require={
         "triton": ["triton>=3.0"],
         "profile": ["nvtx"],
-        "dev": ["pytest", "pytest-benchmark", "nvtx"],
+        "train": ["torchvision", "lpips", "tensorboard"],  # LPIPS's VGG, TensorBoard logs
+        "dev": ["pytest", "pytest-benchmark", "nvtx", "torchvision", "lpips", "tensorboard"],
     },
     entry_points={"console_scripts": ["head4d=head4d.cli:main"]},
 )

@@ -29,12 +29,12 @@ fi
 VPY="$VENV/bin/python"
 
 deps_stamp="$VENV/.head4d-deps"
-deps_wanted="$TORCH_SPEC numpy safetensors einops triton pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel"
+deps_wanted="$TORCH_SPEC torchvision numpy safetensors einops lpips tensorboard triton pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel"
 if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$deps_wanted" ]; then
   echo "[setup] installing $deps_wanted"
   "$VPY" -m pip install -q --upgrade pip
   # triton comes with torch's CUDA builds (the version torch pins); ask for it only if absent
-  "$VPY" -m pip install -q $TORCH_SPEC numpy safetensors einops pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel
+  "$VPY" -m pip install -q $TORCH_SPEC torchvision numpy safetensors einops lpips tensorboard pytest pytest-benchmark nvtx ninja pybind11 setuptools wheel
   "$VPY" -c "import triton" 2>/dev/null || "$VPY" -m pip install -q triton
   echo "$deps_wanted" > "$deps_stamp"
 fi
