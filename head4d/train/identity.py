@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import FLOATING, check_dim, check_tensor
+from .. import _nvtx
+from .._checks import check_dim, check_tensor
 from ..nn.iresnet import INPUT_SIZE, STAGE_DEPTHS, IResNet, IBasicBlock
 
 _NAME = "head4d.train.IdentityLoss"
@@ -148,7 +149,8 @@ class IdentityLoss(nn.Module):
         column, y the row from the top), one alignment per sample shared by both images.
         Returns ``1 - cos`` per sample, in ``[0, 2]``, in the network's dtype. The images
         are cast to the network's parameter dtype (float32 unless the module was converted;
-        a network without parameters takes them as they are).
+        a network without parameters takes them as they are) and the network runs outside
+        autocast, in that dtype, as upstream runs it in float32.
     """
 
     def __init__(self, network: Optional[nn.Module] = None, *,
@@ -230,25 +232,33 @@ class IdentityLoss(nn.Module):
             points = landmarks.detach().to(dtype)
         return similarity_to_template(points)
 
+    def _aligned(self, image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """The 112 crops of ``image`` through ``matrix``, clamped to [-1, 1], in the network's dtype."""
+        return warp_to_crop(image.to(self._dtype(image)), matrix).clamp(-1.0, 1.0)
+
     def crop(self, image: torch.Tensor, landmarks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``[N, 3, 112, 112]``: the aligned face crops of ``image`` (``[N, 3, S, S]``, S >= 112),
         clamped to ``[-1, 1]``, in the network's dtype."""
         self._check_images(image)
-        image = image.to(self._dtype(image))
-        return warp_to_crop(image, self.alignment(image, landmarks)).clamp(-1.0, 1.0)
+        return self._aligned(image, self.alignment(image, landmarks))
 
     def embed(self, image: torch.Tensor, landmarks: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[N, D]``: the identity embeddings of ``image`` (``[N, 3, S, S]`` in ``[-1, 1]``)."""
-        return self.network(self.crop(image, landmarks))
+        """``[N, D]``: the identity embeddings of ``image`` (``[N, 3, S, S]`` in ``[-1, 1]``),
+        computed outside autocast (in the network's dtype)."""
+        self._check_images(image)
+        with _nvtx.nvtx_range(_NAME + ".embed"), torch.autocast(image.device.type, enabled=False):
+            return self.network(self._aligned(image, self.alignment(image, landmarks)))
 
     def forward(self, image: torch.Tensor, target: torch.Tensor,
                 landmarks: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_images(image, target)
-        with torch.no_grad():
-            target_embedding = self.embed(target.detach(), landmarks)
-        image_embedding = self.embed(image, landmarks)
-        return 1.0 - F.cosine_similarity(image_embedding, target_embedding, dim=-1)
-
+        # Upstream aligns and runs the recognition network in float32: autocast is off here.
+        with _nvtx.nvtx_range(_NAME), torch.autocast(image.device.type, enabled=False):
+            matrix = self.alignment(image, landmarks)
+            with torch.no_grad():
+                target_embedding = self.network(self._aligned(target.detach(), matrix))
+            image_embedding = self.network(self._aligned(image, matrix))
+            return 1.0 - F.cosine_similarity(image_embedding, target_embedding, dim=-1)
 
 def _read_state_dict(path: Path) -> Mapping:
     """The tensors of a state-dict file (``torch.save`` or safetensors), read on the CPU."""
