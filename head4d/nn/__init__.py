@@ -89,3 +89,9 @@ from .discriminator import (DiscriminatorBlock, DiscriminatorEpilogue, DualDiscr
 
 __all__ += ["DiscriminatorBlock", "DiscriminatorEpilogue", "DualDiscriminatorDeform", "MinibatchStdLayer",
             "blur_discriminator_input", "filtered_resizing"]
+
+# ArcFace's face-recognition backbone (insightface's arcface_torch iresnet), with its module and
+# parameter names, for the reconstructor training's identity loss (head4d.train.identity).
+from .iresnet import IBasicBlock, IResNet, iresnet18, iresnet34, iresnet50, iresnet100  # noqa: E402
+
+__all__ += ["IBasicBlock", "IResNet", "iresnet18", "iresnet34", "iresnet50", "iresnet100"]

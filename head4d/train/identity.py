@@ -52,7 +52,8 @@ ARCFACE_TEMPLATE = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), 
 #: The same five points, in the template's order, for a frontal, neutral head in Portrait4D's
 #: frontal camera, as fractions of the image side measured from the image's top-left corner
 #: (see the module docstring for how they were measured; the eyes and mouth corners are
-#: symmetric about the vertical centre line, the nose on it).
+#: symmetric about the vertical centre line; the frontmost vertex lies 2.6 mm (in FLAME's
+#: metres) to one side of it and the nose tip is put on it).
 CANONICAL_FACE_POINTS = ((0.4140, 0.2370), (0.5860, 0.2370), (0.5000, 0.3444), (0.4053, 0.3937),
                          (0.5947, 0.3937))
 
