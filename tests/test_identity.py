@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import ast
 import math
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def _listed_state_dict():
             keys, params = int(counts[0].split()[0]), int(counts[1].split()[0])
             continue
         name, shape = line.split(" ", 1)
-        entries.append((name, tuple(eval(shape))))  # shapes are written as Python tuples
+        entries.append((name, tuple(ast.literal_eval(shape))))  # shapes are written as Python tuples
     return entries, keys, params
 
 
