@@ -4,7 +4,7 @@ All on the CPU with the tiny configuration (``GenHeadTrainingConfig.small``: a 1
 GenHead without super-resolution and a 16^2 discriminator) on a dataset built here in
 memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset`` yields).
 
-- Two training steps: finite losses, the phases of each step (``Greg`` and ``Dreg`` on step
+- Two training steps: finite losses (every ``Gmain`` term named), the phases of each step (``Greg`` and ``Dreg`` on step
   0, not on step 1), weights moved, the EMA generator at the hand-computed EMA of ``G``.
 - The discriminator loss on fixed real and fake inputs falls over 20 steps and ends with
   the real logits above the fake ones (a flipped sign would fail this).
@@ -12,6 +12,14 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
   of a discriminator with a super-resolution input, the four gammas distinct, without and
   with the fade's blur (gradients with respect to the unblurred image, the blur written
   here with ``F.conv2d``); the penalty's parameter gradients (double backward) too.
+- The six part-region terms of ``Gmain`` (``part_region_losses`` on ``GenHead.render(...,
+  return_samples=True)``) against the same terms computed in float64 from what a point
+  field written here records in the same render (head densities in the eye boxes and the
+  mouth, sample depths, the compositing weights written out, the distortion loss by its
+  pairwise definition); each term reaches the planes.
+- The density regularizer (``density_tv_loss``) against the reads written here through the
+  codes' warp (not the unwarped value); the trainer's ``Greg`` term is it times
+  ``density_reg`` on upstream's points.
 - The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand; the
   blur fade, the swap probability and upstream's batch scaling of their lengths by hand;
   each phase draws its own fakes.
