@@ -300,7 +300,8 @@ def test_part_region_terms_against_plain_computation():
     depths, order = joined["depth"].sort(dim=2)
     sigma = joined["sigma"].gather(2, order)
     # EG3D's marcher: midpoint densities, softplus(s - 1), alpha, transmittance with its 1e-10
-    alpha = 1 - torch.exp(-F.softplus((sigma[..., 1:] + sigma[..., :-1]) / 2 - 1) * (depths[..., 1:] - depths[..., :-1]))
+    mid_sigma = (sigma[..., 1:] + sigma[..., :-1]) / 2
+    alpha = 1 - torch.exp(-F.softplus(mid_sigma - 1) * (depths[..., 1:] - depths[..., :-1]))
     trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha + 1e-10], dim=2), dim=2)[..., :-1]
     weights = alpha * trans
 
