@@ -207,7 +207,7 @@ def test_emulated_cuda_kernels_match_torch_backend(model, head):
 
 def test_fused_decode_matches_unfused(model, head, monkeypatch):
     """Each triplane decoded by the fused decode_triplanes or by sample_triplanes + decoder:
-    the same render and gradients, to float32 rounding."""
+    the same render (the training's samples included) and gradients, to float32 rounding."""
     calls = []
     real = models_common.decode_triplanes
     monkeypatch.setattr(models_common, "decode_triplanes", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -220,11 +220,12 @@ def test_fused_decode_matches_unfused(model, head, monkeypatch):
         G.zero_grad(set_to_none=True)
         planes = torch.randn(1, 6, 32, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
         out = G.render(planes, camera(1), codes, neural_rendering_resolution=8,
-                       generator=torch.Generator().manual_seed(1))
+                       generator=torch.Generator().manual_seed(1), return_samples=True)
         gen = torch.Generator().manual_seed(2)
         sum((t * torch.randn(t.shape, generator=gen)).sum() for k, t in out.items() if t.requires_grad).backward()
         results[fused] = (out, planes.grad, {k: p.grad for k, p in G.decoder.named_parameters()})
     assert len(calls) == 4  # fused: both triplanes, coarse and fine passes
+    assert {"sample_depths", "sample_weights", "head_density_eye", "head_density_mouth"} <= set(results[True][0])
     (out_u, planes_u, dec_u), (out_f, planes_f, dec_f) = results[False], results[True]
     for key in out_u:
         assert rel_err(out_f[key], out_u[key]) < 64 * EPS32, key
@@ -274,6 +275,43 @@ def test_fused_training_step_matches_torch_backend(model, inputs, monkeypatch):
         # share above (the triangle inequality)
         assert rel_err(grads_f[name], grads_t[name]) <= rel_err(grads_u[name], grads_t[name]) + 64 * EPS32, name
     assert saved_f < saved_u < saved_t
+
+
+def test_render_samples_match_torch_backend_and_change_nothing_else(model, head):
+    """``return_samples=True`` adds the training's samples (shapes and dtypes as documented)
+    and leaves every other output bit-identical; on head4d's kernels they equal the
+    reference composition's (``backend="torch"``) to float32 rounding; the weights of each
+    ray sum to its opacity; without it, no extra key. (Their values against a computation
+    written out: ``tests/test_train_genhead.py``.)"""
+    G = copy.deepcopy(model)
+    G.superresolution = None
+    planes = torch.randn(1, 6, 32, 16, 16, generator=torch.Generator().manual_seed(0))
+    codes, r = posed_codes(head, 1), 8
+    results = {}
+    with torch.no_grad():
+        for backend in (None, "torch"):
+            G.backend = backend
+            for samples in (False, True):
+                results[backend, samples] = G.render(planes, camera(1), codes, neural_rendering_resolution=r,
+                                                     generator=torch.Generator().manual_seed(1),
+                                                     return_samples=samples)
+    G.backend = None
+    plain, full = results[None, False], results[None, True]
+    new = {"sample_depths", "sample_weights", "head_density_eye", "head_density_mouth"}
+    assert set(full) == set(plain) | new and not new & set(plain)
+    for key in plain:
+        assert torch.equal(full[key], plain[key]), key
+    s = 8 + 8
+    shapes = {"sample_depths": (1, r * r, s), "sample_weights": (1, r * r, s - 1), "head_density_eye": (1, r * r, s),
+              "head_density_mouth": (1, r * r, s)}
+    for key, shape in shapes.items():
+        assert full[key].shape == shape and full[key].dtype == torch.float32, key
+    assert torch.all(full["sample_depths"][..., 1:] >= full["sample_depths"][..., :-1])
+    torch.testing.assert_close(full["sample_weights"].sum(-1).reshape(1, 1, r, r), full["opacity"], rtol=0, atol=0)
+    for key in full:
+        assert rel_err(full[key], results["torch", True][key]) < 64 * EPS32, key
+    with pytest.raises(TypeError, match="return_samples must be a bool"):
+        G.render(planes, camera(1), codes, neural_rendering_resolution=r, return_samples=1)
 
 
 @pytest.mark.parametrize("r", [RES, 66])

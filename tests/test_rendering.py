@@ -1,7 +1,8 @@
 """Renderer ops (generate_rays, ray_box_limits, auto_plane_limits, stratified_depths,
 composite_rays, sample_importance, merge_samples), the decoder and the unfused
 renderer, against independent restatements of EG3D's / Portrait4D's code written
-here: hand-computed values, per-ray loops, and the whole pipeline in plain PyTorch."""
+here: hand-computed values, per-ray loops, and the whole pipeline in plain PyTorch (the
+final composite's depths and weights of ``return_samples=True`` too)."""
 import bisect
 import math
 
@@ -733,8 +734,9 @@ def upstream_importance(z_vals, weights, n_imp, det, rng):
     return samples.reshape(n, r, n_imp, 1)
 
 
-def upstream_render(planes, decoder, o, d, opts, rng, cam2world=None, background=None):
-    """EG3D's ImportanceRenderer (and Portrait4D's 'auto-plane' / background), restated."""
+def upstream_render(planes, decoder, o, d, opts, rng, cam2world=None, background=None, samples=None):
+    """EG3D's ImportanceRenderer (and Portrait4D's 'auto-plane' / background), restated;
+    ``samples``, a dict, receives the final composite's depths and weights."""
     n, r, _ = o.shape
     s, n_imp = opts["depth_resolution"], opts["depth_resolution_importance"]
     jitter = opts.get("jitter", "per_sample")
@@ -787,6 +789,8 @@ def upstream_render(planes, decoder, o, d, opts, rng, cam2world=None, background
     all_c = torch.gather(torch.cat([colors, colors_f], -2), -2, order.expand(-1, -1, -1, colors.shape[-1]))
     all_s = torch.gather(torch.cat([dens, dens_f], -2), -2, order)
     rgb, depth, w = upstream_march(all_c, all_s, all_d, opts.get("white_back", False), background)
+    if samples is not None:
+        samples.update(depths=all_d, weights=w)
     return rgb, depth, w.sum(2)
 
 
@@ -829,11 +833,19 @@ def test_renderer_matches_upstream_pipeline(case):
     renderer = TriplaneRenderer(plane_layout="eg3d")
     out = renderer(planes, decoder, o, d, opts, background=background, cam2world=c2w,
                    generator=torch.Generator().manual_seed(5))
+    ref_samples = {}
     ref = upstream_render(planes, decoder, o, d, opts, torch.Generator().manual_seed(5), cam2world=c2w,
-                          background=background)
+                          background=background, samples=ref_samples)
     assert [x.shape for x in out] == [(1, 64, 4), (1, 64, 1), (1, 64, 1)]
     for a, b in zip(out, ref):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+    # return_samples: the same render plus the final composite's depths and weights
+    *same, samples = renderer(planes, decoder, o, d, opts, background=background, cam2world=c2w,
+                              generator=torch.Generator().manual_seed(5), return_samples=True)
+    assert all(torch.equal(a, b) for a, b in zip(same, out))
+    assert samples["depths"].shape == (1, 64, 24, 1) and samples["weights"].shape == (1, 64, 23, 1)
+    for key in ("depths", "weights"):
+        assert torch.allclose(samples[key], ref_samples[key], rtol=1e-9, atol=1e-10), key
     opacity = out[2]
     assert opacity.min() < 0.3 and opacity.max() > 0.6  # a non-trivial picture
     if case == "portrait4d":  # the camera may also come in the options
@@ -896,6 +908,8 @@ def test_renderer_errors():
         r(planes, decoder, o, d, {k: v for k, v in base.items() if k != "box_warp"})
     with pytest.raises(ValueError, match="clamp_mode"):
         r(planes, decoder, o, d, dict(base, clamp_mode="relu"))
+    with pytest.raises(TypeError, match="return_samples must be a bool"):
+        r(planes, decoder, o, d, base, return_samples="yes")
     with pytest.raises(ValueError, match="both 'auto' or both 'auto-plane'"):
         r(planes, decoder, o, d, dict(base, ray_start="auto"))
     with pytest.raises(ValueError, match="needs the camera"):

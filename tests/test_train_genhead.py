@@ -4,7 +4,7 @@ All on the CPU with the tiny configuration (``GenHeadTrainingConfig.small``: a 1
 GenHead without super-resolution and a 16^2 discriminator) on a dataset built here in
 memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset`` yields).
 
-- Two training steps: finite losses, the phases of each step (``Greg`` and ``Dreg`` on step
+- Two training steps: finite losses (every ``Gmain`` term named), the phases of each step (``Greg`` and ``Dreg`` on step
   0, not on step 1), weights moved, the EMA generator at the hand-computed EMA of ``G``.
 - The discriminator loss on fixed real and fake inputs falls over 20 steps and ends with
   the real logits above the fake ones (a flipped sign would fail this).
@@ -12,6 +12,14 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
   of a discriminator with a super-resolution input, the four gammas distinct, without and
   with the fade's blur (gradients with respect to the unblurred image, the blur written
   here with ``F.conv2d``); the penalty's parameter gradients (double backward) too.
+- The six part-region terms of ``Gmain`` (``part_region_losses`` on ``GenHead.render(...,
+  return_samples=True)``) against the same terms computed in float64 from what a point
+  field written here records in the same render (head densities in the eye boxes and the
+  mouth, sample depths, the compositing weights written out, the distortion loss by its
+  pairwise definition); each term reaches the planes.
+- The density regularizer (``density_tv_loss``) against the reads written here through the
+  codes' warp (not the unwarped value); the trainer's ``Greg`` term is it times
+  ``density_reg`` on upstream's points.
 - The lazy schedule and the adjusted Adam settings; the EMA decay and update by hand; the
   blur fade, the swap probability and upstream's batch scaling of their lengths by hand;
   each phase draws its own fakes.
@@ -41,7 +49,9 @@ from head4d.head.labels import make_labels
 from head4d.train import common
 from head4d.train.genhead import GenHeadTrainer, GenHeadTrainingConfig, r1_penalty, train_genhead
 
-from genhead_testing import camera
+from head4d.render import TriplaneRenderer
+
+from genhead_testing import camera, randomize
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -79,10 +89,11 @@ def test_two_steps_finite_losses_phases_and_ema(dataset):
     first = trainer.step()
     g1, ema1 = flat_parameters(trainer.G), flat_parameters(trainer.G_ema)
     assert torch.allclose(ema1, g1 + 0.5 * (g0 - g1), rtol=4 * EPS32, atol=4 * EPS32)
-    assert set(first) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/G/TVloss",
-                          "Loss/D/loss", "Loss/D/reg"}
+    gmain = {"Loss/G/loss"} | {f"Loss/G/loss_{name}" for name in ("face_eye", "eye_density", "eye_T", "face_mouth",
+                                                                   "mouth_density", "mouth_T")}
+    assert set(first) == gmain | {"Loss/G/TVloss", "Loss/D/loss", "Loss/D/reg"}
     second = trainer.step()
-    assert set(second) == {"Loss/G/loss", "Loss/G/loss_eye_T", "Loss/G/loss_mouth_T", "Loss/D/loss"}
+    assert set(second) == gmain | {"Loss/D/loss"}
     for losses in (first, second):
         assert all(math.isfinite(v) for v in losses.values()), losses
     assert trainer.step_index == 2 and trainer.cur_nimg == 4
@@ -194,6 +205,186 @@ def test_r1_penalty_equals_plain_autograd(blur_sigma):
         err = (grads[name].double() - ref_grads[name]).abs().max() / scale
         err32 = (p.grad.double() - ref_grads[name]).abs().max() / scale
         assert err <= max(4 * err32, 100 * EPS32), (name, err.item(), err32.item())
+
+
+# ---------------------------------------------------------------------- part-region and density terms
+def _small_generator():
+    """The trainer's tiny GenHead (16^2, 8 + 8 samples, no super-resolution) with random
+    biases and density weights (a fresh decoder's density layer is zero), on the built-in head."""
+    from head4d.models import GenHead, GenHeadConfig
+    from head4d.train.genhead import small_genhead_config
+
+    torch.manual_seed(0)
+    return randomize(GenHead(GenHeadConfig(**small_genhead_config())), 1)
+
+
+def _posed_codes(G, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = G.head_model.canonical_codes(1)
+    codes["shape"] = 0.3 * torch.randn(1, 300, generator=gen)
+    codes["expression"] = 0.3 * torch.randn(1, 100, generator=gen)
+    codes["jaw_pose"] = codes["jaw_pose"] + 0.05 * torch.randn(1, 3, generator=gen)
+    codes["eye_pose"] = 0.1 * torch.randn(1, 6, generator=gen)
+    return codes
+
+
+def _reference_decode(G, planes, points):
+    """A triplane read on the reference ``sample_triplanes`` then the decoder."""
+    from head4d.ops import sample_triplanes
+
+    return G.decoder(sample_triplanes(planes, points, box_warp=G.config.box_warp, plane_layout="portrait4d",
+                                      backend="torch"))
+
+
+def _pairwise_distortion(depths, weights):
+    """MipNeRF-360's distortion loss by its definition (every pair of intervals)."""
+    mid = (depths[..., 1:] + depths[..., :-1]) / 2
+    pairs = weights[..., :, None] * weights[..., None, :] * (mid[..., :, None] - mid[..., None, :]).abs()
+    return pairs.sum((-1, -2)) + (weights.square() * (depths[..., 1:] - depths[..., :-1])).sum(-1) / 3
+
+
+def test_part_region_terms_against_plain_computation():
+    """The six part-region terms of ``Gmain`` from a render with ``return_samples=True``,
+    against the same terms computed here in float64 from what a point field written here
+    records in the same render (the warp, the reference triplane read, the blend): the head
+    densities times the eye-box indicator and the mouth mask, each sample's depth (from its
+    point), and the compositing weights written out (EG3D's marcher on the depth-sorted
+    samples); the distortion loss by its O(S^2) definition. Made-up masks so that both
+    parts weigh in (the built-in head's own eye mask is empty)."""
+    from head4d.ops import generate_rays
+    from head4d.train.genhead import part_region_losses
+
+    G = _small_generator()
+    r = G.config.neural_rendering_resolution
+    gen = torch.Generator().manual_seed(0)
+    eye = (torch.rand(1, 1, r, r, generator=gen) - 0.3).clamp(0, 1)
+    mouth = (torch.rand(1, 1, r, r, generator=gen) - 0.5).clamp(0, 1) * (1 - eye)
+    G.masks = lambda codes, camera, resolution: {"eye_mask": eye, "mouth_mask": mouth}
+    planes = torch.randn(1, 6, 32, 16, 16, generator=gen).requires_grad_(True)
+    codes, cam = _posed_codes(G, 1), camera(1)
+    got = G.render(planes, cam, codes, generator=torch.Generator().manual_seed(1), return_samples=True)
+    s_all = G.config.depth_resolution + G.config.depth_resolution_importance
+    assert got["sample_depths"].shape == (1, r * r, s_all) and got["sample_weights"].shape == (1, r * r, s_all - 1)
+    assert got["head_density_eye"].shape == got["head_density_mouth"].shape == (1, r * r, s_all)
+
+    # the same render through a point field written here, recording every pass
+    c2w, k = cam[:, :16].reshape(1, 4, 4), cam[:, 16:].reshape(1, 3, 3)
+    origins, directions = generate_rays(c2w, k, r, convention="opengl")
+    fields = G.deformation.build(**codes)
+    e_ray, m_ray = eye.reshape(1, r * r), mouth.reshape(1, r * r)
+    passes = []
+
+    def field(points, dirs):
+        per_ray = points.shape[1] // (r * r)
+        e = e_ray.repeat_interleave(per_ray, 1)[..., None]
+        m = m_ray.repeat_interleave(per_ray, 1)[..., None]
+        w = G.deformation.warp(points, fields)
+        inbox = w.inside_eye_box[..., None].float()
+        head_out = _reference_decode(G, planes[:, 3:], w.head)
+        part_out = _reference_decode(G, planes[:, :3], torch.where(m > 0, w.mouth, w.eyes))
+        part_sigma = part_out["sigma"] * (inbox + m)
+        sigma = part_sigma * (e * inbox) + part_sigma * m + head_out["sigma"] * (1 - e * inbox - m)
+        rgb = part_out["rgb"] * (e * inbox) + part_out["rgb"] * m + head_out["rgb"] * (1 - e * inbox - m)
+        depth = ((points - origins.repeat_interleave(per_ray, 1)) * dirs).sum(-1)
+        as_rays = lambda t: t.reshape(1, r * r, per_ray).double()  # noqa: E731
+        passes.append({"eye": as_rays(head_out["sigma"] * inbox), "mouth": as_rays(head_out["sigma"] * m),
+                       "inside": int(inbox.sum()), "sigma": as_rays(sigma), "depth": as_rays(depth)})
+        return {"rgb": rgb, "sigma": sigma}
+
+    options = dict(G.config.rendering_options())
+    with torch.no_grad():
+        TriplaneRenderer("portrait4d")(field, None, origins, directions, options,
+                                       generator=torch.Generator().manual_seed(1), cam2world=c2w)
+    assert len(passes) == 2 and sum(p["inside"] for p in passes) > 0  # some samples in the eye boxes
+    joined = {key: torch.cat([p[key] for p in passes], dim=2) for key in ("eye", "mouth", "sigma", "depth")}
+    depths, order = joined["depth"].sort(dim=2)
+    sigma = joined["sigma"].gather(2, order)
+    # EG3D's marcher: midpoint densities, softplus(s - 1), alpha, transmittance with its 1e-10
+    mid_sigma = (sigma[..., 1:] + sigma[..., :-1]) / 2
+    alpha = 1 - torch.exp(-F.softplus(mid_sigma - 1) * (depths[..., 1:] - depths[..., :-1]))
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha + 1e-10], dim=2), dim=2)[..., :-1]
+    weights = alpha * trans
+
+    def close(a, b, tol):
+        a, b = a.detach().double(), b.detach().double()
+        return ((a - b).abs().max() / b.abs().max()).item() < tol
+
+    # head densities: the reference triplane read against head4d's kernels (float32 rounding)
+    assert close(got["head_density_eye"], joined["eye"], 64 * EPS32)
+    assert close(got["head_density_mouth"], joined["mouth"], 64 * EPS32)
+    assert joined["eye"].abs().max() > 0 and joined["mouth"].abs().max() > 0
+    assert close(got["sample_depths"], depths, 8 * EPS32)
+    # products along 16 samples of float32 densities (measured 30 eps of the largest weight)
+    assert close(got["sample_weights"], weights, 128 * EPS32)
+    torch.testing.assert_close(got["sample_weights"].sum(-1).reshape(1, 1, r, r), got["opacity"], rtol=0, atol=0)
+
+    terms = part_region_losses(got, 100.0, 10.0, 100.0)
+    distortion = _pairwise_distortion(depths, weights)
+    want = {}
+    for part, mask in (("eye", eye), ("mouth", mouth)):
+        ray_mask = mask.reshape(1, r * r).double()
+        want[f"Loss/G/loss_face_{part}"] = (F.softplus(joined[part]) * ray_mask[..., None]).mean() * 10
+        want[f"Loss/G/loss_{part}_density"] = (distortion * ray_mask).mean() * 100
+        want[f"Loss/G/loss_{part}_T"] = ((1 - weights.sum(-1)) * ray_mask).mean() * 100
+    assert set(terms) == set(want)
+    for name, value in want.items():
+        assert value > 0, name
+        # means of float32 values (measured under 1 eps)
+        assert abs(terms[name].item() - value.item()) <= 16 * EPS32 * value.item(), (name, terms[name], value)
+    # each term reaches the planes: the head triplane (density terms) and both (distortion, T)
+    for name, term in terms.items():
+        grad, = torch.autograd.grad(term, planes, retain_graph=True)
+        assert torch.isfinite(grad).all() and grad[:, 3:].abs().max() > 0, name
+        if "face" not in name:
+            assert grad[:, :3].abs().max() > 0, name
+
+
+def test_density_regularizer_reads_through_the_warp(dataset, monkeypatch):
+    """``density_tv_loss`` against the reads written here: both point sets warped by the
+    codes' deformation, the part triplane at the eye and the mouth points, the head triplane
+    at the head points, each on the reference triplane read; the mean of the three L1
+    distances. Posed codes move the points, so the value is not the unwarped one. The
+    trainer's ``Greg`` term is it times ``density_reg``, on its uniform points and their
+    perturbation by ``p_dist * box_warp``."""
+    from head4d.train import genhead as genhead_module
+    from head4d.train.genhead import density_tv_loss
+
+    G = _small_generator()
+    gen = torch.Generator().manual_seed(4)
+    planes = torch.randn(1, 6, 32, 16, 16, generator=gen).requires_grad_(True)
+    codes = _posed_codes(G, 2)
+    codes["neck_pose"] = torch.tensor([[0.0, 0.3, 0.0]])
+    points = torch.rand(1, 200, 3, generator=gen) * 1.3 - 0.65
+    moved = points + 0.05 * torch.randn(points.shape, generator=gen)
+    got = density_tv_loss(G, planes, codes, points, moved)
+
+    with torch.no_grad():
+        warped = G.deformation.warp(torch.cat([points, moved], 1), G.deformation.build(**codes))
+    reads = [(planes[:, :3], warped.eyes), (planes[:, 3:], warped.head), (planes[:, :3], warped.mouth)]
+    l1 = lambda s: (s[:, :200] - s[:, 200:]).abs().mean()  # noqa: E731
+    want = sum(l1(_reference_decode(G, p, x)["sigma"].double()) for p, x in reads) / 3
+    assert abs(got.item() - want.item()) <= 64 * EPS32 * want.item()
+    both = torch.cat([points, moved], 1)
+    unwarped = sum(l1(_reference_decode(G, p, both)["sigma"].double()) for p, _ in reads) / 3
+    assert abs(unwarped.item() - want.item()) > 0.01 * want.item()
+    grad, = torch.autograd.grad(got, planes)
+    assert grad[:, :3].abs().max() > 0 and grad[:, 3:].abs().max() > 0
+
+    calls = []
+    real = genhead_module.density_tv_loss
+    monkeypatch.setattr(genhead_module, "density_tv_loss",
+                        lambda *a: calls.append((a, real(*a))) or calls[-1][1])
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(density_reg_points=500), dataset)
+    batch = trainer.sample_batch()
+    loss = trainer.density_regularizer(batch["gen_z"][1], batch["gen_labels"][1], None)
+    (_, planes_, codes_, points_, moved_), value = calls[0]
+    assert loss.item() == pytest.approx(0.25 * value.item(), rel=1e-6)
+    assert points_.shape == (2, 500, 3) and points_.min() >= -1 and points_.max() <= 1
+    assert points_.abs().max() > 0.9  # the whole [-1, 1] cube, as upstream (wider than the planes' 1.3)
+    assert (moved_ - points_).std().item() == pytest.approx(0.004 * 1.3, rel=0.1)
+    _, phase_codes = genhead_module.labels_to_codes(batch["gen_labels"][1])
+    for key, value in phase_codes.items():
+        assert torch.equal(codes_[key], value), key
 
 
 def test_lazy_schedule_and_adjusted_adam(dataset):

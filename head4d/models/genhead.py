@@ -55,7 +55,10 @@ resolution):
 The split for repeated renders: ``ws = G.mapping(z, G.condition(camera, shape))``,
 ``planes = G.planes(ws)``, ``background = G.background_image(z)``, then any number of
 ``G.render(planes, camera, codes, ws=ws, background=background)`` with new cameras and
-codes; a triplane batch of B renders B * K cameras (K views per identity). On CUDA,
+codes; a triplane batch of B renders B * K cameras (K views per identity).
+``G.render(..., return_samples=True)`` also returns the final pass's sample depths and
+weights and the head triplane's densities in the eye boxes and the mouth, which GenHead's
+training regularizes (:mod:`head4d.train.genhead`). On CUDA,
 ``G.render_graphed(...)`` captures that render once in a CUDA graph
 (:class:`GraphedRender`, opt-in, inference only) and replays it for new cameras and codes.
 
@@ -71,7 +74,7 @@ PyTorch references (StyleGAN2 layers, deformation, rasterizer, renderer), throug
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -409,9 +412,11 @@ class GenHead(TriplaneHeadModel):
             return {"eye_mask": eye, "mouth_mask": mouth}
 
     def _point_field(self, part_planes, head_planes, fields, eye_rays, mouth_rays, deform: bool,
-                     fuse_mouth: bool = False):
+                     fuse_mouth: bool = False, head_samples: Optional[List[Dict[str, torch.Tensor]]] = None):
         """The renderer's point field: warp, read both triplanes, decode, blend (module docstring);
-        ``fuse_mouth``: the rule above 64 inside the hard mouth mask (:func:`blend_parts`)."""
+        ``fuse_mouth``: the rule above 64 inside the hard mouth mask (:func:`blend_parts`).
+        ``head_samples``: a list that each call (coarse pass, then fine) appends its head
+        densities in the part regions to (:meth:`_head_densities_in_parts`)."""
         decode = triplane_point_decoder(self.decoder, self.renderer, head_planes.device, self.config.fused,
                                         self.config.box_warp, self._ops_backend)
 
@@ -435,14 +440,29 @@ class GenHead(TriplaneHeadModel):
                 with nvtx_range("head4d.genhead.blend"):
                     eye = eye_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
                     mouth = mouth_rays.repeat_interleave(per_ray, dim=1).to(points.dtype)
+                    if head_samples is not None:
+                        head_samples.append(self._head_densities_in_parts(head_out["sigma"], inside, mouth,
+                                                                          per_ray))
                     return blend_parts(part_out, head_out, eye, mouth, inside, fuse_mouth)
 
         return field
 
+    @staticmethod
+    def _head_densities_in_parts(head_sigma: torch.Tensor, inside_eye_box: torch.Tensor, mouth: torch.Tensor,
+                                 per_ray: int) -> Dict[str, torch.Tensor]:
+        """The head triplane's raw densities in the part regions, per ray and sample
+        (Portrait4D's ``densities_face_ineye`` / ``_inmouth``): ``head_sigma [N, M, 1]`` times
+        ``inside_eye_box [N, M]`` (0 or 1), and times ``mouth [N, M]`` (the ray's mouth mask),
+        each reshaped to ``[N, M / per_ray, per_ray]``."""
+        sigma = head_sigma[..., 0]
+        n, m = sigma.shape
+        return {"eye": (sigma * inside_eye_box).reshape(n, m // per_ray, per_ray),
+                "mouth": (sigma * mouth).reshape(n, m // per_ray, per_ray)}
+
     def render(self, planes: torch.Tensor, camera: torch.Tensor, codes: Union[FlameCodes, Mapping[str, torch.Tensor]],
                *, ws: Optional[torch.Tensor] = None, background: Optional[torch.Tensor] = None,
                neural_rendering_resolution: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               deform: bool = True) -> Dict[str, torch.Tensor]:
+               deform: bool = True, return_samples: bool = False) -> Dict[str, torch.Tensor]:
         """Render given planes with new cameras and codes (no backbone).
 
         Args:
@@ -460,17 +480,39 @@ class GenHead(TriplaneHeadModel):
                 importance sampling), or None (the global one).
             deform: False samples both triplanes at the observation-space points (no warp;
                 the masks and the blend stay), to compare against.
+            return_samples: also return what GenHead's training regularizers read (below);
+                off by default, so that inference keeps nothing more.
 
         Returns:
             A dict: ``image`` ``[N, 3, 512, 512]`` (only with the super-resolution),
             ``image_raw`` ``[N, 3, r, r]``, ``image_depth`` ``[N, 1, r, r]``,
             ``image_feature`` ``[N, 32, r, r]`` (in [-1, 1] when the background is in [0, 1]),
             ``opacity`` ``[N, 1, r, r]``, ``eye_mask`` and ``mouth_mask`` ``[N, 1, r, r]``;
-            float32.
+            float32. With ``return_samples``, also (R = r * r rays, row-major like the
+            images; S = ``depth_resolution + depth_resolution_importance`` samples per ray),
+            float32:
+
+            - ``sample_depths`` ``[N, R, S]``: the final composite's sample depths (coarse and
+              fine merged, sorted), the edges of its S - 1 intervals (no gradient);
+            - ``sample_weights`` ``[N, R, S - 1]``: each interval's compositing weight
+              (their sum over an image's ray is its ``opacity``); Portrait4D's
+              ``interval`` and ``all_weights``, for :func:`~head4d.render.distortion_loss`;
+            - ``head_density_eye`` ``[N, R, S]``: the head triplane's raw density (the
+              decoder's output before the renderer's ``softplus(s - 1)``) at each sample's
+              head-canonical point, times 1 inside an eye box and 0 outside; the
+              coarse pass's samples first, then the fine pass's, in the order drawn (not
+              sorted by depth); Portrait4D's ``densities_face_ineye``;
+            - ``head_density_mouth`` ``[N, R, S]``: the same raw density times the ray's
+              mouth mask (soft, in [0, 1]); Portrait4D's ``densities_face_inmouth``.
+
+            The densities are read before the renderer's ``density_noise`` (0 in
+            Portrait4D's configurations) is added.
         """
         op = f"{NAME}.render"
         c = self.config
         r = c.neural_resolution(op, neural_rendering_resolution)
+        if not isinstance(return_samples, bool):
+            raise TypeError(f"{op}: return_samples must be a bool, got {type(return_samples).__name__}")
         check_tensor(op, "planes", planes, f"[B, 6, {c.plane_features}, H, W]", planes.dim()
                      if isinstance(planes, torch.Tensor) and planes.dim() in (4, 5) else 5, FLOATING)
         if planes.dim() == 4 and planes.shape[1] == 6 * c.plane_features:
@@ -504,15 +546,23 @@ class GenHead(TriplaneHeadModel):
                 bg = F.interpolate(background.to(torch.float32), size=(r, r), mode="bilinear", align_corners=False,
                                    antialias=False)
                 bg = bg.permute(0, 2, 3, 1).reshape(n, r * r, bg.shape[1])
+            head_samples = [] if return_samples else None
             field = self._point_field(planes[:, PART_PLANES], planes[:, HEAD_PLANES], fields, eye_rays, mouth_rays,
-                                      deform, fuse_mouth=r > MOUTH_FUSE_ABOVE)
+                                      deform, fuse_mouth=r > MOUTH_FUSE_ABOVE, head_samples=head_samples)
             with nvtx_range("head4d.genhead.raymarch"):
-                features, depth, opacity = self.renderer(field, None, origins, directions, c.rendering_options(),
-                                                         background=bg, generator=generator, cam2world=cam2world)
+                rendered = self.renderer(field, None, origins, directions, c.rendering_options(), background=bg,
+                                         generator=generator, cam2world=cam2world, return_samples=return_samples)
+                features, depth, opacity = rendered[:3]
             feature_image = rays_to_image(features, r)
             out = {"image_raw": feature_image[:, :3], "image_depth": rays_to_image(depth, r),
                    "image_feature": feature_image, "opacity": rays_to_image(opacity, r),
                    "eye_mask": masks["eye_mask"], "mouth_mask": masks["mouth_mask"]}
+            if return_samples:
+                samples = rendered[3]
+                out["sample_depths"] = samples["depths"][..., 0].to(torch.float32)
+                out["sample_weights"] = samples["weights"][..., 0].to(torch.float32)
+                for part in ("eye", "mouth"):
+                    out[f"head_density_{part}"] = torch.cat([h[part] for h in head_samples], dim=2).to(torch.float32)
             if self.superresolution is not None:
                 with nvtx_range("head4d.genhead.superresolution"):
                     out["image"] = self.superresolution(out["image_raw"], feature_image, ws, noise_mode="none")

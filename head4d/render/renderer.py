@@ -212,8 +212,8 @@ class TriplaneRenderer(nn.Module):
 
     def forward(self, planes: torch.Tensor, decoder: Callable, ray_origins: torch.Tensor,
                 ray_directions: torch.Tensor, options: Mapping, *, background: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, cam2world: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                generator: Optional[torch.Generator] = None, cam2world: Optional[torch.Tensor] = None,
+                return_samples: bool = False):
         """Render rays through a triplane.
 
         Args:
@@ -232,12 +232,21 @@ class TriplaneRenderer(nn.Module):
                 ``1 - opacity`` before the final ``* 2 - 1`` (Portrait4D), or None.
             generator: ``torch.Generator`` for every random number, or None (global RNG).
             cam2world: ``[N, 4, 4]`` for ``"auto-plane"`` (else ``options["cam2world"]``).
+            return_samples: also return the final composite's samples (for losses on the
+                ray weights, such as :func:`~head4d.render.distortion_loss`); off by default.
 
         Returns:
             ``(features [N, R, C_out], depth [N, R, 1], opacity [N, R, 1])`` in the rays'
             dtype: the composited features mapped to [-1, 1] (``* 2 - 1``), the expected
-            depth, and the sum of the final compositing weights.
+            depth, and the sum of the final compositing weights. With ``return_samples`` a
+            fourth item, a dict: ``"depths"`` ``[N, R, S, 1]`` the depths of the final pass's
+            samples (coarse and fine merged, sorted; S = ``depth_resolution +
+            depth_resolution_importance``; no gradient: the samples are drawn), the edges of
+            the S - 1 compositing intervals, and ``"weights"`` ``[N, R, S - 1, 1]`` each
+            interval's compositing weight (differentiable; they sum to ``opacity``).
         """
+        if not isinstance(return_samples, bool):
+            raise TypeError(f"{NAME}: return_samples must be a bool, got {type(return_samples).__name__}")
         check_tensor(NAME, "ray_origins", ray_origins, "[N, R, 3]", 3)
         check_tensor(NAME, "ray_directions", ray_directions, "[N, R, 3]", 3)
         if ray_origins.shape[2] != 3 or ray_directions.shape != ray_origins.shape:
@@ -339,4 +348,6 @@ class TriplaneRenderer(nn.Module):
                     background = background.to(colors.dtype)
                 rgb, depth, weights = composite_rays(colors, densities, depths, white_back=white_back,
                                                      background=background)
+            if return_samples:
+                return rgb, depth, weights.sum(dim=2), {"depths": depths, "weights": weights}
             return rgb, depth, weights.sum(dim=2)

@@ -11,12 +11,15 @@ processes) runs StyleGAN2's phases, each with its own optimizer step:
   one); the render always uses the sample's own camera and codes. Loss: non-saturating
   ``softplus(-D(fake))``, plus the part-region terms below.
 - ``Greg`` (every ``g_reg_interval`` = 4 steps, loss times the interval): the density
-  regularizer: 1000 points uniform in ``[-1, 1]^3`` per sample and the same points moved by
-  ``N(0, 1) * density_reg_p_dist * box_warp`` (0.004 * 1.3); the L1 distance between the
-  raw densities at the two, times ``density_reg`` (0.25), averaged over the head and part
-  triplanes. Upstream reads the densities through its deformation (the sample's FLAME
-  warp); here both triplanes are read at the points themselves (no warp): the term
-  smooths each triplane's density field where it is sampled either way.
+  regularizer (:func:`density_tv_loss`): 1000 points uniform in ``[-1, 1]^3`` per sample and
+  the same points moved by ``N(0, 1) * density_reg_p_dist * box_warp`` (0.004 * 1.3). As
+  upstream, both sets are taken as observation-space points of the sample's posed head and
+  warped by its deformation (the phase's FLAME codes: the neck grids, then the part-wise
+  step; no autograd through the warp); the part triplane is read at the eye-canonical
+  points, the head triplane at the head-canonical points and the part triplane again at
+  the mouth-canonical points (when GenHead has a mouth part). Per read, the L1 distance
+  between the raw densities (the decoder's output: no eye-box factor, no part/head blend)
+  at the two sets; their mean over the reads, times ``density_reg`` (0.25).
 - ``Dmain`` (every step): ``softplus(D(fake)) + softplus(-D(real))``; its generator pass
   also updates the backbone mapping's ``w_avg`` (the background's is never updated, as upstream).
 - ``Dreg`` (every ``d_reg_interval`` = 16 steps, loss times the interval): R1 on the real
@@ -46,13 +49,21 @@ The discriminator's input (:class:`~head4d.nn.DualDiscriminatorDeform`, a dict):
   (10 fading over ``200 * B / 32`` kimg for a total batch B, 200 at upstream's 32) for fakes and
   reals.
 
-Part-region regularizers (``Gmain``): the transmittance terms are here, ``100 *
-mean(T_bg * eye_mask)`` and ``100 * mean(T_bg * mouth_mask)`` (no background may show
-through the eyes or the mouth). TODO: upstream's other four, ``10 * mean(softplus(head
-density inside the eye box) * eye_mask)`` (and inside the mouth), and the MipNeRF-360
-distortion loss of the ray weights times the eye / mouth masks (weight 100), need the
-renderer to return the per-sample head densities, intervals and weights, which
-:meth:`GenHead.render` does not expose yet.
+Part-region regularizers (``Gmain``, :func:`part_region_losses`, on the render's samples
+from ``GenHead.render(..., return_samples=True)``), three per part with the part's mask
+``M`` (the eye or the mouth mask of each ray, soft, in [0, 1]), as upstream:
+
+- ``10 * mean(softplus(sigma_head * in_part) * M)`` over every ray and sample of both passes
+  (coarse and fine): ``sigma_head`` the head triplane's raw density at the sample's
+  head-canonical point (before the renderer's activation), ``in_part`` 1 inside an eye box
+  and 0 outside for the eyes, the ray's mouth mask for the mouth: the head triplane is
+  pushed to put no density where the part triplane renders (``part_density_weight``);
+- ``100 * mean(distortion * M)`` over rays, ``distortion`` MipNeRF-360's distortion loss
+  (:func:`~head4d.render.distortion_loss`) of the final composite's weights over its
+  intervals (the merged sample depths as edges): the density on an eye or mouth ray
+  gathers into one thin layer (``part_distortion_weight``);
+- ``100 * mean(T_bg * M)``: no background shows through the eyes or the mouth
+  (``part_t_weight``).
 
 Defaults (:class:`GenHeadTrainingConfig`) are Portrait4D's ``genhead-ffhq512`` settings:
 Adam betas (0, 0.99), eps 1e-8, G lr 0.0025, D lr 0.002 (both then adjusted for lazy
@@ -79,14 +90,15 @@ import torch.nn.functional as F
 from ..head.labels import LABEL_SIZE, parse_labels
 from ..models import GenHead
 from ..models._common import triplane_point_decoder
-from ..models.genhead import GenHeadConfig, clip_vertices
+from ..models.genhead import HEAD_PLANES, PART_PLANES, GenHeadConfig, clip_vertices
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
+from ..render.losses import distortion_loss
 from ..render.masks import correspondence_map
 from .common import (Distributed, ProgressLog, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings,
                      load_checkpoint, replace_directory, save_checkpoint, set_rng_state, update_ema)
 
-__all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "r1_penalty", "small_discriminator_kwargs",
-           "small_genhead_config", "train_genhead"]
+__all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "density_tv_loss", "part_region_losses", "r1_penalty",
+           "small_discriminator_kwargs", "small_genhead_config", "train_genhead"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The EMA generator exported at the end of a run (``GenHead.save``'s safetensors format).
@@ -128,8 +140,10 @@ class GenHeadTrainingConfig:
     Losses: ``r1_gamma`` (image and raw image), ``r1_gamma_uv``, ``r1_gamma_seg``,
     ``blur_init_sigma``, ``blur_fade_kimg`` (None: ``200 * B / 32`` for a total batch B, as
     upstream scales it), ``gpc_reg_prob`` (None: zero condition),
-    ``gpc_reg_fade_kimg``, ``density_reg``, ``density_reg_p_dist``, ``density_reg_points``,
-    ``part_t_weight`` (the eye / mouth transmittance terms).
+    ``gpc_reg_fade_kimg``, ``density_reg``, ``density_reg_p_dist``, ``density_reg_points``;
+    the part-region terms' weights: ``part_t_weight`` (transmittance, 100),
+    ``part_density_weight`` (the head density in the part, 10), ``part_distortion_weight``
+    (the distortion loss, 100).
     EMA: ``ema_kimg`` (None: ``10 * B / 32``, upstream's), ``ema_rampup``.
     """
 
@@ -163,6 +177,8 @@ class GenHeadTrainingConfig:
     density_reg_p_dist: float = 0.004
     density_reg_points: int = 1000
     part_t_weight: float = 100.0
+    part_density_weight: float = 10.0
+    part_distortion_weight: float = 100.0
     ema_kimg: Optional[float] = None
     ema_rampup: Optional[float] = 0.05
 
@@ -192,7 +208,7 @@ class GenHeadTrainingConfig:
                 raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
         for name in ("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
                      "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
-                     "ema_kimg"):
+                     "part_density_weight", "part_distortion_weight", "ema_kimg"):
             value = getattr(self, name)
             if value is None and name in ("blur_fade_kimg", "ema_kimg"):
                 continue
@@ -264,6 +280,78 @@ def labels_to_codes(labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch
     parts = parse_labels(labels)
     codes = {k: parts[k] for k in ("shape", "expression", "neck_pose", "jaw_pose", "eye_pose")}
     return parts["camera"], codes
+
+
+def part_region_losses(fake: Mapping[str, torch.Tensor], t_weight: float, density_weight: float,
+                       distortion_weight: float) -> Dict[str, torch.Tensor]:
+    """Portrait4D's six part-region terms of ``Gmain`` (module docstring), scalars by log name.
+
+    For each part (``eye``, ``mouth``) with its mask ``M [N, 1, r, r]`` (per ray ``M_ray [N, R]``):
+
+    - ``Loss/G/loss_face_{part}``: ``density_weight * mean(softplus(head_density_{part}) *
+      M_ray)``, the mean over every image, ray and sample (samples outside the part give
+      ``softplus(0) = log 2`` times the mask, a constant, as upstream);
+    - ``Loss/G/loss_{part}_density``: ``distortion_weight * mean(distortion_loss(depths,
+      weights) * M_ray)`` over images and rays (:func:`~head4d.render.distortion_loss`);
+    - ``Loss/G/loss_{part}_T``: ``t_weight * mean(T_bg * M)``, ``T_bg = 1 - opacity``.
+
+    Args:
+        fake: :meth:`GenHead.render`'s dict with ``return_samples=True``: ``opacity``,
+            ``eye_mask``, ``mouth_mask`` ``[N, 1, r, r]``, ``sample_depths`` ``[N, R, S]``,
+            ``sample_weights`` ``[N, R, S - 1]``, ``head_density_eye`` and
+            ``head_density_mouth`` ``[N, R, S]``.
+        t_weight, density_weight, distortion_weight: the terms' weights (100, 10, 100).
+    """
+    t_bg = 1 - fake["opacity"]
+    distortion = distortion_loss(fake["sample_depths"], fake["sample_weights"])  # [N, R]
+    losses = {}
+    for part in ("eye", "mouth"):
+        mask = fake[f"{part}_mask"]
+        ray_mask = mask.reshape(mask.shape[0], -1)
+        losses[f"Loss/G/loss_face_{part}"] = \
+            (F.softplus(fake[f"head_density_{part}"]) * ray_mask.unsqueeze(-1)).mean() * density_weight
+        losses[f"Loss/G/loss_{part}_density"] = (distortion * ray_mask).mean() * distortion_weight
+        losses[f"Loss/G/loss_{part}_T"] = (t_bg * mask).mean() * t_weight
+    return losses
+
+
+def density_tv_loss(G: GenHead, planes: torch.Tensor, codes: Mapping[str, torch.Tensor], points: torch.Tensor,
+                    perturbed: torch.Tensor) -> torch.Tensor:
+    """The density regularizer's L1 term through the sample's deformation (upstream's order).
+
+    ``points`` and ``perturbed`` (observation space, the image's posed head) are warped
+    together by the deformation of ``codes`` (:meth:`PartwiseDeformation.warp`, without
+    autograd, as upstream warps): the part triplane is read at the eye-canonical points, the
+    head triplane at the head-canonical points and, when GenHead has a mouth part, the part
+    triplane again at the mouth-canonical points. For each of these reads, the L1 distance
+    between the raw densities (the decoder's output, no part-box factor) at the warped
+    ``points`` and at the warped ``perturbed``; returns their mean over the reads.
+
+    Args:
+        G: the generator (its decoder, deformation and decode path).
+        planes: ``[N, 6, C, H, W]`` from :meth:`GenHead.planes`.
+        codes: the FLAME codes dict with N rows (:func:`labels_to_codes`).
+        points, perturbed: ``[N, P, 3]`` float32.
+
+    Returns:
+        A scalar, differentiable with respect to ``planes`` and the decoder.
+    """
+    p = points.shape[1]
+    both = torch.cat([points, perturbed], dim=1)
+    codes = {k: v.to(G.head_model.dtype) for k, v in codes.items()}
+    with G._scope():
+        with torch.no_grad():
+            warped = G.deformation.warp(both, G.deformation.build(**codes))
+        reads = [(PART_PLANES, warped.eyes), (HEAD_PLANES, warped.head)]
+        if warped.mouth is not None:
+            reads.append((PART_PLANES, warped.mouth))
+        decode = triplane_point_decoder(G.decoder, G.renderer, planes.device, G.config.fused, G.config.box_warp,
+                                        G._ops_backend)
+        total = 0
+        for triplane, at in reads:
+            sigma = decode(planes[:, triplane], at.to(planes.dtype))["sigma"]
+            total = total + F.l1_loss(sigma[:, :p], sigma[:, p:])
+    return total / len(reads)
 
 
 # ---------------------------------------------------------------------- trainer
@@ -378,11 +466,12 @@ class GenHeadTrainer:
         return out
 
     def run_G(self, z: torch.Tensor, labels: torch.Tensor, swapping_prob: Optional[float],
-              update_emas: bool = False) -> Dict[str, torch.Tensor]:
+              update_emas: bool = False, return_samples: bool = False) -> Dict[str, torch.Tensor]:
         """Fakes for latent ``z`` and the conditions of ``labels``: GenHead's render dict plus
         the discriminator entries (``uv``, ``seg``, ``image_sr`` with a super-resolution).
         ``update_emas``: the backbone mapping's running average of w (``w_avg``, the
-        truncation's centre) moves towards this batch's ws, as upstream does in ``Dmain``."""
+        truncation's centre) moves towards this batch's ws, as upstream does in ``Dmain``.
+        ``return_samples``: the render's samples for :func:`part_region_losses` too."""
         camera, codes = labels_to_codes(labels)
         cond = self.G.condition(camera, codes["shape"])
         if swapping_prob is None:
@@ -393,7 +482,7 @@ class GenHeadTrainer:
         ws = self.G.mapping(z, cond, update_emas=update_emas)
         planes = self.G.planes(ws, noise_mode="random")
         background = self.G.background_image(z, noise_mode="random")
-        out = self.G.render(planes, camera, codes, ws=ws, background=background)
+        out = self.G.render(planes, camera, codes, ws=ws, background=background, return_samples=return_samples)
         out["uv"] = self.correspondence(camera, codes)
         out["seg"] = out["opacity"] * 2 - 1
         if self.img_raw_name is not None:
@@ -420,7 +509,8 @@ class GenHeadTrainer:
 
     def density_regularizer(self, z: torch.Tensor, labels: torch.Tensor,
                             swapping_prob: Optional[float]) -> torch.Tensor:
-        """The density TV term (module docstring), times ``density_reg``."""
+        """The density TV term (module docstring; :func:`density_tv_loss` through the warp of
+        the phase's codes), times ``density_reg``."""
         cfg = self.config
         camera, codes = labels_to_codes(labels)
         cond = self.G.condition(camera, codes["shape"])
@@ -432,17 +522,7 @@ class GenHeadTrainer:
         n = z.shape[0]
         points = torch.rand((n, cfg.density_reg_points, 3), device=z.device) * 2 - 1
         moved = points + torch.randn_like(points) * cfg.density_reg_p_dist * self.G.config.box_warp
-        both = torch.cat([points, moved], dim=1)
-        g = self.G
-        with g._scope():
-            decode = triplane_point_decoder(g.decoder, g.renderer, z.device, g.config.fused, g.config.box_warp,
-                                            g._ops_backend)
-            total = 0
-            for part in (slice(0, 3), slice(3, 6)):
-                sigma = decode(planes[:, part], both)["sigma"]
-                m = cfg.density_reg_points
-                total = total + F.l1_loss(sigma[:, :m], sigma[:, m:]) / 2
-        return total * cfg.density_reg
+        return density_tv_loss(self.G, planes, codes, points, moved) * cfg.density_reg
 
     # ------------------------------------------------------------------ phases
     def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -488,14 +568,12 @@ class GenHeadTrainer:
             gen_z, gen_labels = batch["gen_z"][PHASES.index(phase)], batch["gen_labels"][PHASES.index(phase)]
             gen_c = gen_labels[:, :25]
             if phase == "Gmain":
-                fake = self.run_G(gen_z, gen_labels, swapping_prob)
+                fake = self.run_G(gen_z, gen_labels, swapping_prob, return_samples=True)
                 loss_adv = F.softplus(-self.run_D(fake, gen_c, blur_sigma)).mean()
-                t_bg = 1 - fake["opacity"]
-                loss_eye_t = (t_bg * fake["eye_mask"]).mean() * cfg.part_t_weight
-                loss_mouth_t = (t_bg * fake["mouth_mask"]).mean() * cfg.part_t_weight
-                loss = loss_adv + loss_eye_t + loss_mouth_t
-                losses.update({"Loss/G/loss": loss_adv, "Loss/G/loss_eye_T": loss_eye_t,
-                               "Loss/G/loss_mouth_T": loss_mouth_t})
+                parts = part_region_losses(fake, cfg.part_t_weight, cfg.part_density_weight,
+                                           cfg.part_distortion_weight)
+                loss = loss_adv + sum(parts.values())
+                losses.update({"Loss/G/loss": loss_adv, **parts})
             elif phase == "Greg":
                 loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
                 losses["Loss/G/TVloss"] = loss
