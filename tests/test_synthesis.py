@@ -419,7 +419,7 @@ def test_synthesize_command(tmp_path, head, capsys):
     out = tmp_path / "triplets"
     assert cli.main(["synthesize", "--genhead", str(tmp_path / "genhead"), "--out", str(out), "--count", "3",
                      "--batch", "2", "--seed", "5", "--device", "cpu"]) == 0
-    assert "3/3" in capsys.readouterr().out  # the progress counter (no tqdm) or tqdm's bar
+    assert "3/3" in capsys.readouterr().err  # the progress counter (no tqdm) or tqdm's bar, on stderr
     names = sorted(p.name for p in (out / "images").iterdir())
     assert names == sorted(f"{i:06d}_{v}.png" for i in range(3) for v in ("source", "driver", "target"))
     assert len(list((out / "raw").iterdir())) == 9

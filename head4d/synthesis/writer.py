@@ -19,6 +19,7 @@ Layout of ``out``:
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Union
@@ -37,7 +38,8 @@ LABELS_FILE = "labels.npz"
 
 
 class _Progress:
-    """tqdm's bar when tqdm is installed, else a counter printed on one line."""
+    """tqdm's bar when tqdm is installed, else a counter printed on one line; both on
+    standard error, as progress bars go."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.done, self.enabled, self.start = total, 0, enabled, time.perf_counter()
@@ -55,13 +57,14 @@ class _Progress:
             self.bar.update(count)
         elif self.enabled:
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            print(f"\rsynthesize: {self.done}/{self.total} triplets ({rate:.2f}/s)", end="", flush=True)
+            print(f"\rsynthesize: {self.done}/{self.total} triplets ({rate:.2f}/s)", end="", flush=True,
+                  file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         elif self.enabled:
-            print()
+            print(file=sys.stderr)
 
 
 def _png(image: torch.Tensor) -> torch.Tensor:
