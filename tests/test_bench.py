@@ -342,3 +342,27 @@ def test_a_malformed_order_file_is_named_with_what_was_expected(tmp_path, conten
 
 def test_a_missing_order_file_means_no_measured_orders(tmp_path):
     assert _preferences.load_orders.__wrapped__(str(tmp_path / "absent.json")) == {}
+
+
+def test_training_step_case_repeats_one_step_and_agrees_with_its_reference():
+    """The ``train_genhead`` case on the tiny training config: a whole step (pass ``step``)
+    on head4d's kernels against the same step with every op on its reference, within the
+    step tolerance; every call restores the snapshot (the optimizers' moments included),
+    so a call repeats bit for bit, and a new seed gives other losses."""
+    from head4d.bench.harness import prepare, step
+    from head4d.bench.op_cases import training
+    from head4d.train.genhead import GenHeadTrainingConfig
+
+    case = training.train_genhead_case(2, False, reg=True, config=GenHeadTrainingConfig.small(device="cpu"))
+    assert case.passes == (bench.STEP_PASS,)
+    one, other = (prepare(case, case.make_inputs(CPU, seed), bench.STEP_PASS) for seed in (0, 1))
+    run = step(case, bench.STEP_PASS, "cpu")
+    first, again, moved = run(one)[0], run(one)[0], run(other)[0]
+    # the all-phase step reports every phase's losses, sorted by name
+    names = sorted(case.run.__self__.trainer(CPU).last_losses)
+    assert {"Loss/G/loss", "Loss/G/TVloss", "Loss/D/loss", "Loss/D/reg"} <= set(names)
+    assert first.shape == (len(names),) and bool(torch.isfinite(first).all())
+    assert torch.equal(first, again) and not torch.equal(first, moved)
+    reference = step(case, bench.STEP_PASS, bench.REFERENCE)(one)[0]
+    assert bench.rel_err(first, reference) <= training.STEP_TOLERANCE
+    assert not torch.equal(first, reference)  # the two sides did run different kernels

@@ -43,7 +43,7 @@ decorated with ``@register("op_name")``; the CLI, the gate and the suites pick i
 """
 from __future__ import annotations
 
-from .case import (DTYPE_NAMES, PASSES, REFERENCE, TOLERANCE, WHOLE_MODELS, Case, Inputs, Settings,
+from .case import (DTYPE_NAMES, PASSES, REFERENCE, STEP_PASS, TOLERANCE, WHOLE_MODELS, Case, Inputs, Settings,
                    cases, default_batches, fast_backends, ops, process_backend, register)
 from .harness import (COPY_BANDWIDTH, Result, check, copy_bandwidth, default_budget, default_device,
                       input_sets, measure_memory, prepare, rel_err, run, run_case, step, time_calls)
@@ -52,7 +52,7 @@ from .reporting import (device_key, device_name, environment, format_table, repo
 from . import op_cases, order  # noqa: F401, E402  (op_cases registers every op's cases)
 
 __all__ = [
-    "COPY_BANDWIDTH", "DTYPE_NAMES", "PASSES", "REFERENCE", "TOLERANCE", "WHOLE_MODELS",
+    "COPY_BANDWIDTH", "DTYPE_NAMES", "PASSES", "REFERENCE", "STEP_PASS", "TOLERANCE", "WHOLE_MODELS",
     "Case", "Inputs", "Result", "Settings",
     "cases", "check", "copy_bandwidth", "default_batches", "default_budget", "default_device",
     "device_key", "device_name", "environment", "fast_backends", "format_table", "input_sets",

@@ -9,7 +9,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 REFERENCE = "torch"
+#: An op's passes: ``fwd``, the forward under ``no_grad``; ``fwd+bwd``, the forward and the
+#: gradients of the case's ``grad_of``.
 PASSES = ("fwd", "fwd+bwd")
+#: The pass of a whole training step (the training cases'): ``run`` computes its own
+#: gradients and updates the weights (autograd on) and returns what the step reports.
+STEP_PASS = "step"
 
 #: Bound on the relative-norm error ``||out - ref|| / ||ref||`` per floating dtype
 #: (of the op's data, e.g. the planes); gradients use the same bound.
@@ -39,7 +44,7 @@ class Case:
         dtype: the data's dtype; picks the correctness bound in :data:`TOLERANCE`.
         backends: the fast backends to time on this case's device, fastest expected
             first (the reference is always timed too).
-        passes: which of :data:`PASSES` to time.
+        passes: which of :data:`PASSES` (or :data:`STEP_PASS` alone) to time.
         tolerance: the correctness bound, when the dtype's default in :data:`TOLERANCE`
             does not fit (a whole pipeline sums its rounding over many ops).
         measure_memory: also measure, per backend, the bytes saved for the backward

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .case import PASSES, REFERENCE, Case, Inputs, Settings, cases
+from .case import PASSES, REFERENCE, STEP_PASS, Case, Inputs, Settings, cases
 
 #: Device-to-device copy bandwidth (bytes read + written per second) measured on this
 #: workplace's machines, by a lower-case substring of the device name. Unknown devices
@@ -43,15 +43,20 @@ def prepare(case: Case, inputs: Inputs, pass_: str) -> Inputs:
 def step(case: Case, pass_: str, backend: str) -> Callable[[Inputs], Tuple[torch.Tensor, ...]]:
     """The timed callable: the forward (``fwd``), or the forward and the gradients of
     ``case.grad_of`` for the cotangent ``inputs["grad_out"]`` (``fwd+bwd``; through
-    ``torch.autograd.grad``, so nothing accumulates between runs). Returns the output
-    and then the gradients."""
+    ``torch.autograd.grad``, so nothing accumulates between runs), or a whole training step
+    (``step``: ``case.run`` with autograd on). Returns the output and then the gradients."""
     if pass_ == "fwd":
         def fwd(inputs: Inputs):
             with torch.no_grad():
                 return (case.run(inputs, backend),)
         return fwd
+    if pass_ == STEP_PASS:
+        def train_step(inputs: Inputs):
+            with torch.enable_grad():
+                return (case.run(inputs, backend),)
+        return train_step
     if pass_ != "fwd+bwd":
-        raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
+        raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES + (STEP_PASS,)}")
 
     def fwd_bwd(inputs: Inputs):
         out = case.run(inputs, backend)

@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 from .case import REFERENCE, WHOLE_MODELS
 
 #: Weight of each pass in an op's score (see the module's docstring).
-PASS_WEIGHTS = {"fwd": 1.0, "fwd+bwd": 2.0}
+PASS_WEIGHTS = {"fwd": 1.0, "fwd+bwd": 2.0, "step": 2.0}
 
 NOTE = ("Default backend order per op and device type, fastest correct backend first, "
         "derived by `head4d bench --write-order` from a benchmark run (head4d/bench/order.py "
