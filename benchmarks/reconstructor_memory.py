@@ -26,7 +26,9 @@ Two configurations:
   CPU's default, the reference, which keeps the score and probability matrices (head4d's
   CUDA and Triton attention keep q, k, v, the output and the log-sum-exp). It counts bytes
   kept for the backward, not a peak: the weights' gradients and the backward's temporaries
-  come on top on both sides.
+  come on top on both sides. ``TRITON_INTERPRET=1 HEAD4D_BACKEND_ATTENTION=triton`` puts
+  head4d's attention on its Triton op, as on CUDA (on fake tensors only the op's shape
+  function runs).
 
 Usage::
 
