@@ -84,6 +84,11 @@ class MixFFN(nn.Module):
     Parameters: ``fc1.weight [hidden, dim]``, ``fc1.bias [hidden]``, ``dwconv.dwconv.weight
     [hidden, 1, 3, 3]``, ``dwconv.dwconv.bias [hidden]``, ``fc2.weight [dim, hidden]``,
     ``fc2.bias [dim]``.
+
+    Memory: when autograd records and the ops do not run on the ``torch`` references (the
+    backend scope), it keeps only its input for the backward and runs its forward again
+    there (:func:`head4d.nn._recompute.recompute`) instead of keeping its three hidden
+    maps; the values are the same.
     """
 
     def __init__(self, dim: int, hidden: int):
