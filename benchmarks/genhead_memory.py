@@ -10,8 +10,9 @@ configuration (``torch``: every op on its reference; ``head4d``: each op's defau
 - the peak memory of the call above what was allocated before it: on CUDA
   ``max_memory_allocated``; on the CPU the running sum of the CPU allocator's
   allocations and frees as ``torch.profiler`` (``profile_memory=True``) records them;
-- the bytes autograd saves for the backward (distinct storages, the inputs' own left
-  out, as :func:`head4d.bench.measure_memory` counts them), split by the stage that
+- the bytes autograd saves for the backward (distinct storages, the inputs' own and
+  what the backward itself saves left out, as :func:`head4d.bench.measure_memory`
+  counts them), split by the stage that
   saved them (mapping, backbone, background, deformation build and masks, warp, decode,
   blend, raymarch (sampling, merging and compositing), super-resolution, other).
 
@@ -138,6 +139,8 @@ def _run(bench, model, params, variant: str, z, c, codes, keys=("image", "image_
 
 def measure(bench, model, params, variant: str, z, c, codes) -> Dict[str, object]:
     """One fwd+bwd of ``variant``: peak bytes, saved bytes by stage, seconds."""
+    from head4d.bench.harness import saved_during_forward
+
     device = z.device
     own = {(p.untyped_storage().data_ptr(), p.untyped_storage().nbytes()) for p in params.values()}
     seen: Dict[Tuple[int, int], Tuple[str, int, Tuple[int, ...]]] = {}
@@ -146,7 +149,7 @@ def measure(bench, model, params, variant: str, z, c, codes) -> Dict[str, object
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
-        if key not in own and key not in seen:
+        if key not in own and key not in seen and saved_during_forward():
             seen[key] = (tracker.stage, storage.nbytes(), tuple(t.shape))
         return t
 

@@ -150,8 +150,8 @@ def test_reconstructor_cases_time_the_released_sizes_on_cuda_without_building_a_
 def test_reconstructor_cases_run_at_a_tiny_size_and_report_ratios():
     """Every new case at a 64^2 source, 16^2 rendering with 6 + 6 samples: checked against the
     reference and timed (a finite speedup), and the training step's gradients of every
-    parameter it reads agree, with head4d's fused path keeping fewer bytes for the
-    backward than the reference (the memory ratio the gate reads), and the per-stage
+    parameter it reads agree, with head4d's fused path keeping at most 60% of the bytes the
+    reference keeps for the backward (the memory ratio the gate reads), and the per-stage
     account of those bytes sums to the harness's count."""
     from head4d.bench.harness import check, measure_memory, prepare, step
     from head4d.bench.op_cases import reconstructor
@@ -180,7 +180,9 @@ def test_reconstructor_cases_run_at_a_tiny_size_and_report_ratios():
     by_stage = {backend: reconstructor.saved_bytes_by_stage(train, backend, inputs, config)
                 for backend in (bench.REFERENCE, "cpu")}
     assert sum(by_stage["cpu"].values()) == saved_cpu
-    assert 0 < saved_cpu < sum(by_stage[bench.REFERENCE].values())
+    # the issue's goal: at most 60% of the reference's (the StyleGAN2 layers and the Mix-FFN
+    # recompute their forward in the backward; measured 39% at this size)
+    assert 0 < saved_cpu <= 0.6 * sum(by_stage[bench.REFERENCE].values())
     assert {"encoder_global", "encoder_detail", "background", "encoder_canonical.trans_blocks_neutral",
             "encoder_canonical.trans_blocks_motion", "generator_triplane", "renderer",
             "superresolution"} <= set(by_stage["cpu"])

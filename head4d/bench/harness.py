@@ -214,6 +214,14 @@ def _timed_result(case: Case, pass_: str, backend: str, times: List[float], n_se
                   floor_ms=None if bandwidth is None else nbytes / bandwidth * 1e3)
 
 
+def saved_during_forward() -> bool:
+    """Whether a tensor that a ``saved_tensors_hooks`` pack hook sees now is saved by the
+    forward (kept until the backward): False while the autograd engine runs a backward
+    node, as when a recomputing layer (:func:`head4d.nn._recompute.recompute`) runs its forward again
+    in the backward, whose tensors live only during that layer's gradient step."""
+    return torch._C._current_autograd_node() is None
+
+
 def measure_memory(case: Case, pass_: str, backend: str, inputs: Inputs,
                    device: torch.device) -> Tuple[int, Optional[int]]:
     """``(saved_bytes, peak_bytes)`` of one call of ``step(case, pass_, backend)``.
@@ -221,7 +229,9 @@ def measure_memory(case: Case, pass_: str, backend: str, inputs: Inputs,
     ``saved_bytes``: the distinct storages autograd saves for the backward during the
     forward (counted with ``torch.autograd.graph.saved_tensors_hooks``), less the
     inputs' own storages (they exist whatever the backend keeps), so the number is the
-    same on every device. ``peak_bytes``: on CUDA, ``max_memory_allocated`` during the call
+    same on every device. Tensors saved while the backward runs (a layer that recomputes
+    its forward there keeps them only for its own gradient step) are not counted:
+    :func:`saved_during_forward`. ``peak_bytes``: on CUDA, ``max_memory_allocated`` during the call
     minus what was allocated before it (everything the call allocates: saved tensors,
     temporaries, outputs, gradients); ``None`` elsewhere.
     """
@@ -231,7 +241,7 @@ def measure_memory(case: Case, pass_: str, backend: str, inputs: Inputs,
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
-        if key not in own:
+        if key not in own and saved_during_forward():
             seen[key] = storage.nbytes()
         return t
 

@@ -18,6 +18,7 @@ motion-scale handling (:func:`check_scale`, :func:`scaled_residual`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable, Optional, Union
@@ -30,6 +31,7 @@ from .._checks import FLOATING
 from ._common import (ATTENTION_DTYPES, check_grid, check_head_dims, check_positive_float, check_positive_int,
                       check_tokens, grid_to_tokens, init_conv, init_layer_norm, init_linear, nvtx, op_name,
                       tokens_to_grid)
+from ._recompute import recompute, recompute_wanted
 from .attention import Attention, CrossAttention
 
 __all__ = ["Block", "BlockCross", "DWConv", "MixFFN", "TransformerBlock", "check_scale", "cross_attention_residual",
@@ -82,6 +84,11 @@ class MixFFN(nn.Module):
     Parameters: ``fc1.weight [hidden, dim]``, ``fc1.bias [hidden]``, ``dwconv.dwconv.weight
     [hidden, 1, 3, 3]``, ``dwconv.dwconv.bias [hidden]``, ``fc2.weight [dim, hidden]``,
     ``fc2.bias [dim]``.
+
+    Memory: when autograd records and the ops do not run on the ``torch`` references (the
+    backend scope), it keeps only its input for the backward and runs its forward again
+    there (:func:`head4d.nn._recompute.recompute`) instead of keeping its three hidden
+    maps; the values are the same.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -114,10 +121,27 @@ class MixFFN(nn.Module):
         h, w = check_grid(op, h, w)
         check_tokens(op, "x", x, self.dim, h, w, dtypes=FLOATING)
         with nvtx(self):
+            inputs = (x, self.fc1.weight, self.fc1.bias, self.dwconv.dwconv.weight, self.dwconv.dwconv.bias,
+                      self.fc2.weight, self.fc2.bias)
+            if recompute_wanted(None, *inputs):
+                # keeps x alone for the backward, not the three hidden maps (2 x dim channels each)
+                return recompute(functools.partial(_mix_ffn, h=h, w=w), *inputs)
             return self.fc2(F.gelu(self.dwconv(self.fc1(x), h, w)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}"
+
+
+def _mix_ffn(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor],
+             dwconv_weight: torch.Tensor, dwconv_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+             fc2_bias: Optional[torch.Tensor], *, h: int, w: int) -> torch.Tensor:
+    """:class:`MixFFN`'s computation from its tensors alone (what its modules compute, for
+    :func:`~head4d.nn._recompute.recompute`, whose backward runs it outside the module):
+    ``x [B, h*w, dim]`` -> ``[B, h*w, dim]``."""
+    hidden = F.linear(x, fc1_weight, fc1_bias)
+    hidden = F.conv2d(tokens_to_grid(hidden, h, w), dwconv_weight, dwconv_bias, padding=1,
+                      groups=dwconv_weight.shape[0])
+    return F.linear(F.gelu(grid_to_tokens(hidden)), fc2_weight, fc2_bias)
 
 
 Scale = Union[float, torch.Tensor]

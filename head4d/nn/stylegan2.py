@@ -59,6 +59,7 @@ from .. import ops as _ops
 from .._checks import FLOATING, check_tensor
 from ..reference.bias_act import ACTIVATIONS as _ACTIVATIONS
 from ._common import check_backend_choice, check_positive_int, nvtx, op_name
+from ._recompute import recompute, recompute_wanted
 
 __all__ = ["Conv2dLayer", "FullyConnectedLayer", "Generator", "MappingNetwork", "STYLEGAN2_BACKENDS",
            "SynthesisBlock", "SynthesisLayer", "SynthesisNetwork", "ToRGBLayer", "normalize_2nd_moment",
@@ -420,6 +421,12 @@ class SynthesisLayer(_OpsBackend, nn.Module):
         resample_filter: the 1-D low-pass filter taps of the upsampling.
         conv_clamp: clamp of the output (times ``gain``), None for none.
         channels_last: keep the weight channels-last.
+
+    Memory: when autograd records and the layer's ops are not on the ``torch`` references,
+    the layer keeps only its inputs for the backward and runs its forward again there
+    (:func:`head4d.nn._recompute.recompute`), instead of keeping the modulated input, the
+    convolution's output and the pre-activation (three maps of the output's size in the
+    training form); the values are the same.
     """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, resolution: int, kernel_size: int = 3,
@@ -480,12 +487,21 @@ class SynthesisLayer(_OpsBackend, nn.Module):
                                     device=x.device) * self.noise_strength
             if self.use_noise and noise_mode == "const":
                 noise = self.noise_const * self.noise_strength
-            x = _ops.modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-                                      resample_filter=self.resample_filter, flip_weight=(self.up == 1),
-                                      fused_modconv=fused_modconv, backend=self.backend)
             clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-            return _ops.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain,
-                                 clamp=clamp, backend=self.backend)
+
+            # the settings as they are now: a recomputing backward runs this again later
+            up, padding, f, act, act_gain, backend = (self.up, self.padding, self.resample_filter, self.activation,
+                                                      self.act_gain * gain, self.backend)
+
+            def layer(x, weight, styles, noise, bias):
+                x = _ops.modulated_conv2d(x, weight, styles, noise=noise, up=up, padding=padding, resample_filter=f,
+                                          flip_weight=(up == 1), fused_modconv=fused_modconv, backend=backend)
+                return _ops.bias_act(x, bias.to(x.dtype), act=act, gain=act_gain, clamp=clamp, backend=backend)
+
+            inputs = (x, self.weight, styles, noise, self.bias)
+            if recompute_wanted(self.backend, *inputs):
+                return recompute(layer, *inputs)  # keeps x alone for the backward, not 3 maps of the output's size
+            return layer(*inputs)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, w_dim={self.w_dim:d}, "
@@ -504,6 +520,9 @@ class ToRGBLayer(_OpsBackend, nn.Module):
         kernel_size: of the convolution (1 in every StyleGAN2 network).
         conv_clamp: clamp of the output, None for none.
         channels_last: keep the weight channels-last.
+
+    Memory: recomputed in the backward as :class:`SynthesisLayer` is (only x and the
+    styles kept).
     """
 
     def __init__(self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1,
@@ -539,9 +558,18 @@ class ToRGBLayer(_OpsBackend, nn.Module):
             if w.shape[0] != x.shape[0]:
                 raise ValueError(f"{op}: w has {w.shape[0]} rows but x holds {x.shape[0]} samples")
             styles = self.affine(w) * self.weight_gain
-            x = _ops.modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv,
-                                      backend=self.backend)
-            return _ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp, backend=self.backend)
+
+            clamp, backend = self.conv_clamp, self.backend  # as they are now (a recomputing backward runs later)
+
+            def layer(x, weight, styles, bias):
+                x = _ops.modulated_conv2d(x, weight, styles, demodulate=False, fused_modconv=fused_modconv,
+                                          backend=backend)
+                return _ops.bias_act(x, bias.to(x.dtype), clamp=clamp, backend=backend)
+
+            inputs = (x, self.weight, styles, self.bias)
+            if recompute_wanted(self.backend, *inputs):
+                return recompute(layer, *inputs)  # keeps x alone for the backward
+            return layer(*inputs)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels:d}, out_channels={self.out_channels:d}, w_dim={self.w_dim:d}"

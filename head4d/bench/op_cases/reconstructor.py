@@ -484,10 +484,11 @@ def saved_bytes_by_stage(case: Case, backend: str, inputs: Inputs, config=None) 
     ``trans_blocks_motion``, the motion maps, the convolutions); ``renderer`` includes the
     point decoding, fused or not; ``model`` is the reconstructor's own code (the background
     compositing). Each storage counts once, at its first save, and the inputs' own storages
-    (the weights, the data) not at all, as :func:`~head4d.bench.harness.measure_memory`
-    counts, so the stages sum to its ``saved_bytes``. ``inputs`` as prepared for
+    (the weights, the data) and what the backward saves (recomputed layers) not at all,
+    as :func:`~head4d.bench.harness.measure_memory` counts, so the stages sum to its
+    ``saved_bytes``. ``inputs`` as prepared for
     ``fwd+bwd``."""
-    from ..harness import step
+    from ..harness import saved_during_forward, step
 
     model = template(inputs["source_image"].device, config)
     watched = [(name, module) for name, module in model.named_children()
@@ -516,7 +517,7 @@ def saved_bytes_by_stage(case: Case, backend: str, inputs: Inputs, config=None) 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
-        if key not in own and key not in seen:
+        if key not in own and key not in seen and saved_during_forward():
             seen.add(key)
             by_stage[stages[-1]] = by_stage.get(stages[-1], 0) + storage.nbytes()
         return t
