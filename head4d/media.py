@@ -228,7 +228,8 @@ def write_animation(stem: Path, frames: List[torch.Tensor], fps: float) -> Path:
         path = stem.with_suffix(".mp4")
         torchvision.io.write_video(str(path), torch.stack(even), fps=fps)
         return path
-    except (ImportError, OSError, RuntimeError, ValueError):  # likewise: try the GIF writers
+    # likewise, or a torchvision without write_video (0.29 removed its video writer): the GIF writers
+    except (ImportError, AttributeError, OSError, RuntimeError, ValueError):
         pass
     path = stem.with_suffix(".gif")
     try:
