@@ -273,6 +273,11 @@ class ReconstructorTrainingConfig:
         for name in ("reconstructor", "discriminator"):
             if not isinstance(getattr(self, name), Mapping):
                 raise TypeError(f"{op}: {name} must be a dict of settings, got {type(getattr(self, name)).__name__}")
+        motion_dim = self.reconstructor.get("motion_dim", FLAME_MOTION_DIM)
+        if motion_dim != FLAME_MOTION_DIM:
+            raise ValueError(f"{op}: reconstructor motion_dim must be {FLAME_MOTION_DIM} (the synthesis gives FLAME "
+                             f"motions: expression 100, jaw 3, eyes 6; head4d has no PD-FGC motion encoder), got "
+                             f"{motion_dim!r}")
 
 
 # ---------------------------------------------------------------------- schedules
@@ -472,6 +477,10 @@ class ReconstructorTrainer:
         self.dist = distributed if distributed is not None else Distributed(
             device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.dist.device
+        # the loss networks first: a missing weights file stops the run before the big networks are built
+        self.lpips = (lpips if lpips is not None else build_lpips(config.lpips_backbone, seed=config.seed))
+        self.lpips = self.lpips.to(self.device).eval().requires_grad_(False)
+        self.identity = identity if identity is not None else self._load_identity()
         torch.manual_seed(config.seed)  # same initial weights on every rank (then broadcast)
         if genhead is None:
             genhead = self._load_genhead()
@@ -483,9 +492,6 @@ class ReconstructorTrainer:
         r_kwargs.setdefault("neural_rendering_resolution", config.resolution_final)
         self.G = Reconstructor(ReconstructorConfig(**r_kwargs), self.genhead.head_model).to(self.device).train()
         rc = self.G.config
-        if rc.motion_dim != FLAME_MOTION_DIM:
-            raise ValueError(f"{NAME}: the reconstructor's motion_dim must be {FLAME_MOTION_DIM} (the synthesis "
-                             f"gives FLAME motions: expression 100, jaw 3, eyes 6), got {rc.motion_dim}")
         if rc.has_superresolution and (not self.genhead.config.has_superresolution
                                        or self.genhead.config.img_resolution != rc.img_resolution):
             raise ValueError(f"{NAME}: a reconstructor with a super-resolution to {rc.img_resolution}^2 needs a GenHead "
@@ -504,9 +510,6 @@ class ReconstructorTrainer:
         self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
         self.D_opt = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.eps)
         self.frozen = set(frozen_parameter_names(self.G))
-        self.lpips = (lpips if lpips is not None else build_lpips(config.lpips_backbone, seed=config.seed))
-        self.lpips = self.lpips.to(self.device).eval().requires_grad_(False)
-        self.identity = identity if identity is not None else self._load_identity()
         self.data_generator = torch.Generator(self.device).manual_seed(config.seed * 7919 + self.dist.rank)
         self.sampler = TripletSampler(self.genhead, truncation_psi=config.truncation_psi,
                                       static_fraction=config.static_fraction, triplane_points=config.triplane_points,
