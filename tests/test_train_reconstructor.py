@@ -57,7 +57,7 @@ def flat_parameters(module, prefix=None):
 @pytest.fixture(scope="module")
 def trainer():
     with pytest.warns(UserWarning) as record:
-        built = ReconstructorTrainer(small_config(g_lr=1e-3))
+        built = ReconstructorTrainer(small_config())
     messages = " | ".join(str(w.message) for w in record)
     assert "random" in messages and "untrained GenHead" in messages and "identity loss is off" in messages
     return built
@@ -203,7 +203,7 @@ def test_frozen_parameters_and_adam_settings(trainer):
     assert sorted(frozen) == sorted(n for n in names if n.startswith("decoder."))
     assert any(n.startswith("encoder_global.") and "decoder" in n for n in names)  # excluded by name
     group = trainer.G_opt.param_groups[0]
-    assert group["lr"] == pytest.approx(1e-3 * 16 / 17, rel=1e-12)
+    assert group["lr"] == pytest.approx(1e-4 * 16 / 17, rel=1e-12)
     assert group["betas"] == pytest.approx((0.9 ** (16 / 17), 0.999 ** (16 / 17)), rel=1e-12)
     assert trainer.D_opt.param_groups[0]["eps"] == 1e-5
 

@@ -494,8 +494,8 @@ class ReconstructorTrainer:
         rc = self.G.config
         if rc.has_superresolution and (not self.genhead.config.has_superresolution
                                        or self.genhead.config.img_resolution != rc.img_resolution):
-            raise ValueError(f"{NAME}: a reconstructor with a super-resolution to {rc.img_resolution}^2 needs a GenHead "
-                             f"with one to the same size (its target images)")
+            raise ValueError(f"{NAME}: a reconstructor with a super-resolution to {rc.img_resolution}^2 needs a "
+                             f"GenHead with one to the same size (its target images)")
         d_kwargs = dict(config.discriminator)
         d_kwargs.setdefault("has_superresolution", rc.has_superresolution)
         d_kwargs.setdefault("img_resolution", rc.img_resolution if rc.has_superresolution else config.resolution_final)
@@ -565,7 +565,8 @@ class ReconstructorTrainer:
             uv = correspondence_map(clip, head.faces, (r, r), self._canonical, head.face_indices, head.eye_indices)
         return uv.to(torch.float32)
 
-    def run_G(self, inputs: Mapping[str, torch.Tensor], camera: torch.Tensor, resolution: int) -> Dict[str, torch.Tensor]:
+    def run_G(self, inputs: Mapping[str, torch.Tensor], camera: torch.Tensor,
+              resolution: int) -> Dict[str, torch.Tensor]:
         """The reconstructor's render of the target view at ``resolution``, with the entries
         the losses read: :meth:`Reconstructor.render`'s dict plus ``seg`` (``2 * opacity -
         1``), ``image_feature_wobg`` (the feature image without background) and
