@@ -12,9 +12,9 @@ with a random VGG16 backbone (built explicitly; it warns so).
   start), the decoder's gradient zeroing and the parameters it covers, the lazy Adam settings.
 - Steps on one fixed batch: finite losses with the early terms, the decoder frozen while
   the encoders move, the total loss falling (a tiny overfit); after the adversarial start:
-  every phase, D moves, the decoder moves, the identity term from a stand-in network.
+  every phase, D moves, the decoder moves, the identity term from a stand-in network; and
+  a checkpoint round trip there: the step after a reload is the saved run's step, bit-exact.
 - The feature image without background against a render without background.
-- A checkpoint round trip: the step after a reload is the saved run's next step, bit-exact.
 - ``head4d train reconstructor --small --dry-run`` writes the checkpoint and the EMA
   export; bad configs and a missing ``--genhead`` are clear errors; the missing-VGG message.
 - Two processes (gloo, torchrun's environment variables) run two steps and hold identical
@@ -248,48 +248,44 @@ def test_feature_image_without_background_matches_a_render_without_one(trainer):
     assert out["background_feature"].shape == (2, 32, 16, 16)
 
 
-def test_after_the_adversarial_start_every_phase_runs(trainer):
+def test_after_the_adversarial_start_every_phase_runs_and_a_reload_repeats_the_step(trainer, tmp_path):
+    """One step with every phase, from a checkpoint written just before it; then the
+    checkpoint reloaded (the global random state disturbed first) takes the same step:
+    losses, G, D and the EMA bit-exact."""
     calls = []
 
     def identity(fake, target):  # a stand-in identity network: 1 - cos of the flattened images
-        calls.append((fake.shape, target.shape))
         value = 1 - F.cosine_similarity(fake.flatten(1), target.flatten(1), dim=1)
-        calls.append(value.detach())
+        calls.append((fake.shape, target.shape, value.detach()))
         return value
 
     trainer.identity = identity
     trainer.cur_nimg, trainer.step_index = 1_500_000, 16  # resolution rint(16 / 2 + 32 / 2) = 24
     d0, decoder0 = flat_parameters(trainer.D), flat_parameters(trainer.G, "decoder.")
+    path = trainer.save(tmp_path / "checkpoint.pt")
     try:
         losses = trainer.step()
+        expected = [flat_parameters(m) for m in (trainer.G, trainer.D, trainer.G_ema)]
+        torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
+        trainer.data_generator.manual_seed(7)
+        trainer.load(path)
+        assert trainer.step_index == 16 and trainer.cur_nimg == 1_500_000
+        again = trainer.step()
     finally:
         trainer.identity = None
     for key in ("Loss/G/loss", "Loss/G/l_id", "Loss/D/loss", "Loss/D/reg", "Loss/G/TVloss"):
         assert key in losses and math.isfinite(losses[key]), (key, losses)
     assert not any(k in losses for k in ("Loss/G/lrecon_depth", "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"))
-    assert calls[0] == ((2, 3, 24, 24), (2, 3, 24, 24))
-    assert losses["Loss/G/l_id"] == pytest.approx(calls[1].mean().item(), rel=1e-6)
-    assert not torch.equal(flat_parameters(trainer.D), d0)
+    assert calls[0][:2] == ((2, 3, 24, 24), (2, 3, 24, 24))
+    assert losses["Loss/G/l_id"] == pytest.approx(calls[0][2].mean().item(), rel=1e-6)
+    assert not torch.equal(expected[1], d0)
     assert not torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # no freeze after 1000 kimg
 
-
-def test_checkpoint_round_trip_resumes_bit_exact(trainer, tmp_path):
-    trainer.cur_nimg, trainer.step_index = 1_000_000, 31  # Gmain and Dmain next
-    path = trainer.save(tmp_path / "checkpoint.pt")
-    expected = trainer.step()
-    expected_g, expected_d = flat_parameters(trainer.G), flat_parameters(trainer.D)
-    expected_ema = flat_parameters(trainer.G_ema)
-    torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
-    trainer.data_generator.manual_seed(7)
-    trainer.load(path)
-    assert trainer.step_index == 31 and trainer.cur_nimg == 1_000_000
-    got = trainer.step()
-    assert got == expected and "Loss/D/loss" in got
-    assert torch.equal(flat_parameters(trainer.G), expected_g)
-    assert torch.equal(flat_parameters(trainer.D), expected_d)
-    assert torch.equal(flat_parameters(trainer.G_ema), expected_ema)
+    assert again == losses
+    for module, value in zip((trainer.G, trainer.D, trainer.G_ema), expected):
+        assert torch.equal(flat_parameters(module), value)
     state = common.load_checkpoint(path)
-    assert state["kind"] == "reconstructor" and state["step"] == 31 and "D_opt" in state and "data_rng" in state
+    assert state["kind"] == "reconstructor" and state["step"] == 16 and "D_opt" in state and "data_rng" in state
     common.save_checkpoint(tmp_path / "other.pt", {"kind": "genhead"})
     with pytest.raises(ValueError, match="not a reconstructor one"):
         trainer.load(tmp_path / "other.pt")

@@ -208,6 +208,11 @@ class ReconstructorTrainingConfig:
     ema_kimg: Optional[float] = None
     ema_rampup: Optional[float] = 0.05
 
+    def __post_init__(self):
+        for name in ("genhead", "identity_weights"):  # paths kept as text: checkpoints store plain values
+            if isinstance(getattr(self, name), Path):
+                setattr(self, name, str(getattr(self, name)))
+
     @classmethod
     def small(cls, **kwargs) -> "ReconstructorTrainingConfig":
         """The tiny CPU configuration (``--small``), with ``kwargs`` over it: the
@@ -265,7 +270,7 @@ class ReconstructorTrainingConfig:
             raise ValueError(f"{op}: lpips_backbone must be one of {LPIPS_BACKBONES}, got {self.lpips_backbone!r}")
         for name in ("genhead", "identity_weights"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, Path)):
+            if value is not None and not isinstance(value, str):
                 raise TypeError(f"{op}: {name} must be a path or None, got {type(value).__name__}")
         if self.genhead is None and self.untrained_genhead is None:
             raise ValueError(f"{op}: genhead (--genhead) must name the frozen GenHead's checkpoint (a Portrait4D "
