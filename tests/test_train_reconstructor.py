@@ -13,7 +13,7 @@ with a random VGG16 backbone (built explicitly; it warns so).
 - Steps on one fixed batch: finite losses with the early terms, the decoder frozen while
   the encoders move, the total loss falling (a tiny overfit); after the adversarial start:
   every phase, D moves, the decoder moves, the identity term from a stand-in network; and
-  a checkpoint round trip there: the step after a reload is the saved run's step, bit-exact.
+  a checkpoint round trip there: a fresh trainer resumed from it takes the same step, bit-exact.
 - The feature image without background against a render without background.
 - ``head4d train reconstructor --small --dry-run`` writes the checkpoint and the EMA
   export; bad configs and a missing ``--genhead`` are clear errors; the missing-VGG message.
@@ -23,6 +23,7 @@ with a random VGG16 backbone (built explicitly; it warns so).
 import math
 import os
 import socket
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -248,10 +249,10 @@ def test_feature_image_without_background_matches_a_render_without_one(trainer):
     assert out["background_feature"].shape == (2, 32, 16, 16)
 
 
-def test_after_the_adversarial_start_every_phase_runs_and_a_reload_repeats_the_step(trainer, tmp_path):
-    """One step with every phase, from a checkpoint written just before it; then the
-    checkpoint reloaded (the global random state disturbed first) takes the same step:
-    losses, G, D and the EMA bit-exact."""
+def test_after_the_adversarial_start_every_phase_runs_and_a_resumed_trainer_repeats_it(trainer, tmp_path):
+    """One step with every phase, from a checkpoint written just before it; then a fresh
+    trainer resumed from that checkpoint (the global random state disturbed first) takes
+    the same step: losses, G, D and the EMA bit-exact."""
     calls = []
 
     def identity(fake, target):  # a stand-in identity network: 1 - cos of the flattened images
@@ -265,14 +266,16 @@ def test_after_the_adversarial_start_every_phase_runs_and_a_reload_repeats_the_s
     path = trainer.save(tmp_path / "checkpoint.pt")
     try:
         losses = trainer.step()
-        expected = [flat_parameters(m) for m in (trainer.G, trainer.D, trainer.G_ema)]
-        torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
-        trainer.data_generator.manual_seed(7)
-        trainer.load(path)
-        assert trainer.step_index == 16 and trainer.cur_nimg == 1_500_000
-        again = trainer.step()
     finally:
         trainer.identity = None
+    expected = [flat_parameters(m) for m in (trainer.G, trainer.D, trainer.G_ema)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other = ReconstructorTrainer(small_config(), identity=identity)
+    torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
+    other.load(path)
+    assert other.step_index == 16 and other.cur_nimg == 1_500_000
+    again = other.step()
     for key in ("Loss/G/loss", "Loss/G/l_id", "Loss/D/loss", "Loss/D/reg", "Loss/G/TVloss"):
         assert key in losses and math.isfinite(losses[key]), (key, losses)
     assert not any(k in losses for k in ("Loss/G/lrecon_depth", "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"))
@@ -282,13 +285,13 @@ def test_after_the_adversarial_start_every_phase_runs_and_a_reload_repeats_the_s
     assert not torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # no freeze after 1000 kimg
 
     assert again == losses
-    for module, value in zip((trainer.G, trainer.D, trainer.G_ema), expected):
+    for module, value in zip((other.G, other.D, other.G_ema), expected):
         assert torch.equal(flat_parameters(module), value)
     state = common.load_checkpoint(path)
     assert state["kind"] == "reconstructor" and state["step"] == 16 and "D_opt" in state and "data_rng" in state
     common.save_checkpoint(tmp_path / "other.pt", {"kind": "genhead"})
     with pytest.raises(ValueError, match="not a reconstructor one"):
-        trainer.load(tmp_path / "other.pt")
+        other.load(tmp_path / "other.pt")
 
 
 def test_identity_warning_names_the_switch(trainer):
@@ -348,10 +351,13 @@ def test_cli_requires_genhead_without_small(tmp_path, capsys):
 
 def test_cli_dry_run_small_writes_checkpoint_and_export(tmp_path, capsys):
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="untrained GenHead"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         rc = cli_main(["train", "reconstructor", "--out", str(out), "--small", "--dry-run", "--device", "cpu",
                        "--batch", "1", "--lpips-backbone", "random"])
     assert rc == 0
+    messages = " | ".join(str(w.message) for w in record)
+    assert "untrained GenHead" in messages and "randomly initialised VGG16" in messages, messages
     state = common.load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
     printed = capsys.readouterr().out
@@ -371,8 +377,6 @@ def _free_port():
 
 
 def _distributed_worker(rank, world_size, port, out_dir):
-    import warnings
-
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)

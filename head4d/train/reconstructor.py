@@ -79,8 +79,8 @@ adjusted for lazy regularization (interval 16: lr times 16/17, betas to the powe
 kimg, GenHead truncation 0.95, static fraction 0.5, EMA half-life ``10 * B / 32`` kimg for a
 total batch B (10 at upstream's 32, 8 GPUs of 4), ramp-up 0.05; ``batch`` is per process.
 Gaps: the global encoder starts from random weights (upstream: an ImageNet ResNet-34); the
-identity loss compares whole images (upstream first aligns both with the target's
-landmarks to 112 x 112; the identity network does its own resizing).
+identity loss is given the whole images (upstream first warps both with the target's
+landmarks to aligned 112 x 112 crops, which head4d's synthesis does not provide).
 
 Resuming: the checkpoint holds rank 0's random states and the sampler's generator; on
 resume every other rank draws from states derived from the seed, its rank and the step.
