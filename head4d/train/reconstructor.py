@@ -440,15 +440,15 @@ def reconstruction_targets(batch: TripletBatch, resolution: int) -> Dict[str, to
     (its first three), ``depth``, ``feature`` (GenHead's feature image), ``camera`` ``[N,
     25]``, ``triplane_points`` and ``triplane_features``."""
     r = resolution
-    t = 2
-    out = {"seg": _resized(batch.opacity[:, t] * 2 - 1, r), "depth": _resized(batch.image_depth[:, t], r),
-           "feature": _resized(batch.image_feature[:, t], r), "camera": batch.cameras[:, t],
+    view = 2  # the target view
+    out = {"seg": _resized(batch.opacity[:, view] * 2 - 1, r), "depth": _resized(batch.image_depth[:, view], r),
+           "feature": _resized(batch.image_feature[:, view], r), "camera": batch.cameras[:, view],
            "triplane_points": batch.triplane_points, "triplane_features": batch.triplane_features}
     if batch.image is not None:
-        out["image"] = batch.image[:, t]
-        out["image_raw"] = filtered_resizing(batch.image[:, t], r)
+        out["image"] = batch.image[:, view]
+        out["image_raw"] = filtered_resizing(batch.image[:, view], r)
     else:
-        out["image_raw"] = _resized(batch.image_raw[:, t], r)
+        out["image_raw"] = _resized(batch.image_raw[:, view], r)
     out["image_raw_wobg"] = 2 * ((out["image_raw"] + 1) * 0.5 * (out["seg"] + 1) * 0.5) - 1
     if batch.background is not None:
         out["background_feature"] = _resized(batch.background * 2 - 1, r)
