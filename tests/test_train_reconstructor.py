@@ -55,8 +55,9 @@ def flat_parameters(module, prefix=None):
                       if prefix is None or n.startswith(prefix)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def trainer():
+    """One small trainer for the tests of :class:`TestSmallTrainer` (freed after them)."""
     with pytest.warns(UserWarning) as record:
         built = ReconstructorTrainer(small_config())
     messages = " | ".join(str(w.message) for w in record)
@@ -197,106 +198,110 @@ def test_schedules_at_chosen_kimg():
         (1e-4, 1e-4, (0.9, 0.999), 1e-5, 15000, 0.95, 0.5)
 
 
-def test_frozen_parameters_and_adam_settings(trainer):
-    names = [n for n, _ in trainer.G.named_parameters()]
-    frozen = frozen_parameter_names(trainer.G)
-    assert frozen and all(n.startswith("decoder.") for n in frozen)  # no super-resolution in the small one
-    assert sorted(frozen) == sorted(n for n in names if n.startswith("decoder."))
-    assert any(n.startswith("encoder_global.") and "decoder" in n for n in names)  # excluded by name
-    group = trainer.G_opt.param_groups[0]
-    assert group["lr"] == pytest.approx(1e-4 * 16 / 17, rel=1e-12)
-    assert group["betas"] == pytest.approx((0.9 ** (16 / 17), 0.999 ** (16 / 17)), rel=1e-12)
-    assert trainer.D_opt.param_groups[0]["eps"] == 1e-5
+class TestSmallTrainer:
+    """Steps of one small trainer (built once for the class, freed after it, before the
+    command and two-process tests build their own)."""
+
+    def test_frozen_parameters_and_adam_settings(self, trainer):
+        names = [n for n, _ in trainer.G.named_parameters()]
+        frozen = frozen_parameter_names(trainer.G)
+        assert frozen and all(n.startswith("decoder.") for n in frozen)  # no super-resolution in the small one
+        assert sorted(frozen) == sorted(n for n in names if n.startswith("decoder."))
+        assert any(n.startswith("encoder_global.") and "decoder" in n for n in names)  # excluded by name
+        group = trainer.G_opt.param_groups[0]
+        assert group["lr"] == pytest.approx(1e-4 * 16 / 17, rel=1e-12)
+        assert group["betas"] == pytest.approx((0.9 ** (16 / 17), 0.999 ** (16 / 17)), rel=1e-12)
+        assert trainer.D_opt.param_groups[0]["eps"] == 1e-5
+
+    def test_steps_on_a_fixed_batch_fall_and_keep_the_decoder_frozen(self, trainer):
+        batch = trainer.sampler.sample(2)
+        assert batch.motion_scale.tolist() == [1.0, 0.0]  # the static half: motion scale 0
+        decoder0, encoder0 = flat_parameters(trainer.G, "decoder."), flat_parameters(trainer.G, "encoder_detail.")
+        ema0 = flat_parameters(trainer.G_ema)
+        d0 = flat_parameters(trainer.D)
+        history = [trainer.step(batch) for _ in range(4)]
+        for losses in history:
+            assert all(math.isfinite(v) for v in losses.values()), losses
+            for key in ("Loss/G/lrecon_l1", "Loss/G/lrecon_lpips", "Loss/G/lrecon_seg", "Loss/G/lrecon_depth",
+                        "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"):
+                assert key in losses, key
+            assert not any(k in losses for k in ("Loss/G/l_id", "Loss/G/loss", "Loss/D/loss", "Loss/D/reg"))
+        assert "Loss/G/TVloss" in history[0] and "Loss/G/TVloss" not in history[1]
+        assert trainer.step_index == 4 and trainer.cur_nimg == 8
+        assert torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # gradients zeroed before 1000 kimg
+        assert not torch.equal(flat_parameters(trainer.G, "encoder_detail."), encoder0)
+        assert torch.equal(flat_parameters(trainer.D), d0)  # no D phase before its start
+        assert not torch.equal(flat_parameters(trainer.G_ema), ema0)
+        totals = [h["Loss/G/total"] for h in history]
+        assert totals[-1] < totals[0] * 0.9, totals
 
 
-# ---------------------------------------------------------------------- steps
-def test_steps_on_a_fixed_batch_fall_and_keep_the_decoder_frozen(trainer):
-    batch = trainer.sampler.sample(2)
-    assert batch.motion_scale.tolist() == [1.0, 0.0]  # the static half: motion scale 0
-    decoder0, encoder0 = flat_parameters(trainer.G, "decoder."), flat_parameters(trainer.G, "encoder_detail.")
-    ema0 = flat_parameters(trainer.G_ema)
-    d0 = flat_parameters(trainer.D)
-    history = [trainer.step(batch) for _ in range(4)]
-    for losses in history:
-        assert all(math.isfinite(v) for v in losses.values()), losses
-        for key in ("Loss/G/lrecon_l1", "Loss/G/lrecon_lpips", "Loss/G/lrecon_seg", "Loss/G/lrecon_depth",
-                    "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"):
-            assert key in losses, key
-        assert not any(k in losses for k in ("Loss/G/l_id", "Loss/G/loss", "Loss/D/loss", "Loss/D/reg"))
-    assert "Loss/G/TVloss" in history[0] and "Loss/G/TVloss" not in history[1]
-    assert trainer.step_index == 4 and trainer.cur_nimg == 8
-    assert torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # gradients zeroed before 1000 kimg
-    assert not torch.equal(flat_parameters(trainer.G, "encoder_detail."), encoder0)
-    assert torch.equal(flat_parameters(trainer.D), d0)  # no D phase before its start
-    assert not torch.equal(flat_parameters(trainer.G_ema), ema0)
-    totals = [h["Loss/G/total"] for h in history]
-    assert totals[-1] < totals[0] * 0.9, totals
+    def test_feature_image_without_background_matches_a_render_without_one(self, trainer):
+        batch = trainer.sampler.sample(2)
+        inputs = trainer.source_inputs(batch)
+        camera = batch.cameras[:, 2]
+        with torch.no_grad():
+            torch.manual_seed(5)
+            out = trainer.run_G(inputs, camera, 16)
+            encoded = trainer.G.encode(inputs["source_image"], inputs["source_motion"],
+                                       motion_scale=inputs["motion_scale"])
+            planes = trainer.G.triplanes(encoded, inputs["driving_motion"])
+            torch.manual_seed(5)
+            bare = trainer.G.render(planes, camera, background=None, neural_rendering_resolution=16)
+        torch.testing.assert_close(out["image_feature_wobg"], bare["image_feature"], rtol=0, atol=16 * EPS32)
+        assert torch.equal(out["seg"], out["opacity"] * 2 - 1)
+        assert out["background_feature"].shape == (2, 32, 16, 16)
 
 
-def test_feature_image_without_background_matches_a_render_without_one(trainer):
-    batch = trainer.sampler.sample(2)
-    inputs = trainer.source_inputs(batch)
-    camera = batch.cameras[:, 2]
-    with torch.no_grad():
-        torch.manual_seed(5)
-        out = trainer.run_G(inputs, camera, 16)
-        encoded = trainer.G.encode(inputs["source_image"], inputs["source_motion"], motion_scale=inputs["motion_scale"])
-        planes = trainer.G.triplanes(encoded, inputs["driving_motion"])
-        torch.manual_seed(5)
-        bare = trainer.G.render(planes, camera, background=None, neural_rendering_resolution=16)
-    torch.testing.assert_close(out["image_feature_wobg"], bare["image_feature"], rtol=0, atol=16 * EPS32)
-    assert torch.equal(out["seg"], out["opacity"] * 2 - 1)
-    assert out["background_feature"].shape == (2, 32, 16, 16)
+    def test_after_the_adversarial_start_every_phase_runs_and_a_resumed_trainer_repeats_it(self, trainer,
+                                                                                            tmp_path):
+        """One step with every phase, from a checkpoint written just before it; then a fresh
+        trainer resumed from that checkpoint (the global random state disturbed first) takes
+        the same step: losses, G, D and the EMA bit-exact."""
+        calls = []
+
+        def identity(fake, target):  # a stand-in identity network: 1 - cos of the flattened images
+            value = 1 - F.cosine_similarity(fake.flatten(1), target.flatten(1), dim=1)
+            calls.append((fake.shape, target.shape, value.detach()))
+            return value
+
+        trainer.identity = identity
+        trainer.cur_nimg, trainer.step_index = 1_500_000, 16  # resolution rint(16 / 2 + 32 / 2) = 24
+        d0, decoder0 = flat_parameters(trainer.D), flat_parameters(trainer.G, "decoder.")
+        path = trainer.save(tmp_path / "checkpoint.pt")
+        try:
+            losses = trainer.step()
+        finally:
+            trainer.identity = None
+        expected = [flat_parameters(m) for m in (trainer.G, trainer.D, trainer.G_ema)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = ReconstructorTrainer(small_config(), identity=identity)
+        torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
+        other.load(path)
+        assert other.step_index == 16 and other.cur_nimg == 1_500_000
+        again = other.step()
+        for key in ("Loss/G/loss", "Loss/G/l_id", "Loss/D/loss", "Loss/D/reg", "Loss/G/TVloss"):
+            assert key in losses and math.isfinite(losses[key]), (key, losses)
+        assert not any(k in losses for k in ("Loss/G/lrecon_depth", "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"))
+        assert calls[0][:2] == ((2, 3, 24, 24), (2, 3, 24, 24))
+        assert losses["Loss/G/l_id"] == pytest.approx(calls[0][2].mean().item(), rel=1e-6)
+        assert not torch.equal(expected[1], d0)
+        assert not torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # no freeze after 1000 kimg
+
+        assert again == losses
+        for module, value in zip((other.G, other.D, other.G_ema), expected):
+            assert torch.equal(flat_parameters(module), value)
+        state = common.load_checkpoint(path)
+        assert state["kind"] == "reconstructor" and state["step"] == 16 and "D_opt" in state and "data_rng" in state
+        common.save_checkpoint(tmp_path / "other.pt", {"kind": "genhead"})
+        with pytest.raises(ValueError, match="not a reconstructor one"):
+            other.load(tmp_path / "other.pt")
 
 
-def test_after_the_adversarial_start_every_phase_runs_and_a_resumed_trainer_repeats_it(trainer, tmp_path):
-    """One step with every phase, from a checkpoint written just before it; then a fresh
-    trainer resumed from that checkpoint (the global random state disturbed first) takes
-    the same step: losses, G, D and the EMA bit-exact."""
-    calls = []
-
-    def identity(fake, target):  # a stand-in identity network: 1 - cos of the flattened images
-        value = 1 - F.cosine_similarity(fake.flatten(1), target.flatten(1), dim=1)
-        calls.append((fake.shape, target.shape, value.detach()))
-        return value
-
-    trainer.identity = identity
-    trainer.cur_nimg, trainer.step_index = 1_500_000, 16  # resolution rint(16 / 2 + 32 / 2) = 24
-    d0, decoder0 = flat_parameters(trainer.D), flat_parameters(trainer.G, "decoder.")
-    path = trainer.save(tmp_path / "checkpoint.pt")
-    try:
-        losses = trainer.step()
-    finally:
-        trainer.identity = None
-    expected = [flat_parameters(m) for m in (trainer.G, trainer.D, trainer.G_ema)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        other = ReconstructorTrainer(small_config(), identity=identity)
-    torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
-    other.load(path)
-    assert other.step_index == 16 and other.cur_nimg == 1_500_000
-    again = other.step()
-    for key in ("Loss/G/loss", "Loss/G/l_id", "Loss/D/loss", "Loss/D/reg", "Loss/G/TVloss"):
-        assert key in losses and math.isfinite(losses[key]), (key, losses)
-    assert not any(k in losses for k in ("Loss/G/lrecon_depth", "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"))
-    assert calls[0][:2] == ((2, 3, 24, 24), (2, 3, 24, 24))
-    assert losses["Loss/G/l_id"] == pytest.approx(calls[0][2].mean().item(), rel=1e-6)
-    assert not torch.equal(expected[1], d0)
-    assert not torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # no freeze after 1000 kimg
-
-    assert again == losses
-    for module, value in zip((other.G, other.D, other.G_ema), expected):
-        assert torch.equal(flat_parameters(module), value)
-    state = common.load_checkpoint(path)
-    assert state["kind"] == "reconstructor" and state["step"] == 16 and "D_opt" in state and "data_rng" in state
-    common.save_checkpoint(tmp_path / "other.pt", {"kind": "genhead"})
-    with pytest.raises(ValueError, match="not a reconstructor one"):
-        other.load(tmp_path / "other.pt")
-
-
-def test_identity_warning_names_the_switch(trainer):
-    with pytest.warns(UserWarning, match="identity loss is off.*--identity-weights"):
-        assert trainer._load_identity() is None
+    def test_identity_warning_names_the_switch(self, trainer):
+        with pytest.warns(UserWarning, match="identity loss is off.*--identity-weights"):
+            assert trainer._load_identity() is None
 
 
 # ---------------------------------------------------------------------- config, command, LPIPS
