@@ -14,6 +14,8 @@
     head4d reenact --synthetic [--checkpoint CKPT] [--genhead CKPT] [--frames N] ...
     head4d make-dataset --procedural N --out DIR [--resolution R] [--seed S] [--zip] [--device cpu|cuda]
     head4d train genhead --data DIR --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
+    head4d train reconstructor --genhead CKPT --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
+                               [--identity-weights FILE] [--lpips-backbone pretrained|random]
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
@@ -38,6 +40,8 @@ second and where the time went. ``--synthetic`` needs no files.
 
 ``train genhead`` runs GenHead's GAN training (:mod:`head4d.train.genhead`) on a labelled
 image dataset; started by ``torchrun --nproc_per_node N`` it trains on N processes.
+``train reconstructor`` trains the reconstructor on triplets a frozen GenHead synthesizes
+online (:mod:`head4d.train.reconstructor`), under torchrun too.
 """
 from __future__ import annotations
 
@@ -286,6 +290,28 @@ def _train_genhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reconstructor(args: argparse.Namespace) -> int:
+    from .train.reconstructor import ReconstructorTrainingConfig, train_reconstructor
+
+    prog = "head4d train reconstructor"
+    if args.genhead is None and not args.small:
+        print(f"{prog}: --genhead CKPT is needed (a Portrait4D genhead-*.pkl or a GenHead.save directory); only "
+              f"--small runs without one, on an untrained GenHead", file=sys.stderr)
+        return 2
+    kwargs = {"genhead": args.genhead, "out": args.out, "resume": args.resume, "dry_run": args.dry_run,
+              "seed": args.seed, "identity_weights": args.identity_weights, "lpips_backbone": args.lpips_backbone}
+    for name in ("batch", "kimg", "device"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    try:
+        config = ReconstructorTrainingConfig.small(**kwargs) if args.small else ReconstructorTrainingConfig(**kwargs)
+        train_reconstructor(config)
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:  # a missing VGG file is an OSError
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="head4d", description="head4d: fast triplane NeRF head kernels")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -426,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to rasterize (default cpu)")
     p.set_defaults(func=_make_dataset)
 
-    p = sub.add_parser("train", help="train a model (GenHead's GAN training); runs under torchrun unchanged")
+    p = sub.add_parser("train", help="train a model (GenHead's GAN training, the reconstructor's training); "
+                       "runs under torchrun unchanged")
     train_sub = p.add_subparsers(dest="training", required=True)
     p = train_sub.add_parser("genhead", help="GenHead's GAN training on a labelled image dataset",
                              description="Portrait4D's GenHead GAN training (head4d.train.genhead): the dual "
@@ -445,6 +472,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.set_defaults(func=_train_genhead)
+
+    p = train_sub.add_parser("reconstructor", help="the reconstructor's training on triplets synthesized online "
+                             "by a frozen GenHead",
+                             description="Portrait4D's reconstructor training (head4d.train.reconstructor): L1, "
+                                         "LPIPS, segmentation, depth, feature and triplane losses, the identity "
+                                         "and adversarial terms after their starts, density regularization, the "
+                                         "resolution fade, the static half of each batch. Writes OUT/checkpoint.pt "
+                                         "(atomically), the logs and OUT/G_ema. Under 'torchrun --nproc_per_node "
+                                         "N' each process trains on --batch triplets.")
+    p.add_argument("--genhead", metavar="CKPT", help="the frozen GenHead: a genhead-*.pkl or a GenHead.save "
+                   "directory (needed unless --small, which then uses an untrained one)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs, G_ema)")
+    p.add_argument("--batch", type=int, metavar="B", help="triplets per process (default 4; --small: 2)")
+    p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 15000)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
+    p.add_argument("--small", action="store_true", help="a tiny reconstructor and discriminator (CPU tests)")
+    p.add_argument("--identity-weights", metavar="FILE", help="the identity network's weights (ArcFace "
+                   "iresnet18); without them the identity loss is off")
+    p.add_argument("--lpips-backbone", choices=("pretrained", "random"), default="pretrained",
+                   help="LPIPS's VGG16: torchvision's cached ImageNet weights (default) or random weights (tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.set_defaults(func=_train_reconstructor)
     return parser
 
 
