@@ -23,4 +23,4 @@ from . import rasterize  # noqa: F401  (rasterize_triangles)
 from . import render  # noqa: F401
 from . import genhead  # noqa: F401  (genhead, genhead_render)
 from . import reconstructor  # noqa: F401  (reconstructor_encode, reconstructor_reenact, reconstructor_train, decoder_attention)
-from . import training  # noqa: F401  (train_genhead: whole training steps)
+from . import training  # noqa: F401  (train_genhead, train_reconstructor: whole training steps)

@@ -5,6 +5,9 @@ default) against the same step with every op on its plain-PyTorch reference
 the step), in one run, on the same state and the same draws.
 
 - ``train_genhead``: :meth:`head4d.train.genhead.GenHeadTrainer.step`.
+- ``train_reconstructor``: :meth:`head4d.train.reconstructor.ReconstructorTrainer.step`,
+  the triplets' online synthesis by the frozen GenHead included (it is part of every step's
+  cost and runs on the same backend as the rest).
 
 The pass is ``step`` (:data:`head4d.bench.case.STEP_PASS`): the case's ``run`` computes its
 own gradients and updates the weights. Every call first restores the trainer to one
@@ -15,11 +18,18 @@ step, so Adam's moments are non-zero and its update ``m / (sqrt(v) + eps)`` is w
 conditioned: a rounding-level gradient difference moves the update by the same relative
 amount, not by a flipped sign.
 
-The step timed is the trainer's second (``step_index`` 1): ``Gmain`` and ``Dmain``, no
+GenHead: the step timed is the trainer's second (``step_index`` 1): ``Gmain`` and ``Dmain``, no
 lazy regularization. The regularization phases run on every 4th (``Greg``, the density
 term) and every 16th step (``Dreg``, R1 with its double backward); the step-0 row
 ``..._reg`` times a step with all four phases, so the amortized cost per step is
 ``step + (reg - step) * (1/4 + 1/16)``, roughly.
+
+Reconstructor: the step timed is one of the adversarial stage, where 14 of the 15,000 kimg
+of a run are spent: ``cur_nimg`` at the adversarial start (1000 kimg), ``step_index`` 1, so
+``Gmain`` (the image, segmentation and adversarial terms; the depth, feature and
+triplane terms are over; the identity term is off, as no identity weights are given) and
+``Dmain``; LPIPS with a fixed random VGG backbone (``lpips_backbone="random"``: no weights
+file is needed, and its cost is the pretrained one's).
 
 Output: the step's losses, sorted by name; the tolerance is :data:`STEP_TOLERANCE`
 (relative norm): the generator's optimizer step sits between ``Gmain`` and ``Dmain``,
@@ -32,16 +42,24 @@ CPU, at least 1.3x (one torch thread, the sizes below).
 
 Sizes. CUDA: the released ``genhead-ffhq512`` generator and its dual discriminator at
 512^2 (FP16 blocks as released), batch 8 in the full mode, 2 otherwise (``--batch``
-overrides). CPU: GenHead reduced as in the ``genhead`` case (channel_base 1024,
+overrides); the reconstructor's training at its released sizes on an untrained released
+GenHead, batch 4 in the full mode (the reference at 8 would not fit in 80 GB: its
+reconstructor alone keeps ~28 GB for the backward at batch 4, float32, counted on fake
+tensors by ``benchmarks/reconstructor_memory.py``), 1 otherwise. CPU: GenHead reduced as in the ``genhead`` case (channel_base 1024,
 channel_max 32, triplanes at 64^2, background at 32^2, 16^2 neural rendering with 48 + 48
 samples) without the super-resolution, and a 16^2 discriminator narrowed to channel_base
-256, channel_max 32 and a 2-layer camera mapping; batch 2.
+256, channel_max 32 and a 2-layer camera mapping; batch 2. The reconstructor's training:
+:meth:`ReconstructorTrainingConfig.small <head4d.train.reconstructor.ReconstructorTrainingConfig.small>`
+(a 64^2 source, encoders at their released widths, one block each way, 16^2 renders, no
+super-resolution, the small untrained GenHead) with the released 48 + 48 samples in both
+renders, batch 2.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Dict, List
+import warnings
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -82,8 +100,8 @@ class _StepBench:
     """A trainer built once per device, its snapshot after one warm-up step, and the timed
     step: restore, reseed, one ``step()`` on the asked backend, the losses as a tensor."""
 
-    def __init__(self, build: Callable[[torch.device], object], step_index: int):
-        self.build, self.step_index = build, step_index
+    def __init__(self, build: Callable[[torch.device], object], step_index: int, cur_nimg: Optional[int] = None):
+        self.build, self.step_index, self.cur_nimg = build, step_index, cur_nimg
         self.trainers: Dict[str, object] = {}
         self.snapshots: Dict[str, dict] = {}
 
@@ -110,7 +128,8 @@ class _StepBench:
             # an optimizer adopts the tensors of the state it loads (and then updates them
             # in place), so it gets a copy; a module copies into its own tensors
             getattr(trainer, name).load_state_dict(copy.deepcopy(state) if name.endswith("_opt") else state)
-        trainer.step_index, trainer.cur_nimg = self.step_index, self.step_index * trainer.config.batch
+        trainer.step_index = self.step_index
+        trainer.cur_nimg = self.step_index * trainer.config.batch if self.cur_nimg is None else self.cur_nimg
         torch.manual_seed(int(seed.item()))
         trainer.data_generator.manual_seed(int(seed.item()) + 1)
         reference = backend == REFERENCE
@@ -128,6 +147,8 @@ def _set_backend(trainer, backend) -> None:
 
     trainer.G.backend = backend
     set_stylegan2_backend(trainer.D, backend)
+    if getattr(trainer, "genhead", None) is not None:  # the reconstructor's frozen GenHead
+        trainer.genhead.backend = backend
 
 
 @register("train_genhead", whole_model=True)
@@ -174,6 +195,71 @@ def train_genhead_case(n: int, cuda: bool, reg: bool, config=None) -> Case:
         # rough: the generator's planes written and read in each G pass (two per step),
         # and the images D reads; the convolutions dominate
         nbytes={STEP_PASS: 2 * 6 * n * g.triplane_channels * g.triplane_resolution ** 2 * 4},
+        flops={STEP_PASS: 0},
+        dtype=torch.float32,
+        backends=_fast_backends(torch.device("cuda" if cuda else "cpu")),
+        measure_memory=True,
+        tolerance=STEP_TOLERANCE,
+    )
+
+
+@register("train_reconstructor", whole_model=True)
+def _train_reconstructor_cases(settings: Settings) -> List[Case]:
+    """One reconstructor training step of the adversarial stage (module docstring)."""
+    device = settings.device
+    cuda = device.type == "cuda"
+    batches = settings.batches or ((4,) if cuda and settings.full else (1,) if cuda else (2,))
+    return [train_reconstructor_case(n, cuda) for n in batches]
+
+
+def train_reconstructor_case(n: int, cuda: bool, config=None) -> Case:
+    """The ``train_reconstructor`` case at batch ``n``; ``config`` a
+    :class:`~head4d.train.reconstructor.ReconstructorTrainingConfig` in place of the module
+    docstring's (its batch replaced by ``n``; for tests)."""
+    from ...train.reconstructor import ReconstructorTrainer, ReconstructorTrainingConfig
+
+    if config is None:
+        common = dict(batch=n, lpips_backbone="random", log_every=10 ** 9, checkpoint_every=10 ** 9)
+        if cuda:
+            config = ReconstructorTrainingConfig(untrained_genhead={}, **common)
+        else:  # the small config with the released 48 + 48 samples, in the synthesis too
+            from ...train.genhead import small_genhead_config
+            from ...train.reconstructor import small_reconstructor_config
+
+            samples = dict(depth_resolution=48, depth_resolution_importance=48)
+            config = ReconstructorTrainingConfig.small(device="cpu", reconstructor={**small_reconstructor_config(),
+                                                                                    **samples},
+                                                       untrained_genhead={**small_genhead_config(), **samples},
+                                                       **common)
+    else:
+        config = dataclasses.replace(config, batch=n)
+
+    def build(device: torch.device):
+        cfg = copy.deepcopy(config)
+        cfg.device = str(device)
+        with warnings.catch_warnings():  # the untrained GenHead and the identity term's absence: known here
+            warnings.simplefilter("ignore")
+            return ReconstructorTrainer(cfg)
+
+    bench = _StepBench(build, step_index=1, cur_nimg=int(config.adversarial_start_kimg * 1000))
+
+    def make_inputs(device: torch.device, seed: int) -> Inputs:
+        return {"seed": torch.tensor([1000 + seed], device=device)}
+
+    r = dict(config.reconstructor)
+    label = (f"N{n}_src{r.get('source_resolution', 512)}_R{config.resolution_initial}"
+             f"_S{r.get('depth_resolution', 48)}+{r.get('depth_resolution_importance', 48)}"
+             f"_{'sr' if r.get('has_superresolution', True) else 'nosr'}_fp32")
+    planes = 3 * 32 * (r.get("source_resolution", 512) // 2) ** 2 * 4  # the triplane, float32
+    return Case(
+        op="train_reconstructor",
+        shape=label,
+        passes=(STEP_PASS,),
+        make_inputs=make_inputs,
+        run=bench.run,
+        grad_of=(),
+        # rough: the triplane written and read in the synthesis and in each reconstructor pass
+        nbytes={STEP_PASS: 3 * 2 * n * planes},
         flops={STEP_PASS: 0},
         dtype=torch.float32,
         backends=_fast_backends(torch.device("cuda" if cuda else "cpu")),
