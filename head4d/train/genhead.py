@@ -62,6 +62,25 @@ rendering resolution 64, density regularization 0.25 every 4 G steps (p_dist 0.0
 probability 0.5 after a 1000-kimg fade. ``batch`` is per process (upstream: 32 over 4 GPUs,
 8 each).
 
+Infrastructure (:mod:`head4d.train.common`): the real images come through a
+:class:`~head4d.train.common.BatchStream` (``workers`` DataLoader processes, an endless
+seeded order shared out among the ranks, its position in the checkpoint); ``precision
+"bf16"`` autocasts the StyleGAN2 convolution blocks of G and D to bfloat16 on CUDA, the
+mappings, the discriminator's epilogue, the renderer, the losses and R1 staying float32
+(:class:`~head4d.train.common.MixedPrecision`); ``accumulate`` splits each phase's batch
+into strided micro-batches (one optimizer step per phase). The discriminator's logits of a
+micro-batch are those of the whole batch (its minibatch-std groups are kept,
+:func:`~head4d.train.common.check_microbatch`), but a micro-batch is not the whole batch
+for the generator's draws: the pose-conditioning swap rolls the conditions within the
+micro-batch and the synthesis noise is drawn per micro-batch, as in StyleGAN2's rounds of
+``batch_gpu`` samples. Upstream sums the rounds' mean losses; here each is divided by
+``accumulate``, so the gradient is the batch mean whatever the split (Adam is nearly
+insensitive to the difference).
+
+Image grids: the reals at the start, then every ``image_every`` steps and at the end
+:meth:`GenHeadTrainer.snapshot_images` (``G_ema`` on fixed latents and labels), as PNG files
+under ``out/images/`` and in TensorBoard.
+
 Resuming: the checkpoint holds rank 0's random states; on resume every other rank draws
 from a state derived from the seed, its rank and the step (the ranks must not share noise).
 """
