@@ -1,10 +1,11 @@
 """head4d's trainings: GenHead's GAN training (:mod:`head4d.train.genhead`) and the pieces
 the trainings share (:mod:`head4d.train.common`: atomic checkpoints, EMA, lazy
-regularization, torchrun process groups, progress logs)."""
-from .common import (Distributed, ProgressLog, ema_beta, lazy_adam_settings, load_checkpoint, save_checkpoint,
-                     update_ema)
+regularization, torchrun process groups, progress logs and image grids, mixed precision,
+gradient accumulation, the data stream)."""
+from .common import (BatchStream, Distributed, InfiniteSampler, MixedPrecision, ProgressLog, accumulate_gradients,
+                     ema_beta, lazy_adam_settings, load_checkpoint, save_checkpoint, split_microbatches, update_ema)
 from .genhead import GenHeadTrainer, GenHeadTrainingConfig, r1_penalty, train_genhead
 
-__all__ = ["Distributed", "GenHeadTrainer", "GenHeadTrainingConfig", "ProgressLog", "ema_beta",
-           "lazy_adam_settings", "load_checkpoint", "r1_penalty", "save_checkpoint", "train_genhead",
-           "update_ema"]
+__all__ = ["BatchStream", "Distributed", "GenHeadTrainer", "GenHeadTrainingConfig", "InfiniteSampler",
+           "MixedPrecision", "ProgressLog", "accumulate_gradients", "ema_beta", "lazy_adam_settings",
+           "load_checkpoint", "r1_penalty", "save_checkpoint", "split_microbatches", "train_genhead", "update_ema"]
