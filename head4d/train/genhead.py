@@ -643,11 +643,8 @@ class GenHeadTrainer:
         self.D_opt.load_state_dict(state["D_opt"])
         self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
         # every rank has consumed the same number of its own items: rank 0's position holds for all
-        stream = state.get("data_stream")
-        if stream is None or int(stream.get("batch", self.config.batch)) != self.config.batch:
-            raise ValueError(f"GenHeadTrainer.load: {path} has no data position for batch {self.config.batch} "
-                             f"(written by an older head4d or with another batch)")
-        self.stream.load_state_dict(stream)
+        # (a checkpoint without one, from before the data stream, continues at step * batch)
+        self.stream.load_state_dict(state.get("data_stream", {"position": self.step_index * self.config.batch}))
         if self.dist.is_main:
             set_rng_state(state["rng"])
             self.data_generator.set_state(state["data_rng"])
