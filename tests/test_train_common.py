@@ -15,11 +15,12 @@ discriminator) and in-memory datasets.
   one piece; a step with ``accumulate`` 2 runs.
 - Data: ``InfiniteSampler``'s epochs are permutations shared out among the ranks;
   ``BatchStream`` with 2 workers yields the batches of 0 workers, and continues exactly
-  from a stored position; the trainer's batches are the same with 2 workers.
+  from a stored position; the trainer's batches are the same with 2 workers, and a run
+  with a worker resumed with none takes the same next step, bit for bit.
 - Mixed precision: ``"bf16"`` on the CPU is refused (trainer and command); the autocast
   mechanism itself (allowed on the CPU here) autocasts inside the StyleGAN2 blocks only:
-  every other module of G and D (mappings, epilogue, decoder, super-resolution's glue)
-  runs with autocast off, the blocks compute in bfloat16, the renders, planes and logits
+  every other module of G and D (the mappings, the decoder, the discriminator's camera
+  mapping and epilogue) runs with autocast off, the blocks compute in bfloat16, the renders, planes and logits
   are float32, and ``full_precision`` turns it off; on CUDA (``gpu`` marker) a ``bf16``
   training step has finite losses.
 """
@@ -270,6 +271,26 @@ def test_genhead_trainer_batches_same_with_workers():
     for a, b in zip(*batches):
         for key in ("real_img", "real_labels", "gen_labels"):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_bit_exact_across_worker_counts(tmp_path):
+    """A run with a data worker process saved after step 1 and resumed with none takes the same step 2."""
+    dataset = make_dataset(4)
+    config = dict(seed=5, batch=2, workers=1)
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(**config), dataset)
+    try:
+        trainer.step()
+        path = trainer.save(tmp_path / "checkpoint.pt")
+        expected = trainer.step()
+        expected_g = torch.cat([p.detach().reshape(-1) for p in trainer.G.parameters()])
+    finally:
+        trainer.close()
+    other = GenHeadTrainer(GenHeadTrainingConfig.small(**dict(config, workers=0)), dataset)
+    other.load(path)
+    assert other.stream.position == 2
+    assert other.step() == expected
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in other.G.parameters()]), expected_g)
+    other.close()
 
 
 # ---------------------------------------------------------------------- mixed precision
