@@ -17,7 +17,8 @@ discriminator) and in-memory datasets.
   ``BatchStream`` with 2 workers yields the batches of 0 workers, and continues exactly
   from a stored position; the trainer's batches are the same with 2 workers, and a run
   with a worker resumed with none takes the same next step, bit for bit.
-- Mixed precision: ``"bf16"`` on the CPU is refused (trainer and command); the autocast
+- Mixed precision: the StyleGAN2 layers work under autocast (bfloat16 outputs near the
+  float32 ones); ``"bf16"`` on the CPU is refused (trainer and command); the autocast
   mechanism itself (allowed on the CPU here) autocasts inside the StyleGAN2 blocks only:
   every other module of G and D (the mappings, the decoder, the discriminator's camera
   mapping and epilogue) runs with autocast off, the blocks compute in bfloat16, the renders, planes and logits
@@ -305,6 +306,26 @@ def test_bf16_refused_on_cpu(tmp_path, monkeypatch, capsys):
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(tmp_path), "--small", "--dry-run",
                    "--device", "cpu", "--precision", "bf16"])
     assert rc == 2 and "precision 'bf16' needs a CUDA device" in capsys.readouterr().err
+
+
+def test_stylegan2_layers_under_autocast():
+    """head4d's StyleGAN2 layers take their bias in the dtype of the product, which autocast
+    makes bfloat16: the outputs are bfloat16 and within bfloat16 rounding of float32's
+    (inputs and output rounded to 8 significant bits, float32 sums in between)."""
+    torch.manual_seed(0)
+    fc = hnn.FullyConnectedLayer(64, 32, activation="lrelu", bias_init=0.3)
+    conv = hnn.Conv2dLayer(8, 16, kernel_size=3, activation="lrelu", down=2)
+    with torch.no_grad():
+        conv.bias.normal_()
+    x, image = torch.randn(4, 64), torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        want = (fc(x), conv(image))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = (fc(x), conv(image))
+    tol = 2 * torch.finfo(torch.bfloat16).eps
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16 and w.dtype == torch.float32
+        assert (g.float() - w).abs().max() <= tol * w.abs().max()
 
 
 def _record_autocast(modules):
