@@ -337,6 +337,7 @@ class GenHeadTrainer:
         self.dist = distributed if distributed is not None else Distributed(
             device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.dist.device
+        self.precision = MixedPrecision(config.precision, self.device)  # refuses bf16 off CUDA
         if len(dataset) < 1:
             raise ValueError("GenHeadTrainer: dataset is empty")
         self.dataset = dataset
@@ -355,7 +356,6 @@ class GenHeadTrainer:
         mbstd = getattr(self.D.b4, "mbstd", None)
         self.micro_batch = check_microbatch(config.batch, config.accumulate,
                                             mbstd.group_size if mbstd is not None else 0, "GenHeadTrainer")
-        self.precision = MixedPrecision(config.precision, self.device)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.precision.autocast_blocks([self.G, self.D])
         g_lr, g_betas = lazy_adam_settings(config.g_lr, tuple(config.betas), config.g_reg_interval)
