@@ -14,6 +14,7 @@
     head4d reenact --synthetic [--checkpoint CKPT] [--genhead CKPT] [--frames N] ...
     head4d make-dataset --procedural N --out DIR [--resolution R] [--seed S] [--zip] [--device cpu|cuda]
     head4d train genhead --data DIR --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
+                         [--precision fp32|bf16] [--accumulate K] [--workers N] [--image-every N]
     head4d train reconstructor --genhead CKPT --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
                                [--identity-weights FILE] [--lpips-backbone pretrained|random]
 
@@ -278,7 +279,7 @@ def _train_genhead(args: argparse.Namespace) -> int:
     prog = "head4d train genhead"
     kwargs = {"data": args.data, "out": args.out, "resume": args.resume, "dry_run": args.dry_run,
               "seed": args.seed, "xflip": args.xflip}
-    for name in ("batch", "kimg", "device"):
+    for name in ("batch", "kimg", "device", "precision", "accumulate", "workers", "image_every"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     try:
@@ -471,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xflip", action="store_true", help="add mirrored copies of the dataset")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="fp32 (default), or bf16: bfloat16 autocast in the StyleGAN2 convolution blocks (CUDA only)")
+    p.add_argument("--accumulate", type=int, metavar="K",
+                   help="micro-batches per optimizer step, each --batch / K images (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="DataLoader worker processes reading the images (default 0: in the training process)")
+    p.add_argument("--image-every", type=int, metavar="N",
+                   help="steps between image grids of the EMA generator (default 1000; also at the end)")
     p.set_defaults(func=_train_genhead)
 
     p = train_sub.add_parser("reconstructor", help="the reconstructor's training on triplets synthesized online "

@@ -28,7 +28,9 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
   previous checkpoint loadable and no temporary file; bad checkpoints are clear errors.
 - ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps and the
   EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
-  lines and logs; ``--resume`` continues from it (and replaces the export).
+  lines and logs (TensorBoard events, ``log.jsonl``, image grids of the reals and, with
+  ``--image-every 1``, of the EMA generator after each step; a data worker process);
+  ``--resume`` continues from it (and replaces the export).
 - Gradient averaging over two processes (a gradient missing on one rank counts as zero,
   one missing everywhere stays missing).
 - Two processes (gloo, ``torch.multiprocessing``, torchrun's environment variables) run two
@@ -538,10 +540,11 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(genhead_module, "_open_dataset", lambda config: make_dataset(4))
     out = tmp_path / "out"
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
-                   "--device", "cpu", "--batch", "1"])
+                   "--device", "cpu", "--batch", "1", "--image-every", "1", "--workers", "1"])
     assert rc == 0
     state = common.load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
+    assert state["config"]["workers"] == 1 and state["data_stream"]["position"] == 2
     printed = capsys.readouterr().out
     assert "step 1 " in printed and "step 2 " in printed and "img/s" in printed and "Loss/D/loss" in printed
     from head4d.models import GenHead
@@ -549,8 +552,14 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     for name, value in exported.state_dict().items():
         assert torch.equal(value, state["G_ema"][name]), name
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary left
-    logs = list(out.glob("events.out.tfevents.*")) + list(out.glob("log.jsonl"))
-    assert logs, sorted(p.name for p in out.iterdir())
+    assert list(out.glob("events.out.tfevents.*")) and (out / "log.jsonl").read_text().count("\n") == 2
+    # image grids: the reals at the start, the EMA generator's 8 fixed samples after each step
+    # (--image-every 1); 8 tiles of 16^2 in 3 columns and 3 rows, 2-pixel gaps
+    from head4d.media import decode_png
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "Images_fakes_ema-00000001.png", "Images_fakes_ema-00000002.png", "Images_reals-00000000.png"]
+    for path in (out / "images").iterdir():
+        assert decode_png(path.read_bytes()).shape == (3 * 18 - 2, 3 * 18 - 2, 3), path.name
     # --resume continues from step 2 (two more steps with --dry-run)
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
                    "--device", "cpu", "--batch", "1", "--resume"])

@@ -218,7 +218,9 @@ class FullyConnectedLayer(_OpsBackend, nn.Module):
             if self.activation == "linear" and b is not None:
                 y = torch.addmm(b.unsqueeze(0), x, w.t())
             else:
-                y = _ops.bias_act(x.matmul(w.t()), b, act=self.activation, backend=self.backend)
+                y = x.matmul(w.t())  # under autocast, in the autocast dtype: the bias follows it
+                y = _ops.bias_act(y, b.to(y.dtype) if b is not None else None, act=self.activation,
+                                  backend=self.backend)
             return y.reshape(*lead, self.out_features)
 
     def effective_weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -390,9 +392,10 @@ class Conv2dLayer(_OpsBackend, nn.Module):
             if x.shape[1] != self.in_channels:
                 raise ValueError(f"{op}: x must have {self.in_channels} channels, got shape {list(x.shape)}")
             w = (self.weight * self.weight_gain).to(x.dtype)
-            b = self.bias.to(x.dtype) if self.bias is not None else None
             x = _ops.conv2d_resample(x, w, self.resample_filter, up=self.up, down=self.down, padding=self.padding,
                                      flip_weight=(self.up == 1), backend=self.backend)
+            # the bias in the product's dtype (autocast may have changed it)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
             clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
             return _ops.bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp,
                                  backend=self.backend)

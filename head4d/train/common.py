@@ -31,31 +31,46 @@
   and with phases that touch only part of a network, which DistributedDataParallel's
   reducer handles badly. Rank 0 alone writes checkpoints and logs.
 - **Progress** (:class:`ProgressLog`): a line per report (step, images, images/s, losses,
-  ETA) on stdout, and scalars to TensorBoard when ``torch.utils.tensorboard`` imports (it
-  needs the ``tensorboard`` package), else to ``log.jsonl`` in the output folder (it says
-  which at the start).
+  ETA) on stdout; the scalars appended to ``log.jsonl`` in the output folder, and written
+  to TensorBoard event files there when ``torch.utils.tensorboard`` imports (it needs the
+  ``tensorboard`` package; without it a warning, once, and the JSONL and PNG files still);
+  image grids (:meth:`ProgressLog.images`) as PNG files under ``images/`` and to TensorBoard.
+- **Mixed precision** (:class:`MixedPrecision`): ``"fp32"``, or ``"bf16"``: bfloat16
+  autocast inside the StyleGAN2 convolution blocks only (on CUDA; refused elsewhere), every
+  other layer in float32 (see the class).
+- **Gradient accumulation** (:func:`split_microbatches`, :func:`accumulate_gradients`):
+  a process's batch split into ``accumulate`` strided micro-batches, each loss scaled by
+  ``1 / accumulate`` before its backward, one optimizer step after them.
+- **Data** (:class:`InfiniteSampler`, :class:`BatchStream`): an endless, seeded, rank-aware
+  order of the dataset read through a ``torch.utils.data.DataLoader`` with ``workers``
+  processes (0: in the training process); its position (items consumed) goes in the
+  checkpoint, so a resumed run reads the same next batches with any worker count.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "Distributed", "ProgressLog", "ema_beta", "get_rng_state",
-           "lazy_adam_settings", "load_checkpoint", "replace_directory", "save_checkpoint", "set_rng_state",
-           "update_ema"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRECISIONS", "BatchStream", "Distributed", "InfiniteSampler",
+           "MixedPrecision", "ProgressLog", "accumulate_gradients", "check_microbatch", "ema_beta", "get_rng_state",
+           "image_grid", "lazy_adam_settings", "load_checkpoint", "replace_directory", "save_checkpoint",
+           "set_rng_state", "split_microbatches", "update_ema"]
 
 CHECKPOINT_FORMAT = "head4d.train"
 CHECKPOINT_VERSION = 1
@@ -337,39 +352,386 @@ class Distributed:
             dist.barrier()
 
 
-# ---------------------------------------------------------------------- progress
-class ProgressLog:
-    """Progress lines and scalar logs of one training (rank 0 only; other ranks print and
-    write nothing).
+# ---------------------------------------------------------------------- mixed precision
+#: The ``precision`` settings of the trainings.
+PRECISIONS = ("fp32", "bf16")
+
+
+def _stylegan2_blocks() -> Tuple[type, ...]:
+    """The module classes that :class:`MixedPrecision` runs under autocast."""
+    from ..nn.discriminator import DiscriminatorBlock
+    from ..nn.stylegan2 import SynthesisBlock
+    return (SynthesisBlock, DiscriminatorBlock)
+
+
+class MixedPrecision:
+    """Where a training computes in bfloat16 (``precision="bf16"``) and where in float32.
+
+    ``"fp32"`` changes nothing: the networks compute as built (upstream's ``use_fp16``
+    blocks in float16 on CUDA, everything else float32). ``"bf16"``, on CUDA only, runs
+    ``torch.autocast(device_type="cuda", dtype=torch.bfloat16)`` inside every StyleGAN2
+    convolution block (:class:`~head4d.nn.SynthesisBlock`: the triplane backbone, the
+    background generator, the super-resolution; :class:`~head4d.nn.DiscriminatorBlock`:
+    the discriminator from its input down to 8^2), with the blocks' own float16 switched
+    off (``force_fp32``, so that autocast alone picks the dtype: bfloat16 has float32's
+    exponent range, so the float16 clamps are not needed against overflow). Everything
+    else stays float32 because it runs outside any autocast region:
+
+    - the layers upstream keeps in float32 for accuracy: the mapping networks (w and the
+      truncation), the discriminator's camera mapping and its epilogue (minibatch std,
+      the logits), the images between blocks (``torgb``'s output, which the blocks cast to
+      float32), so the triplanes reach the decoder in float32;
+    - the triplane decoder, the ray marcher and its compositing, the masks, the
+      correspondence maps, the losses (the logits are float32), EMA and the optimizers.
+
+    Upstream's triplane backbone is float32 (no float16 block, no clamp): float16 would
+    overflow there without a clamp; bfloat16 does not, so it is autocast here. R1's
+    gradient penalty (a double backward of small gradients) runs entirely in float32:
+    :meth:`full_precision` turns the blocks' autocast off around it. No gradient scaling
+    is needed with bfloat16.
 
     Args:
-        out_dir: the output folder (TensorBoard events or ``log.jsonl`` go there).
+        precision: ``"fp32"`` or ``"bf16"``.
+        device: the training's device; ``"bf16"`` needs CUDA (``ValueError`` otherwise,
+            unless ``allow_cpu``).
+        allow_cpu: let ``"bf16"`` autocast on the CPU too (for tests of the mechanism; the
+            trainings refuse it: CPU bfloat16 is slow and not what a CPU run is for).
+    """
+
+    def __init__(self, precision: str, device: Union[str, torch.device], *, allow_cpu: bool = False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"MixedPrecision: precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.device = torch.device(device)
+        if precision == "bf16" and self.device.type != "cuda" and not allow_cpu:
+            raise ValueError(f"precision 'bf16' needs a CUDA device (bfloat16 autocast is used on the GPU only); "
+                             f"this run is on {self.device.type}: use precision 'fp32'")
+        self._suspended = 0
+        self._contexts: List[Any] = []
+        self._handles: List[Any] = []
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the blocks autocast to bfloat16 (``"bf16"``, not inside :meth:`full_precision`)."""
+        return self.precision == "bf16" and self._suspended == 0
+
+    def autocast_blocks(self, modules: Iterable[nn.Module]) -> int:
+        """Register the autocast on every StyleGAN2 convolution block inside ``modules``
+        (forward hooks: parameter names and state dicts are unchanged; copy a network
+        before this to get one without them). Nothing is registered for ``"fp32"``.
+        Returns the number of blocks registered."""
+        if self.precision != "bf16":
+            return 0
+        kinds = _stylegan2_blocks()
+        count = 0
+        for module in modules:
+            for block in module.modules():
+                if isinstance(block, kinds):
+                    self._handles.append(block.register_forward_pre_hook(self._enter, with_kwargs=True))
+                    self._handles.append(block.register_forward_hook(self._exit, always_call=True))
+                    count += 1
+        return count
+
+    def remove(self) -> None:
+        """Remove the hooks :meth:`autocast_blocks` registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self, module: nn.Module, args: tuple, kwargs: dict):
+        context = None
+        if self.enabled:
+            context = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            context.__enter__()
+        self._contexts.append(context)
+        return args, dict(kwargs, force_fp32=True)  # float32 (under autocast: bfloat16), never float16
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        context = self._contexts.pop()
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """Inside, the blocks registered by :meth:`autocast_blocks` compute in float32 (R1's
+        penalty)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+
+# ---------------------------------------------------------------------- gradient accumulation
+def check_microbatch(batch: int, accumulate: int, mbstd_group_size: Optional[int] = None,
+                     op: str = "training") -> int:
+    """The micro-batch size ``batch // accumulate``, checked.
+
+    StyleGAN2's minibatch standard deviation couples the samples of a discriminator call:
+    with ``n`` samples and group size ``G`` (``min(G, n)``), sample ``i`` is in group ``i
+    mod (n / G)``. :func:`split_microbatches` takes micro-batch ``j`` as samples ``j, j + k,
+    j + 2k, ...`` (``k = accumulate``); when ``G`` divides the micro-batch size, each group
+    of the whole batch is then exactly a group of one micro-batch, so every sample's logit
+    (and the gradients) are those of the whole batch. Otherwise the groups would change, so
+    this raises; a group of the whole batch (``mbstd_group_size`` None with
+    ``mbstd``) cannot be split at all: pass ``mbstd_group_size=0`` for a discriminator
+    without minibatch std.
+
+    Raises:
+        ValueError: ``accumulate`` is not an int >= 1, does not divide ``batch``, or the
+            micro-batch size is not a multiple of the group size.
+    """
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"{op}: accumulate must be an int >= 1, got {accumulate!r}")
+    if batch % accumulate:
+        raise ValueError(f"{op}: accumulate ({accumulate}) must divide the batch per process ({batch})")
+    micro = batch // accumulate
+    if accumulate > 1 and mbstd_group_size != 0:
+        if mbstd_group_size is None:
+            raise ValueError(f"{op}: the discriminator's minibatch std groups the whole batch (group size None); "
+                             f"micro-batches (accumulate {accumulate}) would change its groups")
+        if micro % mbstd_group_size:
+            raise ValueError(f"{op}: the micro-batch ({batch} / accumulate {accumulate} = {micro} samples) must be "
+                             f"a multiple of the discriminator's minibatch-std group size ({mbstd_group_size}), "
+                             f"so that its groups are those of the whole batch")
+    return micro
+
+
+def split_microbatches(batch: Mapping[str, torch.Tensor], accumulate: int) -> List[Dict[str, torch.Tensor]]:
+    """``batch`` (tensors with the samples along dim 0, all the same count N) as
+    ``accumulate`` micro-batches: micro-batch ``j`` holds samples ``j, j + accumulate, ...``
+    (strided, so that minibatch-std groups survive, see :func:`check_microbatch`)."""
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ValueError(f"split_microbatches: accumulate must be an int >= 1, got {accumulate!r}")
+    counts = {k: v.shape[0] for k, v in batch.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"split_microbatches: every entry must hold the same number of samples, got {counts}")
+    n = next(iter(counts.values()), 0)
+    if n % accumulate:
+        raise ValueError(f"split_microbatches: accumulate ({accumulate}) must divide the batch ({n} samples)")
+    if accumulate == 1:
+        return [dict(batch)]
+    return [{k: v[j::accumulate] for k, v in batch.items()} for j in range(accumulate)]
+
+
+def accumulate_gradients(micro_batches: Sequence[Mapping[str, torch.Tensor]],
+                         loss_fn: Callable[[Mapping[str, torch.Tensor]],
+                                           Tuple[torch.Tensor, Mapping[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
+    """Backward of each micro-batch's loss divided by the number of micro-batches (the
+    gradients add up in ``.grad``; zero them before, step the optimizer after).
+
+    Args:
+        micro_batches: from :func:`split_microbatches`.
+        loss_fn: ``micro_batch -> (loss, logged)``: ``loss`` a scalar tensor, the mean
+            over the micro-batch's samples (times any weight), ``logged`` named scalar
+            tensors to report.
+
+    Returns:
+        each logged value's mean over the micro-batches, detached. With losses that are
+        per-sample means, the gradients equal those of the whole batch in one piece.
+    """
+    count = len(micro_batches)
+    if count < 1:
+        raise ValueError("accumulate_gradients: micro_batches is empty")
+    totals: Dict[str, torch.Tensor] = {}
+    for micro in micro_batches:
+        loss, logged = loss_fn(micro)
+        if loss.dim() != 0:
+            raise ValueError(f"accumulate_gradients: loss_fn must return a scalar loss, got shape {list(loss.shape)}")
+        (loss / count).backward()
+        for name, value in logged.items():
+            value = value.detach().float() / count
+            totals[name] = totals[name] + value if name in totals else value
+    return totals
+
+
+# ---------------------------------------------------------------------- data
+class InfiniteSampler(torch.utils.data.Sampler):
+    """An endless order of ``range(size)`` for one rank, from a position.
+
+    The global order is epoch after epoch, epoch ``e`` a permutation of ``range(size)``
+    drawn from ``torch.Generator().manual_seed(seed + 1_000_003 * e)`` (every item once per
+    epoch); rank ``r`` of ``world_size`` takes the global positions ``r, r + world_size,
+    ...``. The ``p``-th index of a rank (:meth:`index`) depends only on ``(size, seed,
+    rank, world_size, p)``, so an iterator started at ``start`` continues any earlier one.
+    """
+
+    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0):
+        for name, value, low in (("size", size, 1), ("world_size", world_size, 1), ("rank", rank, 0),
+                                 ("start", start, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"InfiniteSampler: {name} must be an int >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"InfiniteSampler: rank must be < world_size ({world_size}), got {rank}")
+        self.size, self.seed, self.rank, self.world_size, self.start = size, int(seed), rank, world_size, start
+        self._epoch: Optional[int] = None
+        self._order: Optional[torch.Tensor] = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + 1_000_003 * epoch)
+            self._order, self._epoch = torch.randperm(self.size, generator=generator), epoch
+        return self._order
+
+    def index(self, position: int) -> int:
+        """This rank's ``position``-th dataset index."""
+        g = position * self.world_size + self.rank
+        return int(self._permutation(g // self.size)[g % self.size])
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start
+        while True:
+            yield self.index(position)
+            position += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only reads it for warnings
+        return 2 ** 62
+
+
+class BatchStream:
+    """Batches of ``(images, labels)`` read from ``dataset`` in :class:`InfiniteSampler`'s
+    order through a ``torch.utils.data.DataLoader``.
+
+    Args:
+        dataset: items ``(image tensor, label tensor)`` (stacked by the default collate).
+        batch: items per batch.
+        seed, rank, world_size: the sampler's.
+        workers: DataLoader worker processes; 0 reads in the calling process. Any count
+            gives the same batches (the order is the sampler's; workers only prefetch).
+        position: items of this rank already consumed (where to start).
+        pin_memory: pinned host memory (for CUDA copies).
+
+    ``position`` counts the items handed out by :meth:`next` (not those the workers have
+    prefetched): store :meth:`state_dict` in a checkpoint and restore it with
+    :meth:`load_state_dict` to continue with the same next batch.
+    """
+
+    def __init__(self, dataset, batch: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0,
+                 position: int = 0, pin_memory: bool = False):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"BatchStream: batch must be an int >= 1, got {batch!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"BatchStream: workers must be an int >= 0, got {workers!r}")
+        if len(dataset) < 1:
+            raise ValueError("BatchStream: dataset is empty")
+        self.dataset, self.batch, self.workers, self.pin_memory = dataset, batch, workers, bool(pin_memory)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.position = int(position)
+        self._iterator: Optional[Iterator] = None
+
+    def _start(self) -> Iterator:
+        sampler = InfiniteSampler(len(self.dataset), seed=self.seed, rank=self.rank, world_size=self.world_size,
+                                  start=self.position)
+        # a generator of its own: the DataLoader draws its workers' base seed from it, not from
+        # torch's global generator (whose draws a resumed run must repeat exactly)
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.rank + 104729 * self.position)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
+                                             num_workers=self.workers, pin_memory=self.pin_memory,
+                                             prefetch_factor=2 if self.workers > 0 else None, generator=generator)
+        return iter(loader)
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next ``(images [B, ...], labels [B, ...])``."""
+        if self._iterator is None:
+            self._iterator = self._start()
+        images, labels = next(self._iterator)
+        self.position += self.batch
+        return images, labels
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"position": self.position, "seed": self.seed, "batch": self.batch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from a :meth:`state_dict` (the next batch is the one that followed it)."""
+        self.close()
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        """Stop the workers (a later :meth:`next` starts them again at ``position``)."""
+        iterator, self._iterator = self._iterator, None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+# ---------------------------------------------------------------------- progress
+def image_grid(images: torch.Tensor, columns: Optional[int] = None, gap: int = 2) -> torch.Tensor:
+    """``images [N, 3, H, W]`` floating in [-1, 1] (clamped) tiled row by row into one
+    ``[H', W', 3]`` uint8 image, ``columns`` per row (None: ``ceil(sqrt(N))``), ``gap``
+    white pixels apart: ``H' = rows * (H + gap) - gap``."""
+    from ..media import grid, to_uint8
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] < 1 \
+            or not images.is_floating_point():
+        got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"image_grid: images must be a floating tensor [N >= 1, 3, H, W] in [-1, 1], got {got}")
+    n = images.shape[0]
+    columns = columns or math.ceil(math.sqrt(n))
+    tiles = [to_uint8((image.detach().float().cpu() + 1) / 2) for image in images]
+    rows = [tiles[i:i + columns] for i in range(0, n, columns)]
+    return grid(rows, gap=gap)
+
+
+_TENSORBOARD_WARNED = False
+
+
+def _summary_writer(out_dir: Path):
+    """A TensorBoard ``SummaryWriter`` in ``out_dir``, or None with a warning (once per
+    process) when ``torch.utils.tensorboard`` does not import."""
+    global _TENSORBOARD_WARNED
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if not _TENSORBOARD_WARNED:
+            warnings.warn(f"torch.utils.tensorboard does not import ({exc}; install the 'tensorboard' package): "
+                          f"no TensorBoard logs; scalars still go to log.jsonl and image grids to PNG files",
+                          RuntimeWarning, stacklevel=3)
+            _TENSORBOARD_WARNED = True
+        return None
+    return SummaryWriter(str(out_dir))
+
+
+class ProgressLog:
+    """Progress lines, scalar logs and image grids of one training (rank 0 only; other
+    ranks print and write nothing).
+
+    Each :meth:`report` prints ``step S kimg K img/s R <name> <value> ... eta H:MM:SS`` and
+    appends the scalars to ``out_dir/log.jsonl`` (one JSON object per report: ``step``,
+    ``nimg``, ``images_per_second`` and the scalars); with TensorBoard, also writes them
+    (and ``Progress/images_per_second``) as scalars at ``cur_nimg`` to event files in
+    ``out_dir``. :meth:`images` writes an image grid.
+
+    Args:
+        out_dir: the output folder.
         total_images: the images the run will see (for the ETA), or None.
         enabled: False on ranks other than 0.
         stream: where the lines go (stdout).
+        tensorboard: False to write no event files.
     """
 
     def __init__(self, out_dir: Union[str, os.PathLike], total_images: Optional[int], enabled: bool = True,
-                 stream=None):
+                 stream=None, tensorboard: bool = True):
         self.enabled = bool(enabled)
         self.total_images = total_images
         self.stream = stream if stream is not None else sys.stdout
         self.out_dir = Path(out_dir)
+        self.jsonl = self.out_dir / "log.jsonl"
+        self.image_dir = self.out_dir / "images"
         self._writer = None
-        self._jsonl = None
         self._start = time.perf_counter()
         self._start_nimg: Optional[int] = None
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(self.out_dir))
-            self.print(f"logging scalars to TensorBoard in {self.out_dir}")
-        except ImportError:
-            self._jsonl = self.out_dir / "log.jsonl"
-            self.print(f"torch.utils.tensorboard does not import (no tensorboard package): "
-                       f"logging scalars to {self._jsonl}")
+        if tensorboard:
+            self._writer = _summary_writer(self.out_dir)
+        where = f"TensorBoard event files and {self.jsonl.name}" if self._writer is not None else self.jsonl.name
+        self.print(f"logging scalars to {where} in {self.out_dir}")
+
+    @property
+    def tensorboard(self) -> bool:
+        """Whether TensorBoard event files are written."""
+        return self._writer is not None
 
     def print(self, line: str) -> None:
         if self.enabled:
@@ -392,17 +754,37 @@ class ProgressLog:
         values = " ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         rate_text = f"{rate:.2f}" if math.isfinite(rate) else "-"  # the first report has no interval yet
         self.print(f"step {step} kimg {cur_nimg / 1000:.3f} img/s {rate_text} {values}{eta}")
+        record = {"step": step, "nimg": cur_nimg, "images_per_second": rate if math.isfinite(rate) else None}
+        record.update({k: float(v) for k, v in scalars.items()})
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, cur_nimg)
-            self._writer.add_scalar("Progress/images_per_second", rate if rate == rate else 0.0, cur_nimg)
+            self._writer.add_scalar("Progress/images_per_second", rate if math.isfinite(rate) else 0.0, cur_nimg)
             self._writer.flush()
-        elif self._jsonl is not None:
-            record = {"step": step, "nimg": cur_nimg, "images_per_second": rate if math.isfinite(rate) else None}
-            record.update({k: float(v) for k, v in scalars.items()})
-            with open(self._jsonl, "a") as f:
-                f.write(json.dumps(record) + "\n")
+
+    def images(self, step: int, tag: str, images: torch.Tensor, cur_nimg: Optional[int] = None,
+               columns: Optional[int] = None) -> Optional[Path]:
+        """An image grid (:func:`image_grid` of ``images [N, 3, H, W]`` in [-1, 1]) written
+        to ``out_dir/images/<tag>-<step:08d>.png`` (``tag`` with every character other than
+        letters, digits, ``-`` and ``.`` made ``_``) and, with TensorBoard, as image ``tag``
+        at ``cur_nimg`` (``step`` when None). Returns the PNG's path (None on other ranks)."""
+        if not self.enabled:
+            return None
+        from ..media import write_png
+
+        picture = image_grid(images, columns)
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{re.sub(r'[^A-Za-z0-9.-]', '_', tag)}-{step:08d}.png"
+        write_png(path, picture)
+        if self._writer is not None:
+            self._writer.add_image(tag, picture.permute(2, 0, 1), step if cur_nimg is None else cur_nimg,
+                                   dataformats="CHW")
+            self._writer.flush()
+        return path
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None

@@ -73,6 +73,25 @@ rendering resolution 64, density regularization 0.25 every 4 G steps (p_dist 0.0
 probability 0.5 after a 1000-kimg fade. ``batch`` is per process (upstream: 32 over 4 GPUs,
 8 each).
 
+Infrastructure (:mod:`head4d.train.common`): the real images come through a
+:class:`~head4d.train.common.BatchStream` (``workers`` DataLoader processes, an endless
+seeded order shared out among the ranks, its position in the checkpoint); ``precision
+"bf16"`` autocasts the StyleGAN2 convolution blocks of G and D to bfloat16 on CUDA, the
+mappings, the discriminator's epilogue, the renderer, the losses and R1 staying float32
+(:class:`~head4d.train.common.MixedPrecision`); ``accumulate`` splits each phase's batch
+into strided micro-batches (one optimizer step per phase). The discriminator's logits of a
+micro-batch are those of the whole batch (its minibatch-std groups are kept,
+:func:`~head4d.train.common.check_microbatch`), but a micro-batch is not the whole batch
+for the generator's draws: the pose-conditioning swap rolls the conditions within the
+micro-batch and the synthesis noise is drawn per micro-batch, as in StyleGAN2's rounds of
+``batch_gpu`` samples. Upstream sums the rounds' mean losses; here each is divided by
+``accumulate``, so the gradient is the batch mean whatever the split (Adam is nearly
+insensitive to the difference).
+
+Image grids: the reals at the start, then every ``image_every`` steps and at the end
+:meth:`GenHeadTrainer.snapshot_images` (``G_ema`` on fixed latents and labels), as PNG files
+under ``out/images/`` and in TensorBoard.
+
 Resuming: the checkpoint holds rank 0's random states; on resume every other rank draws
 from a state derived from the seed, its rank and the step (the ranks must not share noise).
 """
@@ -94,8 +113,9 @@ from ..models.genhead import HEAD_PLANES, PART_PLANES, GenHeadConfig, clip_verti
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
 from ..render.losses import distortion_loss
 from ..render.masks import correspondence_map
-from .common import (Distributed, ProgressLog, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings,
-                     load_checkpoint, replace_directory, save_checkpoint, set_rng_state, update_ema)
+from .common import (PRECISIONS, BatchStream, Distributed, MixedPrecision, ProgressLog, accumulate_gradients,
+                     check_microbatch, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint,
+                     replace_directory, save_checkpoint, set_rng_state, split_microbatches, update_ema)
 
 __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "density_tv_loss", "part_region_losses", "r1_penalty",
            "small_discriminator_kwargs", "small_genhead_config", "train_genhead"]
@@ -130,8 +150,16 @@ class GenHeadTrainingConfig:
     Data and run: ``data`` (a dataset folder or zip), ``out`` (the output folder),
     ``batch`` (images per process), ``kimg`` (thousands of images to train on, all
     processes), ``xflip``, ``seed``, ``resume`` (continue from ``out/checkpoint.pt``),
-    ``dry_run`` (two steps), ``log_every`` / ``checkpoint_every`` (steps), ``device``
-    (None: CUDA when available).
+    ``dry_run`` (two steps), ``log_every`` / ``checkpoint_every`` (steps), ``image_every``
+    (steps between image grids of the EMA generator, also written at the end; None: at the
+    end only), ``device`` (None: CUDA when available), ``workers`` (DataLoader worker
+    processes reading the real images; 0: in the training process; the batches are the
+    same for any count).
+    Speed: ``precision`` (``"fp32"``, or ``"bf16"`` on CUDA: bfloat16 autocast in the
+    StyleGAN2 convolution blocks, :class:`~head4d.train.common.MixedPrecision`),
+    ``accumulate`` (each phase's ``batch`` split into this many micro-batches, one optimizer
+    step; the micro-batch must be a multiple of the discriminator's minibatch-std group,
+    :func:`~head4d.train.common.check_microbatch`).
     Networks: ``genhead`` (:class:`~head4d.models.GenHeadConfig` fields over its
     defaults), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments;
     ``img_resolution`` and ``has_superresolution`` follow the generator).
@@ -157,7 +185,11 @@ class GenHeadTrainingConfig:
     dry_run: bool = False
     log_every: int = 10
     checkpoint_every: int = 1000
+    image_every: Optional[int] = 1000
     device: Optional[str] = None
+    workers: int = 0
+    precision: str = "fp32"
+    accumulate: int = 1
     genhead: Dict[str, Any] = field(default_factory=dict)
     discriminator: Dict[str, Any] = field(default_factory=dict)
     g_lr: float = 0.0025
@@ -202,10 +234,18 @@ class GenHeadTrainingConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
         op = "GenHeadTrainingConfig"
-        for name in ("batch", "log_every", "checkpoint_every", "density_reg_points"):
+        for name in ("batch", "log_every", "checkpoint_every", "density_reg_points", "accumulate", "image_every"):
             value = getattr(self, name)
+            if value is None and name == "image_every":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"{op}: workers must be an int >= 0, got {self.workers!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch % self.accumulate:
+            raise ValueError(f"{op}: accumulate ({self.accumulate}) must divide batch ({self.batch})")
         for name in ("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
                      "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
                      "part_density_weight", "part_distortion_weight", "ema_kimg"):
@@ -366,10 +406,16 @@ class GenHeadTrainer:
         head_model: GenHead's head model (None: the built-in procedural head).
 
     Attributes: ``G``, ``D``, ``G_ema``, ``G_opt``, ``D_opt``, ``step_index`` (steps done),
-    ``cur_nimg`` (images seen by all processes), ``last_losses``.
+    ``cur_nimg`` (images seen by all processes), ``last_losses``, ``precision``
+    (:class:`~head4d.train.common.MixedPrecision`; with ``"bf16"`` its autocast hooks sit on
+    ``G``'s and ``D``'s convolution blocks, not on ``G_ema``'s), ``stream`` (the real
+    images, :class:`~head4d.train.common.BatchStream`).
 
     Building seeds torch's global generator (``config.seed`` for the weights, then a
-    per-rank seed for the training's draws); the data order comes from a generator of its own.
+    per-rank seed for the training's draws); the real images come in the order of an
+    :class:`~head4d.train.common.InfiniteSampler` (seeded by ``config.seed``, this rank's
+    share), the fakes' conditions from a generator of their own. Call :meth:`close` to stop
+    the DataLoader's workers.
     """
 
     def __init__(self, config: GenHeadTrainingConfig, dataset: Sequence, distributed: Optional[Distributed] = None,
@@ -379,6 +425,7 @@ class GenHeadTrainer:
         self.dist = distributed if distributed is not None else Distributed(
             device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.dist.device
+        self.precision = MixedPrecision(config.precision, self.device)  # refuses bf16 off CUDA
         if len(dataset) < 1:
             raise ValueError("GenHeadTrainer: dataset is empty")
         self.dataset = dataset
@@ -394,12 +441,19 @@ class GenHeadTrainer:
             raise ValueError("GenHeadTrainer: the discriminator must have a super-resolution input exactly when "
                              "GenHead has a super-resolution")
         self.dist.broadcast_parameters([self.G, self.D])
+        mbstd = getattr(self.D.b4, "mbstd", None)
+        self.micro_batch = check_microbatch(config.batch, config.accumulate,
+                                            mbstd.group_size if mbstd is not None else 0, "GenHeadTrainer")
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.precision.autocast_blocks([self.G, self.D])
         g_lr, g_betas = lazy_adam_settings(config.g_lr, tuple(config.betas), config.g_reg_interval)
         d_lr, d_betas = lazy_adam_settings(config.d_lr, tuple(config.betas), config.d_reg_interval)
         self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
         self.D_opt = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.eps)
         self.data_generator = torch.Generator().manual_seed(config.seed * 7919 + self.dist.rank)
+        self.stream = BatchStream(dataset, config.batch, seed=config.seed, rank=self.dist.rank,
+                                  world_size=self.dist.world_size, workers=config.workers,
+                                  pin_memory=self.device.type == "cuda")
         torch.manual_seed(config.seed * 7919 + self.dist.rank + 1)
         self.step_index = 0
         self.cur_nimg = 0
@@ -410,26 +464,38 @@ class GenHeadTrainer:
         self.img_raw_name = "image" if g.has_superresolution else None
 
     # ------------------------------------------------------------------ data
+    def labels_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The labels ``[K, 437]`` float32 of dataset items ``index [K]`` (from the dataset's
+        label table or ``get_label`` when it has one: no image is read)."""
+        table = getattr(self.dataset, "labels", None)
+        if isinstance(table, torch.Tensor) and table.dim() == 2 and table.shape[0] == len(self.dataset):
+            return table[index].to(torch.float32)
+        get_label = getattr(self.dataset, "get_label", None)
+        items = [get_label(i) if get_label is not None else self.dataset[i][1] for i in index.tolist()]
+        return torch.stack([torch.as_tensor(y) for y in items]).to(torch.float32)
+
     def sample_batch(self) -> Dict[str, torch.Tensor]:
         """One step's data, as StyleGAN2 draws it: N real images (``real_img`` float32 in
-        [-1, 1]) with their labels (``real_labels [N, 437]``), shared by the phases; and per
-        phase (:data:`PHASES` order) N fake latents and conditions, ``gen_z [4, N, z_dim]`` and
-        ``gen_labels [4, N, 437]`` (labels of other random real items)."""
+        [-1, 1]) with their labels (``real_labels [N, 437]``), the next batch of
+        :attr:`stream`, shared by the phases; and per phase (:data:`PHASES` order) N fake
+        latents and conditions, ``gen_z [4, N, z_dim]`` and ``gen_labels [4, N, 437]`` (labels
+        of random items)."""
         n = self.config.batch
         p = len(PHASES)
-        index = torch.randint(len(self.dataset), ((1 + p) * n,), generator=self.data_generator).tolist()
-        items = [self.dataset[i] for i in index[:n]]
-        images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(self.device)
-        labels = torch.stack([torch.as_tensor(y) for _, y in items] +
-                             [torch.as_tensor(self.dataset[i][1]) for i in index[n:]]).to(self.device, torch.float32)
-        if labels.shape[1] != LABEL_SIZE:
-            raise ValueError(f"GenHeadTrainer: dataset labels must have {LABEL_SIZE} numbers, got {labels.shape[1]}")
+        images, real_labels = self.stream.next()
+        gen_labels = self.labels_of(torch.randint(len(self.dataset), (p * n,), generator=self.data_generator))
+        for name, labels in (("real_labels", real_labels), ("gen_labels", gen_labels)):
+            if labels.dim() != 2 or labels.shape[1] != LABEL_SIZE:
+                raise ValueError(f"GenHeadTrainer: dataset labels must have {LABEL_SIZE} numbers, got "
+                                 f"{list(labels.shape[1:])} ({name})")
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"GenHeadTrainer: dataset images must be uint8 [3, R, R], got {images.dtype} "
                              f"{list(images.shape[1:])}")
-        return {"real_img": images.to(torch.float32) / 127.5 - 1, "real_labels": labels[:n],
+        images = images.to(self.device, non_blocking=True)
+        return {"real_img": images.to(torch.float32) / 127.5 - 1,
+                "real_labels": real_labels.to(self.device, torch.float32),
                 "gen_z": torch.randn(p, n, self.G.config.z_dim, device=self.device),
-                "gen_labels": labels[n:].reshape(p, n, LABEL_SIZE)}
+                "gen_labels": gen_labels.to(self.device).reshape(p, n, LABEL_SIZE)}
 
     def correspondence(self, camera: torch.Tensor, codes: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The correspondence map ``[N, 3, R, R]`` (R the discriminator's resolution) of the
@@ -525,9 +591,10 @@ class GenHeadTrainer:
         return density_tv_loss(self.G, planes, codes, points, moved) * cfg.density_reg
 
     # ------------------------------------------------------------------ phases
-    def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        """The optimizer step on the accumulated gradients (averaged over the ranks, NaN and
+        infinities replaced as StyleGAN2 does)."""
         params = [p for p in module.parameters() if p.requires_grad]
-        loss.backward()
         self.dist.average_gradients(params)
         for p in params:
             if p.grad is not None:
@@ -549,15 +616,63 @@ class GenHeadTrainer:
             out.append("Dreg")
         return out
 
+    def phase_loss(self, phase: str, batch: Mapping[str, torch.Tensor], blur_sigma: float,
+                   swapping_prob: Optional[float]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One phase's loss on a (micro-)batch: ``(loss, logged)``, ``loss`` the scalar to
+        back-propagate (a regularizer's times its interval), ``logged`` the named terms.
+
+        Args:
+            phase: one of :data:`PHASES`.
+            batch: ``real_img [n, 3, R, R]``, ``real_labels [n, 437]``, ``gen_z [n, z_dim]``,
+                ``gen_labels [n, 437]`` (this phase's fakes).
+        """
+        cfg = self.config
+        gen_z, gen_labels = batch["gen_z"], batch["gen_labels"]
+        gen_c = gen_labels[:, :25]
+        if phase == "Gmain":
+            fake = self.run_G(gen_z, gen_labels, swapping_prob, return_samples=True)
+            loss_adv = F.softplus(-self.run_D(fake, gen_c, blur_sigma)).mean()
+            parts = part_region_losses(fake, cfg.part_t_weight, cfg.part_density_weight, cfg.part_distortion_weight)
+            return loss_adv + sum(parts.values()), {"Loss/G/loss": loss_adv, **parts}
+        if phase == "Greg":
+            loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
+            return loss * (cfg.g_reg_interval or 1), {"Loss/G/TVloss": loss}
+        real_c, _ = labels_to_codes(batch["real_labels"])
+        if phase == "Dmain":
+            with torch.no_grad():
+                fake = self.run_G(gen_z, gen_labels, swapping_prob, update_emas=True)
+            real = self.real_inputs(batch, blur_sigma)
+            loss = self.discriminator_loss(real, real_c, fake, gen_c, blur_sigma)
+            return loss, {"Loss/D/loss": loss}
+        if phase == "Dreg":
+            real = self.real_inputs(batch, blur_sigma)
+            with self.precision.full_precision():  # R1's double backward in float32
+                _, penalty = r1_penalty(self.D, real, real_c, cfg.r1_gamma, cfg.r1_gamma_uv, cfg.r1_gamma_seg,
+                                        self.img_name, self.img_raw_name, blur_sigma)
+            loss = penalty.mean()
+            return loss * (cfg.d_reg_interval or 1), {"Loss/D/reg": loss}
+        raise ValueError(f"GenHeadTrainer.phase_loss: phase must be one of {PHASES}, got {phase!r}")
+
+    def accumulate_phase(self, phase: str, batch: Mapping[str, torch.Tensor], blur_sigma: float,
+                         swapping_prob: Optional[float]) -> Dict[str, torch.Tensor]:
+        """The gradients of one phase added into ``.grad`` over ``config.accumulate``
+        micro-batches of ``batch`` (:meth:`sample_batch`'s, this phase's fakes picked), each
+        loss scaled by ``1 / accumulate``; returns the logged terms' means (no optimizer step)."""
+        p = PHASES.index(phase)
+        phase_batch = {"real_img": batch["real_img"], "real_labels": batch["real_labels"],
+                       "gen_z": batch["gen_z"][p], "gen_labels": batch["gen_labels"][p]}
+        return accumulate_gradients(split_microbatches(phase_batch, self.config.accumulate),
+                                    lambda micro: self.phase_loss(phase, micro, blur_sigma, swapping_prob))
+
     def step(self) -> Dict[str, float]:
-        """One training step (all its phases), the EMA update; returns the losses (means
-        over the ranks) as floats and also keeps them in ``last_losses``."""
+        """One training step (all its phases, each over ``config.accumulate`` micro-batches
+        and one optimizer step), the EMA update; returns the losses (means over the
+        micro-batches and the ranks) as floats and also keeps them in ``last_losses``."""
         cfg = self.config
         batch = self.sample_batch()
         blur_fade_kimg, ema_kimg = cfg.schedule_kimg(self.dist.world_size)
         blur_sigma = blur_sigma_at(self.cur_nimg, cfg.blur_init_sigma, blur_fade_kimg)
         swapping_prob = swapping_prob_at(self.cur_nimg, cfg.gpc_reg_prob, cfg.gpc_reg_fade_kimg)
-        real_c, _ = labels_to_codes(batch["real_labels"])
         losses: Dict[str, torch.Tensor] = {}
         for phase in self.phases(self.step_index):
             training_g = phase.startswith("G")
@@ -565,33 +680,8 @@ class GenHeadTrainer:
             self.G.requires_grad_(training_g)
             self.D.requires_grad_(not training_g)
             opt.zero_grad(set_to_none=True)
-            gen_z, gen_labels = batch["gen_z"][PHASES.index(phase)], batch["gen_labels"][PHASES.index(phase)]
-            gen_c = gen_labels[:, :25]
-            if phase == "Gmain":
-                fake = self.run_G(gen_z, gen_labels, swapping_prob, return_samples=True)
-                loss_adv = F.softplus(-self.run_D(fake, gen_c, blur_sigma)).mean()
-                parts = part_region_losses(fake, cfg.part_t_weight, cfg.part_density_weight,
-                                           cfg.part_distortion_weight)
-                loss = loss_adv + sum(parts.values())
-                losses.update({"Loss/G/loss": loss_adv, **parts})
-            elif phase == "Greg":
-                loss = self.density_regularizer(gen_z, gen_labels, swapping_prob)
-                losses["Loss/G/TVloss"] = loss
-                loss = loss * (cfg.g_reg_interval or 1)
-            elif phase == "Dmain":
-                with torch.no_grad():
-                    fake = self.run_G(gen_z, gen_labels, swapping_prob, update_emas=True)
-                real = self.real_inputs(batch, blur_sigma)
-                loss = self.discriminator_loss(real, real_c, fake, gen_c, blur_sigma)
-                losses["Loss/D/loss"] = loss
-            else:  # Dreg
-                real = self.real_inputs(batch, blur_sigma)
-                _, penalty = r1_penalty(self.D, real, real_c, cfg.r1_gamma, cfg.r1_gamma_uv, cfg.r1_gamma_seg,
-                                        self.img_name, self.img_raw_name, blur_sigma)
-                loss = penalty.mean()
-                losses["Loss/D/reg"] = loss
-                loss = loss * (cfg.d_reg_interval or 1)
-            self._optimize(module, opt, loss)
+            losses.update(self.accumulate_phase(phase, batch, blur_sigma, swapping_prob))
+            self._optimize(module, opt)
         self.G.requires_grad_(True)
         self.D.requires_grad_(True)
         world_batch = cfg.batch * self.dist.world_size
@@ -608,7 +698,8 @@ class GenHeadTrainer:
         return {"kind": "genhead", "G": self.G.state_dict(), "D": self.D.state_dict(),
                 "G_ema": self.G_ema.state_dict(), "G_opt": self.G_opt.state_dict(), "D_opt": self.D_opt.state_dict(),
                 "step": self.step_index, "cur_nimg": self.cur_nimg, "rng": get_rng_state(),
-                "data_rng": self.data_generator.get_state(), "config": config_to_dict(self.config)}
+                "data_rng": self.data_generator.get_state(), "data_stream": self.stream.state_dict(),
+                "config": config_to_dict(self.config)}
 
     def save(self, path) -> Path:
         """Write the checkpoint atomically (rank 0 only; other ranks return the path)."""
@@ -628,6 +719,9 @@ class GenHeadTrainer:
         self.G_opt.load_state_dict(state["G_opt"])
         self.D_opt.load_state_dict(state["D_opt"])
         self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        # every rank has consumed the same number of its own items: rank 0's position holds for all
+        # (a checkpoint without one, from before the data stream, continues at step * batch)
+        self.stream.load_state_dict(state.get("data_stream", {"position": self.step_index * self.config.batch}))
         if self.dist.is_main:
             set_rng_state(state["rng"])
             self.data_generator.set_state(state["data_rng"])
@@ -635,6 +729,35 @@ class GenHeadTrainer:
             seed = self.config.seed * 7919 + self.dist.rank + 104729 * (self.step_index + 1)
             torch.manual_seed(seed)
             self.data_generator.manual_seed(seed + 1)
+
+    @torch.no_grad()
+    def snapshot_images(self, count: int = 8) -> torch.Tensor:
+        """``G_ema``'s images ``[K, 3, R, R]`` in [-1, 1] (the super-resolved ones with a
+        super-resolution), ``K = count``, for latents fixed by ``config.seed`` and the labels
+        of dataset items ``0 .. K-1`` (repeated if fewer), constant noise, float32: the same
+        grid at every call, so that grids show the training's progress."""
+        generator = torch.Generator().manual_seed(self.config.seed + 104723)
+        g = self.G_ema
+        z = torch.randn(count, g.config.z_dim, generator=generator).to(self.device)
+        labels = self.labels_of(torch.arange(count) % len(self.dataset)).to(self.device)
+        camera, codes = labels_to_codes(labels)
+        cond = g.condition(camera, codes["shape"])
+        if self.config.gpc_reg_prob is None:
+            cond = torch.zeros_like(cond)
+        ws = g.mapping(z, cond)
+        out = g.render(g.planes(ws, noise_mode="const"), camera, codes, ws=ws,
+                       background=g.background_image(z, noise_mode="const"))
+        return out["image" if g.superresolution is not None else "image_raw"].float().clamp(-1, 1)
+
+    def real_images(self, count: int = 8) -> torch.Tensor:
+        """Dataset items ``0 .. count-1`` (repeated if fewer) as ``[K, 3, R, R]`` in [-1, 1]."""
+        items = [self.dataset[i % len(self.dataset)][0] for i in range(count)]
+        return torch.stack([torch.as_tensor(x) for x in items]).float() / 127.5 - 1
+
+    def close(self) -> None:
+        """Stop the data workers and remove the mixed-precision hooks."""
+        self.stream.close()
+        self.precision.remove()
 
 
 def _open_dataset(config: GenHeadTrainingConfig):
@@ -690,7 +813,19 @@ def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[
     log = ProgressLog(out, total, enabled=dist_.is_main)
     steps = 0
     limit = 2 if config.dry_run else max_steps
+    imaged_at = None
+
+    def write_images() -> None:
+        nonlocal imaged_at
+        if dist_.is_main:
+            log.images(trainer.step_index, "Images/fakes_ema", trainer.snapshot_images(), trainer.cur_nimg)
+        imaged_at = trainer.step_index
+
     try:
+        log.print(f"precision {config.precision}, {config.batch} images per process in {config.accumulate} "
+                  f"micro-batch(es), {dist_.world_size} process(es), {config.workers} data worker(s)")
+        if dist_.is_main and trainer.step_index == 0:
+            log.images(0, "Images/reals", trainer.real_images(), 0)
         while trainer.cur_nimg < total and (limit is None or steps < limit):
             losses = trainer.step()
             steps += 1
@@ -699,8 +834,12 @@ def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[
                     raise FloatingPointError(f"train_genhead: {name} is {value} at step {trainer.step_index}")
             if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
                 log.report(trainer.step_index, trainer.cur_nimg, losses)
+            if config.image_every is not None and trainer.step_index % config.image_every == 0:
+                write_images()
             if trainer.step_index % config.checkpoint_every == 0:
                 trainer.save(checkpoint)
+        if imaged_at != trainer.step_index:
+            write_images()
         trainer.save(checkpoint)
         if dist_.is_main:
             replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
@@ -709,4 +848,5 @@ def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[
                   f"generator to {out / EXPORT_NAME} (GenHead.load reads it)")
     finally:
         log.close()
+        trainer.close()
     return trainer
