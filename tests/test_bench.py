@@ -373,6 +373,7 @@ def test_training_step_case_repeats_one_step_and_agrees_with_its_reference():
 def test_training_cases_time_batch_eight_and_four_on_cuda_without_building_a_trainer():
     cuda = torch.device("cuda")  # building cases builds no trainer and allocates nothing
     full = bench.cases(bench.Settings(device=cuda, full=True), ["train_genhead", "train_reconstructor"])
-    assert {(c.op, c.shape.split("_")[0]) for c in full} == {("train_genhead", "N8"), ("train_reconstructor", "N4")}
+    assert {(c.op, c.shape.split("_")[0]) for c in full} == {("train_genhead", "N2"), ("train_genhead", "N8"),
+                                                              ("train_reconstructor", "N1"), ("train_reconstructor", "N4")}
     assert all(c.passes == (bench.STEP_PASS,) and c.measure_memory and c.op in bench.WHOLE_MODELS for c in full)
     assert any(c.shape.endswith("_reg") for c in full)

@@ -12,7 +12,8 @@ the step), in one run, on the same state and the same draws.
 The pass is ``step`` (:data:`head4d.bench.case.STEP_PASS`): the case's ``run`` computes its
 own gradients and updates the weights. Every call first restores the trainer to one
 snapshot (weights, optimizer moments, EMA, counters) and reseeds its random draws, so
-every timed call is the same step; the restore (a copy of the weights and moments) is
+every timed call is the same step; the restore (a copy of the weights and moments, the
+real-data stream's position) is
 inside the timed region on both sides alike. The snapshot is taken after one warm-up
 step, so Adam's moments are non-zero and its update ``m / (sqrt(v) + eps)`` is well
 conditioned: a rounding-level gradient difference moves the update by the same relative
@@ -41,11 +42,11 @@ Goals (issue "Learning from synthetic data"): on an H100 at batch 8 per GPU, at 
 CPU, at least 1.3x (one torch thread, the sizes below).
 
 Sizes. CUDA: the released ``genhead-ffhq512`` generator and its dual discriminator at
-512^2 (FP16 blocks as released), batch 8 in the full mode, 2 otherwise (``--batch``
+512^2 (FP16 blocks as released), batch 2, and 8 too in the full mode (``--batch``
 overrides); the reconstructor's training at its released sizes on an untrained released
-GenHead, batch 4 in the full mode (the reference at 8 would not fit in 80 GB: its
+GenHead, batch 1, and 4 too in the full mode (the reference at 8 would not fit in 80 GB: its
 reconstructor alone keeps ~28 GB for the backward at batch 4, float32, counted on fake
-tensors by ``benchmarks/reconstructor_memory.py``), 1 otherwise. CPU: GenHead reduced as in the ``genhead`` case (channel_base 1024,
+tensors by ``benchmarks/reconstructor_memory.py``). CPU: GenHead reduced as in the ``genhead`` case (channel_base 1024,
 channel_max 32, triplanes at 64^2, background at 32^2, 16^2 neural rendering with 48 + 48
 samples) without the super-resolution, and a 16^2 discriminator narrowed to channel_base
 256, channel_max 32 and a 2-layer camera mapping; batch 2. The reconstructor's training:
@@ -118,7 +119,8 @@ class _StepBench:
 
     @staticmethod
     def _stateful(trainer) -> List[str]:
-        return [name for name in ("G", "D", "G_ema", "G_opt", "D_opt") if hasattr(trainer, name)]
+        # the networks, the optimizers and the real-data stream (its position)
+        return [name for name in ("G", "D", "G_ema", "G_opt", "D_opt", "stream") if hasattr(trainer, name)]
 
     def run(self, inputs: Inputs, backend: str) -> torch.Tensor:
         seed = inputs["seed"]
@@ -127,7 +129,8 @@ class _StepBench:
         for name, state in self.snapshots[str(device)].items():
             # an optimizer adopts the tensors of the state it loads (and then updates them
             # in place), so it gets a copy; a module copies into its own tensors
-            getattr(trainer, name).load_state_dict(copy.deepcopy(state) if name.endswith("_opt") else state)
+            getattr(trainer, name).load_state_dict(copy.deepcopy(state) if name != "G" and name != "D"
+                                                   and name != "G_ema" else state)
         trainer.step_index = self.step_index
         trainer.cur_nimg = self.step_index * trainer.config.batch if self.cur_nimg is None else self.cur_nimg
         torch.manual_seed(int(seed.item()))
@@ -157,7 +160,7 @@ def _train_genhead_cases(settings: Settings) -> List[Case]:
     regularization phases."""
     device = settings.device
     cuda = device.type == "cuda"
-    batches = settings.batches or ((8,) if cuda and settings.full else (2,))
+    batches = settings.batches or ((2, 8) if cuda and settings.full else (2,))
     return [train_genhead_case(n, cuda, reg) for n in batches for reg in (False, True)]
 
 
@@ -208,7 +211,7 @@ def _train_reconstructor_cases(settings: Settings) -> List[Case]:
     """One reconstructor training step of the adversarial stage (module docstring)."""
     device = settings.device
     cuda = device.type == "cuda"
-    batches = settings.batches or ((4,) if cuda and settings.full else (1,) if cuda else (2,))
+    batches = settings.batches or ((1, 4) if cuda and settings.full else (1,) if cuda else (2,))
     return [train_reconstructor_case(n, cuda) for n in batches]
 
 
