@@ -17,6 +17,7 @@
                          [--precision fp32|bf16] [--accumulate K] [--workers N] [--image-every N]
     head4d train reconstructor --genhead CKPT --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
                                [--identity-weights FILE] [--lpips-backbone pretrained|random]
+                               [--precision fp32|bf16] [--accumulate K] [--image-every N]
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
@@ -301,7 +302,7 @@ def _train_reconstructor(args: argparse.Namespace) -> int:
         return 2
     kwargs = {"genhead": args.genhead, "out": args.out, "resume": args.resume, "dry_run": args.dry_run,
               "seed": args.seed, "identity_weights": args.identity_weights, "lpips_backbone": args.lpips_backbone}
-    for name in ("batch", "kimg", "device"):
+    for name in ("batch", "kimg", "device", "precision", "accumulate", "image_every"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     try:
@@ -504,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LPIPS's VGG16: torchvision's cached ImageNet weights (default) or random weights (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="fp32 (default), or bf16: bfloat16 autocast in the StyleGAN2 convolution blocks (CUDA only)")
+    p.add_argument("--accumulate", type=int, metavar="K",
+                   help="micro-batches per optimizer step, each --batch / K triplets (default 1)")
+    p.add_argument("--image-every", type=int, metavar="N",
+                   help="steps between image grids of the EMA reconstructor (default 1000; also at the end)")
     p.set_defaults(func=_train_reconstructor)
     return parser
 

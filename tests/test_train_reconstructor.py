@@ -15,11 +15,20 @@ with a random VGG16 backbone (built explicitly; it warns so).
   every phase, D moves, the decoder moves, the identity term from a stand-in network; and
   a checkpoint round trip there: a fresh trainer resumed from it takes the same step, bit-exact.
 - The feature image without background against a render without background.
-- ``head4d train reconstructor --small --dry-run`` writes the checkpoint and the EMA
-  export; bad configs and a missing ``--genhead`` are clear errors; the missing-VGG message.
+- Gradient accumulation: the strided micro-batches of a TripletBatch (every field, the
+  static half in each); the gradients of ``Gmain`` (every term, the adversarial one through
+  the discriminator's minibatch std), ``Dmain`` and ``Dreg`` over 2 micro-batches equal
+  those of the whole batch to float32 rounding (the renderer's jitter switched off, so that
+  both see the same samples; ``Greg`` draws its points per micro-batch and is left out).
+- Mixed precision: ``"bf16"`` on the CPU is refused (trainer and command).
+- ``head4d train reconstructor --small --dry-run`` writes the checkpoint, the EMA export
+  and the image grids (every step with ``--image-every 1``: the sources and targets fixed,
+  the EMA renders moving; in TensorBoard too); bad configs and a missing ``--genhead`` are
+  clear errors; the missing-VGG message.
 - Two processes (gloo, torchrun's environment variables) run two steps and hold identical
   weights.
 """
+import dataclasses
 import math
 import os
 import socket
@@ -32,13 +41,15 @@ import torch
 import torch.nn.functional as F
 
 from head4d.cli import main as cli_main
+from head4d.media import decode_png
 from head4d.train import common
 from head4d.train import perceptual
 from head4d.train.reconstructor import (ReconstructorTrainer, ReconstructorTrainingConfig, density_tv_loss,
                                         depth_loss, discriminator_loss, feature_loss, freezes_decoder_at,
                                         frozen_parameter_names, generator_adversarial_loss, image_losses,
                                         loss_weights_at, neural_resolution_at, phases_at, reconstruction_targets,
-                                        segmentation_loss, train_reconstructor, triplane_feature_loss)
+                                        segmentation_loss, split_triplets, train_reconstructor,
+                                        triplane_feature_loss)
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -299,6 +310,64 @@ class TestSmallTrainer:
             other.load(tmp_path / "other.pt")
 
 
+    def test_accumulated_phases_equal_the_whole_batch(self, trainer, monkeypatch):
+        batch = trainer.sampler.sample(4)
+        micro = split_triplets(batch, 2)
+        assert batch.motion_scale.tolist() == [1.0, 1.0, 0.0, 0.0]
+        assert [m.motion_scale.tolist() for m in micro] == [[1.0, 0.0], [1.0, 0.0]]  # the static half in each
+        for j, m in enumerate(micro):
+            fields = m.tensors()
+            assert sorted(fields) == sorted(batch.tensors()) and m.image is None and batch.image is None
+            for name, value in batch.tensors().items():
+                assert torch.equal(fields[name], value[j::2]), name
+        assert len(split_triplets(batch, 1)) == 1 and split_triplets(batch, 1)[0] is batch
+        with pytest.raises(ValueError, match="must divide the batch"):
+            split_triplets(batch, 3)
+        # the same samples along every ray in both runs: no jitter, deterministic importance sampling
+        options = {**trainer.G.config.rendering_options(), "jitter": "none", "det_importance": True}
+        monkeypatch.setattr(trainer.G.config, "rendering_options", lambda: options)
+        r = 16
+        weights = {"l1": 1.0, "lpips": 1.0, "seg": 0.3, "depth": 1.0, "feature": 1.0, "triplane": 0.1,
+                   "identity": 0.0, "adversarial": 0.01}
+        # the conditioning: the same batch with every floating field nudged by one float32 rounding
+        nudged = dataclasses.replace(batch, **{k: v * (1 + EPS32) for k, v in batch.tensors().items()
+                                               if v.is_floating_point()})
+        runs = {"whole": split_triplets(batch, 1), "split": split_triplets(batch, 2),
+                "nudged": split_triplets(nudged, 1)}
+        prepared = {run: [trainer.step_inputs(m, r, True) for m in micro] for run, micro in runs.items()}
+        try:
+            for phase in ("Gmain", "Dmain", "Dreg"):
+                training_g = phase.startswith("G")
+                module = trainer.G if training_g else trainer.D
+                trainer.G.requires_grad_(training_g)
+                trainer.D.requires_grad_(not training_g)
+                results = {}
+                for run, micro_batches in prepared.items():
+                    module.zero_grad(set_to_none=True)
+                    logged = trainer.accumulate_phase(phase, micro_batches, r, weights)
+                    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                       for p in module.parameters()])
+                    results[run] = grads, {k: float(v) for k, v in logged.items()}
+                (whole, whole_logged), (split, split_logged), (nudge, _) = (results[k] for k in
+                                                                            ("whole", "split", "nudged"))
+                assert whole.norm() > 0, phase
+                # the float32 sums over the 4 samples regrouped (matrix products of another size round
+                # differently): through the reconstructor's depth that moves the gradient as much as a
+                # rounding of the inputs does, so the bound is a few times the nudged batch's change
+                # (and at least 64 float32 roundings); a change of what the samples see is far beyond it
+                error = ((split - whole).norm() / whole.norm()).item()
+                rounding = ((nudge - whole).norm() / whole.norm()).item()
+                assert error < max(4 * rounding, 64 * EPS32), (phase, error, rounding)
+                assert sorted(split_logged) == sorted(whole_logged)
+                for name, value in whole_logged.items():
+                    assert abs(split_logged[name] - value) <= 64 * EPS32 * abs(value), (name, split_logged[name],
+                                                                                       value)
+        finally:
+            trainer.G.requires_grad_(True)
+            trainer.D.requires_grad_(True)
+            trainer.G.zero_grad(set_to_none=True)
+            trainer.D.zero_grad(set_to_none=True)
+
     def test_identity_warning_names_the_switch(self, trainer):
         with pytest.warns(UserWarning, match="identity loss is off.*--identity-weights"):
             assert trainer._load_identity() is None
@@ -320,6 +389,23 @@ def test_config_errors():
         ReconstructorTrainingConfig(genhead="x", adversarial_weight=float("nan")).check()
     with pytest.raises(ValueError, match="motion_dim must be 109"):
         small_config(reconstructor={"motion_dim": 548}).check()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        small_config(precision="fp16").check()
+    with pytest.raises(ValueError, match=r"accumulate \(2\) must divide batch \(3\)"):
+        small_config(batch=3, accumulate=2).check()
+    with pytest.raises(ValueError, match="accumulate must be an int >= 1"):
+        small_config(accumulate=0).check()
+    with pytest.raises(ValueError, match="image_every must be an int >= 1"):
+        small_config(image_every=0).check()
+    small_config(image_every=None).check()
+
+
+def test_bf16_is_refused_on_the_cpu(tmp_path, capsys):
+    with pytest.raises(ValueError, match="precision 'bf16' needs a CUDA device"):
+        ReconstructorTrainer(small_config(precision="bf16"))
+    rc = cli_main(["train", "reconstructor", "--out", str(tmp_path / "out"), "--small", "--device", "cpu",
+                   "--lpips-backbone", "random", "--precision", "bf16"])
+    assert rc == 2 and "needs a CUDA device" in capsys.readouterr().err
 
 
 def test_missing_vgg_error_says_what_to_place_where(tmp_path, monkeypatch, capsys):
@@ -359,7 +445,8 @@ def test_cli_dry_run_small_writes_checkpoint_and_export(tmp_path, capsys):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         rc = cli_main(["train", "reconstructor", "--out", str(out), "--small", "--dry-run", "--device", "cpu",
-                       "--batch", "1", "--lpips-backbone", "random"])
+                       "--batch", "1", "--lpips-backbone", "random", "--image-every", "1", "--precision", "fp32",
+                       "--accumulate", "1"])
     assert rc == 0
     messages = " | ".join(str(w.message) for w in record)
     assert "untrained GenHead" in messages and "randomly initialised VGG16" in messages, messages
@@ -372,6 +459,20 @@ def test_cli_dry_run_small_writes_checkpoint_and_export(tmp_path, capsys):
     for name, value in exported.state_dict().items():
         assert torch.equal(value, state["G_ema"][name]), name
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert state["config"]["image_every"] == 1 and state["config"]["precision"] == "fp32"
+    # image grids at steps 1 and 2 (none again at the end): 3 rows (sources, targets, EMA renders) of
+    # 4 tiles, 16^2 renders (the resolution before the fade) with 2-pixel gaps
+    grids = sorted((out / "images").iterdir())
+    assert [p.name for p in grids] == ["Images_source_target_ema-00000001.png", "Images_source_target_ema-00000002.png"]
+    first, second = (decode_png(p.read_bytes()) for p in grids)
+    assert first.shape == second.shape == (3 * 18 - 2, 4 * 18 - 2, 3)
+    assert torch.equal(first[:34], second[:34])  # the fixed sources and targets
+    assert not torch.equal(first[36:], second[36:])  # the EMA reconstructor moved
+    assert first[:34].float().std() > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("Images/source_target_ema")] == [1, 2]
 
 
 # ---------------------------------------------------------------------- torchrun

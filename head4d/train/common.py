@@ -1,4 +1,4 @@
-"""Pieces shared by head4d's trainings (GenHead's GAN training now, the reconstructor's later).
+"""Pieces shared by head4d's trainings (GenHead's GAN training and the reconstructor's).
 
 - **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one file written by
   ``torch.save`` holding a dict of plain state: the networks' ``state_dict()`` (tensors),

@@ -82,17 +82,39 @@ Gaps: the global encoder starts from random weights (upstream: an ImageNet ResNe
 identity loss is given the whole images (upstream first warps both with the target's
 landmarks to aligned 112 x 112 crops, which head4d's synthesis does not provide).
 
+Infrastructure (:mod:`head4d.train.common`, as GenHead's training uses it): ``precision
+"bf16"`` (CUDA only) autocasts the StyleGAN2 convolution blocks to bfloat16 (the
+reconstructor's super-resolution and background generator where it has them, and the
+discriminator's blocks; :class:`~head4d.train.common.MixedPrecision`): the encoders, the
+transformer, the triplane decoder, the renderer, LPIPS, the identity network, the losses
+and R1 stay float32, and so does the frozen GenHead's synthesis. ``accumulate`` splits
+each step's triplets into strided micro-batches (:func:`split_triplets`: micro-batch ``j``
+holds rows ``j, j + k, ...`` of every :class:`~head4d.synthesis.TripletBatch` field), each
+phase's loss divided by ``k`` before its backward, one optimizer step per phase. Every row
+keeps its motion scale, so the step trains on exactly the whole batch's dynamic and
+static rows; the static rows are the batch's last ``s``, and a micro-batch holds ``s / k``
+of them when ``k`` divides ``s`` (the default batches: half of each micro-batch static),
+otherwise the micro-batches' counts differ by one. That does not change the gradient:
+every loss is a mean over the samples, the reconstructor has no layer coupling samples
+(no batch normalization), and the discriminator's minibatch-std groups are kept by the
+strided split (:func:`~head4d.train.common.check_microbatch`). The random draws (the ray
+marcher's jitter, the density TV's points) are made per micro-batch. Image grids
+(:meth:`ReconstructorTrainer.snapshot_images`: the sources, the targets and the EMA
+reconstructor's renders of a fixed set of triplets) every ``image_every`` steps and at the
+end, as PNG files under ``out/images/`` and in TensorBoard.
+
 Resuming: the checkpoint holds rank 0's random states and the sampler's generator; on
 resume every other rank draws from states derived from the seed, its rank and the step.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +127,17 @@ from ..nn.discriminator import DualDiscriminatorDeform, filtered_resizing
 from ..ops import sample_triplanes
 from ..render.masks import correspondence_map
 from ..synthesis import TripletBatch, TripletSampler
-from .common import (Distributed, ProgressLog, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings,
-                     load_checkpoint, replace_directory, save_checkpoint, set_rng_state, update_ema)
+from .common import (PRECISIONS, Distributed, MixedPrecision, ProgressLog, accumulate_gradients, check_microbatch,
+                     config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint, replace_directory,
+                     save_checkpoint, set_rng_state, split_microbatches, update_ema)
 from .genhead import r1_penalty, small_discriminator_kwargs, small_genhead_config
 from .perceptual import LPIPS_BACKBONES, build_lpips
 
 __all__ = ["ReconstructorTrainer", "ReconstructorTrainingConfig", "density_tv_loss", "depth_loss",
            "discriminator_loss", "feature_loss", "freezes_decoder_at", "frozen_parameter_names",
            "generator_adversarial_loss", "image_losses", "loss_weights_at", "neural_resolution_at", "phases_at",
-           "reconstruction_targets", "segmentation_loss", "small_reconstructor_config", "train_reconstructor",
-           "triplane_feature_loss"]
+           "reconstruction_targets", "segmentation_loss", "small_reconstructor_config", "split_triplets",
+           "train_reconstructor", "triplane_feature_loss"]
 
 NAME = "ReconstructorTrainer"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -124,6 +147,8 @@ EXPORT_NAME = "G_ema"
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 #: The image pairs of the L1 and LPIPS terms: entries of the fake and target dicts.
 IMAGE_PAIRS = ("image", "image_raw", "image_raw_wobg", "image_background")
+#: The image grids' tag (rows: the sources, the targets, the EMA reconstructor's renders).
+SNAPSHOT_TAG = "Images/source_target_ema"
 
 
 def small_reconstructor_config() -> Dict[str, Any]:
@@ -143,8 +168,15 @@ class ReconstructorTrainingConfig:
     Run: ``genhead`` (the frozen GenHead: a Portrait4D ``genhead-*.pkl`` or a directory
     written by ``GenHead.save``), ``out``, ``batch`` (triplets per process), ``kimg``,
     ``seed``, ``resume``, ``dry_run`` (two steps), ``log_every`` / ``checkpoint_every``
-    (steps), ``device`` (None: CUDA when available), ``untrained_genhead`` (GenHeadConfig
-    fields of an untrained GenHead used when ``genhead`` is None; ``--small`` only).
+    (steps), ``image_every`` (steps between image grids of the EMA reconstructor, also
+    written at the end; None: at the end only), ``device`` (None: CUDA when available),
+    ``untrained_genhead`` (GenHeadConfig fields of an untrained GenHead used when
+    ``genhead`` is None; ``--small`` only).
+    Speed: ``precision`` (``"fp32"``, or ``"bf16"`` on CUDA: bfloat16 autocast in the
+    StyleGAN2 convolution blocks, :class:`~head4d.train.common.MixedPrecision`),
+    ``accumulate`` (each step's ``batch`` triplets split into this many strided
+    micro-batches, one optimizer step per phase; the micro-batch must be a multiple of the
+    discriminator's minibatch-std group, :func:`~head4d.train.common.check_microbatch`).
     Networks: ``reconstructor`` (:class:`~head4d.models.ReconstructorConfig` fields over its
     defaults; ``motion_dim`` 109 and ``neural_rendering_resolution = resolution_final`` unless
     given), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments).
@@ -171,7 +203,10 @@ class ReconstructorTrainingConfig:
     dry_run: bool = False
     log_every: int = 10
     checkpoint_every: int = 1000
+    image_every: Optional[int] = 1000
     device: Optional[str] = None
+    precision: str = "fp32"
+    accumulate: int = 1
     untrained_genhead: Optional[Dict[str, Any]] = None
     reconstructor: Dict[str, Any] = field(default_factory=dict)
     discriminator: Dict[str, Any] = field(default_factory=dict)
@@ -236,10 +271,16 @@ class ReconstructorTrainingConfig:
         setting."""
         op = "ReconstructorTrainingConfig"
         for name in ("batch", "log_every", "checkpoint_every", "density_reg_points", "triplane_points",
-                     "resolution_initial", "resolution_final"):
+                     "resolution_initial", "resolution_final", "accumulate", "image_every"):
             value = getattr(self, name)
+            if value is None and name == "image_every":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch % self.accumulate:
+            raise ValueError(f"{op}: accumulate ({self.accumulate}) must divide batch ({self.batch})")
         optional = ("ema_kimg", "freeze_kimg")
         for name in ("kimg", "g_lr", "d_lr", "eps", "seg_weight", "depth_weight", "feature_weight", "triplane_weight",
                      "warmup_kimg", "identity_weight", "identity_start_kimg", "adversarial_weight",
@@ -456,6 +497,21 @@ def reconstruction_targets(batch: TripletBatch, resolution: int) -> Dict[str, to
     return out
 
 
+def split_triplets(batch: TripletBatch, accumulate: int) -> List[TripletBatch]:
+    """``batch``'s N triplets as ``accumulate`` strided micro-batches: micro-batch ``j`` holds
+    rows ``j, j + accumulate, ...`` of every field (:func:`~head4d.train.common.split_microbatches`;
+    fields that are None stay None). Each row keeps its ``motion_scale``: with the static
+    rows the last ``s``, a micro-batch holds ``s / accumulate`` of them when ``accumulate``
+    divides ``s``, else the counts differ by one between micro-batches (module docstring).
+
+    Raises:
+        ValueError: ``accumulate`` is not an int >= 1 or does not divide N.
+    """
+    if accumulate == 1:
+        return [batch]
+    return [dataclasses.replace(batch, **micro) for micro in split_microbatches(batch.tensors(), accumulate)]
+
+
 # ---------------------------------------------------------------------- trainer
 class ReconstructorTrainer:
     """Networks, optimizers and one training step of the reconstructor's training.
@@ -471,7 +527,10 @@ class ReconstructorTrainer:
             ``config.identity_weights`` when set, else off with a warning).
 
     Attributes: ``G`` (the reconstructor), ``D``, ``G_ema``, ``G_opt``, ``D_opt``,
-    ``genhead``, ``sampler``, ``step_index``, ``cur_nimg``, ``last_losses``.
+    ``genhead``, ``sampler``, ``step_index``, ``cur_nimg``, ``last_losses``, ``micro_batch``
+    (triplets per micro-batch), ``precision`` (:class:`~head4d.train.common.MixedPrecision`;
+    with ``"bf16"`` its autocast hooks sit on ``G``'s and ``D``'s StyleGAN2 blocks, not on
+    ``G_ema``'s or the frozen GenHead's). Call :meth:`close` to remove the hooks.
     """
 
     def __init__(self, config: ReconstructorTrainingConfig, genhead: Optional[GenHead] = None,
@@ -482,6 +541,7 @@ class ReconstructorTrainer:
         self.dist = distributed if distributed is not None else Distributed(
             device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.device = self.dist.device
+        self.precision = MixedPrecision(config.precision, self.device)  # refuses bf16 off CUDA, before any building
         # the loss networks first: a missing weights file stops the run before the big networks are built
         self.lpips = (lpips if lpips is not None else build_lpips(config.lpips_backbone, seed=config.seed))
         self.lpips = self.lpips.to(self.device).eval().requires_grad_(False)
@@ -509,7 +569,11 @@ class ReconstructorTrainer:
             raise ValueError(f"{NAME}: the discriminator must have a super-resolution input exactly when the "
                              f"reconstructor has a super-resolution")
         self.dist.broadcast_parameters([self.G, self.D])
+        mbstd = getattr(self.D.b4, "mbstd", None)
+        self.micro_batch = check_microbatch(config.batch, config.accumulate,
+                                            mbstd.group_size if mbstd is not None else 0, NAME)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.precision.autocast_blocks([self.G, self.D])  # after the copy: G_ema computes in float32
         g_lr, g_betas = lazy_adam_settings(config.g_lr, tuple(config.betas), config.g_reg_interval)
         d_lr, d_betas = lazy_adam_settings(config.d_lr, tuple(config.betas), config.d_reg_interval)
         self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
@@ -527,6 +591,7 @@ class ReconstructorTrainer:
         self._canonical = head.canonical_vertices().to(self.device)
         self.img_name = "image_sr" if rc.has_superresolution else "image"
         self.img_raw_name = "image" if rc.has_superresolution else None
+        self._fixed_batch: Optional[TripletBatch] = None
 
     # ------------------------------------------------------------------ building
     def _load_genhead(self) -> GenHead:
@@ -654,10 +719,10 @@ class ReconstructorTrainer:
             sigma = decode(planes, torch.cat([points, moved], dim=1))["sigma"]
         return density_tv_loss(sigma[:, :m], sigma[:, m:], cfg.density_reg)
 
-    def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor,
-                  freeze: bool = False) -> None:
+    def _optimize(self, module: torch.nn.Module, opt: torch.optim.Optimizer, freeze: bool = False) -> None:
+        """The optimizer step on the accumulated gradients: the frozen parameters' zeroed
+        (``freeze``), averaged over the ranks, NaN and infinities replaced as StyleGAN2 does."""
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        loss.backward()
         if freeze:
             for name, p in named:
                 if name in self.frozen and p.grad is not None:
@@ -669,20 +734,70 @@ class ReconstructorTrainer:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
 
+    def step_inputs(self, batch: TripletBatch, resolution: int, with_uv: bool) -> Dict[str, Any]:
+        """What the phases read of (micro-)batch ``batch`` at neural rendering resolution
+        ``resolution``: ``inputs`` (:meth:`source_inputs`), ``target``
+        (:func:`reconstruction_targets`) and ``uv`` (:meth:`correspondence` when
+        ``with_uv``, else None), all with the batch's rows."""
+        return {"inputs": self.source_inputs(batch), "target": reconstruction_targets(batch, resolution),
+                "uv": self.correspondence(batch) if with_uv else None}
+
+    def phase_loss(self, phase: str, micro: Mapping[str, Any], resolution: int,
+                   weights: Mapping[str, float]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One phase's loss on a (micro-)batch's :meth:`step_inputs`: ``(loss, logged)``,
+        ``loss`` the scalar to back-propagate (a regularizer's times its interval, every
+        term a mean over the samples), ``logged`` the named terms.
+
+        Args:
+            phase: one of :data:`PHASES`.
+            micro: :meth:`step_inputs` of the micro-batch.
+            resolution: the neural rendering resolution r.
+            weights: :func:`loss_weights_at`'s.
+        """
+        cfg = self.config
+        inputs, target, uv = micro["inputs"], micro["target"], micro["uv"]
+        if phase == "Gmain":
+            loss, logged = self.generator_loss(inputs, target, uv, resolution, weights)
+            return loss, {**logged, "Loss/G/total": loss}
+        if phase == "Greg":
+            loss = self.density_regularizer(inputs)
+            return loss * (cfg.g_reg_interval or 1), {"Loss/G/TVloss": loss}
+        if phase == "Dmain":
+            with torch.no_grad():
+                fake = self.run_G(inputs, target["camera"], resolution)
+            fake_logits = self.run_D(self.discriminator_inputs(fake, uv), target["camera"])
+            real_logits = self.run_D(self.discriminator_inputs(target, uv), target["camera"])
+            loss = discriminator_loss(fake_logits, real_logits)
+            return loss, {"Loss/D/loss": loss}
+        if phase == "Dreg":
+            with self.precision.full_precision():  # R1's double backward in float32
+                _, penalty = r1_penalty(self.D, self.discriminator_inputs(target, uv), target["camera"], cfg.r1_gamma,
+                                        cfg.r1_gamma_uv, cfg.r1_gamma_seg, self.img_name, self.img_raw_name)
+            loss = penalty.mean()
+            return loss * (cfg.d_reg_interval or 1), {"Loss/D/reg": loss}
+        raise ValueError(f"{NAME}.phase_loss: phase must be one of {PHASES}, got {phase!r}")
+
+    def accumulate_phase(self, phase: str, micro_batches: Sequence[Mapping[str, Any]], resolution: int,
+                         weights: Mapping[str, float]) -> Dict[str, torch.Tensor]:
+        """The gradients of one phase added into ``.grad`` over the micro-batches
+        (:meth:`step_inputs` of each), each loss divided by their count; returns the logged
+        terms' means (no optimizer step)."""
+        return accumulate_gradients(micro_batches, lambda micro: self.phase_loss(phase, micro, resolution, weights))
+
     def step(self, batch: Optional[TripletBatch] = None) -> Dict[str, float]:
-        """One training step (its phases), the EMA update; returns the losses (means over the
-        ranks) as floats and keeps them in ``last_losses``. ``batch``: the triplets to train
-        on (None: a fresh draw of ``config.batch`` from the sampler)."""
+        """One training step (its phases, each over ``config.accumulate`` micro-batches and
+        one optimizer step), the EMA update; returns the losses (means over the micro-batches
+        and the ranks) as floats and keeps them in ``last_losses``. ``batch``: the triplets
+        to train on (None: a fresh draw of ``config.batch`` from the sampler)."""
         cfg = self.config
         if batch is None:
             batch = self.sampler.sample(cfg.batch)
         r = neural_resolution_at(self.cur_nimg, cfg.resolution_initial, cfg.resolution_final,
                                  cfg.adversarial_start_kimg, cfg.resolution_fade_kimg)
         weights = loss_weights_at(self.cur_nimg, cfg)
-        target = reconstruction_targets(batch, r)
-        inputs = self.source_inputs(batch)
         phases = phases_at(cfg, self.step_index, self.cur_nimg)
-        uv = self.correspondence(batch) if "Dmain" in phases else None
+        micro_batches = [self.step_inputs(micro, r, "Dmain" in phases)
+                         for micro in split_triplets(batch, cfg.accumulate)]
         freeze = freezes_decoder_at(cfg, self.cur_nimg)
         losses: Dict[str, torch.Tensor] = {}
         for phase in phases:
@@ -691,28 +806,8 @@ class ReconstructorTrainer:
             self.G.requires_grad_(training_g)
             self.D.requires_grad_(not training_g)
             opt.zero_grad(set_to_none=True)
-            if phase == "Gmain":
-                loss, logged = self.generator_loss(inputs, target, uv, r, weights)
-                losses.update(logged)
-                losses["Loss/G/total"] = loss
-            elif phase == "Greg":
-                loss = self.density_regularizer(inputs)
-                losses["Loss/G/TVloss"] = loss
-                loss = loss * (cfg.g_reg_interval or 1)
-            elif phase == "Dmain":
-                with torch.no_grad():
-                    fake = self.run_G(inputs, target["camera"], r)
-                fake_logits = self.run_D(self.discriminator_inputs(fake, uv), target["camera"])
-                real_logits = self.run_D(self.discriminator_inputs(target, uv), target["camera"])
-                loss = discriminator_loss(fake_logits, real_logits)
-                losses["Loss/D/loss"] = loss
-            else:  # Dreg
-                _, penalty = r1_penalty(self.D, self.discriminator_inputs(target, uv), target["camera"], cfg.r1_gamma,
-                                        cfg.r1_gamma_uv, cfg.r1_gamma_seg, self.img_name, self.img_raw_name)
-                loss = penalty.mean()
-                losses["Loss/D/reg"] = loss
-                loss = loss * (cfg.d_reg_interval or 1)
-            self._optimize(module, opt, loss, freeze=training_g and freeze)
+            losses.update(self.accumulate_phase(phase, micro_batches, r, weights))
+            self._optimize(module, opt, freeze=training_g and freeze)
         self.G.requires_grad_(True)
         self.D.requires_grad_(True)
         world_batch = cfg.batch * self.dist.world_size
@@ -758,14 +853,67 @@ class ReconstructorTrainer:
             torch.manual_seed(seed)
             self.data_generator.manual_seed(seed + 1)
 
+    # ------------------------------------------------------------------ images
+    def fixed_batch(self, count: int = 4) -> TripletBatch:
+        """``count`` triplets drawn once (then kept) from a generator of their own, seeded by
+        ``config.seed``: the training's random states are left as they were, so image grids
+        change no training step (nor a resumed run's)."""
+        if self._fixed_batch is None or self._fixed_batch.batch_size != count:
+            cfg = self.config
+            generator = torch.Generator(self.device).manual_seed(cfg.seed + 104723)
+            sampler = TripletSampler(self.genhead, truncation_psi=cfg.truncation_psi,
+                                     static_fraction=cfg.static_fraction, triplane_points=cfg.triplane_points,
+                                     generator=generator)
+            with _global_rng_kept(self.device):
+                self._fixed_batch = sampler.sample(count)
+        return self._fixed_batch
+
+    @torch.no_grad()
+    def snapshot_images(self, count: int = 4) -> torch.Tensor:
+        """The image grid's rows for :meth:`fixed_batch`'s ``count`` triplets, ``[3 * K, 3,
+        S, S]`` float32 in [-1, 1] (``K = count``): the sources (view 0, as the reconstructor
+        sees them), the targets (view 2) and ``G_ema``'s renders of the targets (the
+        super-resolved image with a super-resolution, else the raw one, at the step's neural
+        rendering resolution; the renderer's random numbers from a fixed seed), all resized
+        to the render's size S. The global random states are left as they were."""
+        cfg = self.config
+        batch = self.fixed_batch(count)
+        r = neural_resolution_at(self.cur_nimg, cfg.resolution_initial, cfg.resolution_final,
+                                 cfg.adversarial_start_kimg, cfg.resolution_fade_kimg)
+        G = self.G_ema
+        inputs = self.source_inputs(batch)
+        generator = torch.Generator(self.device).manual_seed(cfg.seed + 104729)
+        with _global_rng_kept(self.device):
+            encoded = G.encode(inputs["source_image"], inputs["source_motion"], motion_scale=inputs["motion_scale"])
+            planes = G.triplanes(encoded, inputs["driving_motion"])
+            out = G.render(planes, batch.cameras[:, 2], background=encoded.background,
+                           neural_rendering_resolution=r, generator=generator)
+        fake = (out["image"] if "image" in out else out["image_raw"]).float()
+        target = batch.image[:, 2] if batch.image is not None else batch.image_raw[:, 2]
+        size = fake.shape[-1]
+        rows = [_resized(inputs["source_image"].float(), size), _resized(target.float(), size), fake]
+        return torch.cat(rows).clamp(-1, 1)
+
+    def close(self) -> None:
+        """Remove the mixed-precision hooks."""
+        self.precision.remove()
+
+
+def _global_rng_kept(device: torch.device):
+    """A context in which the global torch random states (the CPU's and ``device``'s when
+    it is CUDA) are saved and restored after."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
 
 def train_reconstructor(config: ReconstructorTrainingConfig, genhead: Optional[GenHead] = None,
                         max_steps: Optional[int] = None, lpips: Optional[torch.nn.Module] = None,
                         identity=None) -> ReconstructorTrainer:
     """Train the reconstructor: build (or resume from ``out/checkpoint.pt`` with
     ``config.resume``), run steps until ``config.kimg`` thousand images (two with
-    ``dry_run``, at most ``max_steps`` when given), log, write the checkpoint every
-    ``checkpoint_every`` steps and at the end, and export the EMA reconstructor to
+    ``dry_run``, at most ``max_steps`` when given), log, write image grids
+    (:meth:`ReconstructorTrainer.snapshot_images`) every ``image_every`` steps and at the
+    end, write the checkpoint every ``checkpoint_every`` steps and at the end, and export the EMA reconstructor to
     ``out/G_ema`` with :meth:`Reconstructor.save` (``head4d reenact --checkpoint`` reads it).
     Works unchanged under ``torchrun`` (see :class:`~head4d.train.common.Distributed`).
 
@@ -799,7 +947,19 @@ def _train(config: ReconstructorTrainingConfig, dist_: Distributed, genhead: Opt
     log = ProgressLog(out, total, enabled=dist_.is_main)
     steps = 0
     limit = 2 if config.dry_run else max_steps
+    imaged_at = None
+
+    def write_images() -> None:
+        nonlocal imaged_at
+        if dist_.is_main:
+            count = 4
+            log.images(trainer.step_index, SNAPSHOT_TAG, trainer.snapshot_images(count), trainer.cur_nimg,
+                       columns=count)
+        imaged_at = trainer.step_index
+
     try:
+        log.print(f"precision {config.precision}, {config.batch} triplets per process in {config.accumulate} "
+                  f"micro-batch(es), {dist_.world_size} process(es)")
         while trainer.cur_nimg < total and (limit is None or steps < limit):
             losses = trainer.step()
             steps += 1
@@ -808,8 +968,12 @@ def _train(config: ReconstructorTrainingConfig, dist_: Distributed, genhead: Opt
                     raise FloatingPointError(f"train_reconstructor: {name} is {value} at step {trainer.step_index}")
             if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
                 log.report(trainer.step_index, trainer.cur_nimg, losses)
+            if config.image_every is not None and trainer.step_index % config.image_every == 0:
+                write_images()
             if trainer.step_index % config.checkpoint_every == 0:
                 trainer.save(checkpoint)
+        if imaged_at != trainer.step_index:
+            write_images()
         trainer.save(checkpoint)
         if dist_.is_main:
             replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
@@ -818,4 +982,5 @@ def _train(config: ReconstructorTrainingConfig, dist_: Distributed, genhead: Opt
                   f"reconstructor to {out / EXPORT_NAME} (Reconstructor.load and head4d reenact read it)")
     finally:
         log.close()
+        trainer.close()
     return trainer
