@@ -788,3 +788,86 @@ class ProgressLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+# ---------------------------------------------------------------------- the training loop
+#: The checkpoint file in a training's output folder (rewritten atomically).
+CHECKPOINT_NAME = "checkpoint.pt"
+#: The EMA network exported at the end of a run (the model's ``save`` format).
+EXPORT_NAME = "G_ema"
+
+
+def run_training(trainer, config, dist_: Distributed, *, name: str, banner: str, export_note: str,
+                 write_snapshot: Callable[[ProgressLog], None],
+                 write_start: Optional[Callable[[ProgressLog], None]] = None,
+                 max_steps: Optional[int] = None):
+    """The loop both trainings share, inside their process group: resume from
+    ``out/checkpoint.pt`` with ``config.resume``; run ``trainer.step()`` until
+    ``config.kimg`` thousand images (two steps with ``config.dry_run``, at most
+    ``max_steps`` when given), stopping with ``FloatingPointError`` on a non-finite loss; log
+    every ``config.log_every`` steps (and the first); image grids every
+    ``config.image_every`` steps (None: only at the end) and at the end; the checkpoint
+    every ``config.checkpoint_every`` steps and at the end; then the EMA network exported to
+    ``out/G_ema`` (rank 0 writes; the others wait at a barrier).
+
+    Args:
+        trainer: a trainer with ``step()``, ``load(path)``, ``save(path)``, ``close()``,
+            ``step_index``, ``cur_nimg`` and ``G_ema`` (whose ``save`` writes a folder).
+        config: its training config (``out``, ``resume``, ``kimg``, ``dry_run``,
+            ``log_every``, ``image_every``, ``checkpoint_every``).
+        name: the training's function name, for messages.
+        banner: the first line printed (the run's settings).
+        export_note: what the export is and what reads it, for the last line printed.
+        write_snapshot: ``(log) -> None``, writes the image grids (rank 0 only).
+        write_start: ``(log) -> None``, grids written once before a fresh run's first step.
+        max_steps: a cap on the steps of this call.
+
+    Returns:
+        the trainer after the last step.
+    """
+    out = Path(config.out)
+    checkpoint = out / CHECKPOINT_NAME
+    if config.resume:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{name}: --resume given but there is no {checkpoint}")
+        trainer.load(checkpoint)
+    total = int(config.kimg * 1000)
+    log = ProgressLog(out, total, enabled=dist_.is_main)
+    steps = 0
+    limit = 2 if config.dry_run else max_steps
+    imaged_at = None
+
+    def snapshot() -> None:
+        nonlocal imaged_at
+        if dist_.is_main:
+            write_snapshot(log)
+        imaged_at = trainer.step_index
+
+    try:
+        log.print(banner)
+        if write_start is not None and dist_.is_main and trainer.step_index == 0:
+            write_start(log)
+        while trainer.cur_nimg < total and (limit is None or steps < limit):
+            losses = trainer.step()
+            steps += 1
+            for loss_name, value in losses.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{name}: {loss_name} is {value} at step {trainer.step_index}")
+            if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
+                log.report(trainer.step_index, trainer.cur_nimg, losses)
+            if config.image_every is not None and trainer.step_index % config.image_every == 0:
+                snapshot()
+            if trainer.step_index % config.checkpoint_every == 0:
+                trainer.save(checkpoint)
+        if imaged_at != trainer.step_index:
+            snapshot()
+        trainer.save(checkpoint)
+        if dist_.is_main:
+            replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
+        dist_.barrier()
+        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images) and the EMA "
+                  f"{export_note}")
+    finally:
+        log.close()
+        trainer.close()
+    return trainer

@@ -113,16 +113,13 @@ from ..models.genhead import HEAD_PLANES, PART_PLANES, GenHeadConfig, clip_verti
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
 from ..render.losses import distortion_loss
 from ..render.masks import correspondence_map
-from .common import (PRECISIONS, BatchStream, Distributed, MixedPrecision, ProgressLog, accumulate_gradients,
+from .common import (EXPORT_NAME, PRECISIONS, BatchStream, Distributed, MixedPrecision, accumulate_gradients,
                      check_microbatch, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint,
-                     replace_directory, save_checkpoint, set_rng_state, split_microbatches, update_ema)
+                     run_training, save_checkpoint, set_rng_state, split_microbatches, update_ema)
 
 __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "density_tv_loss", "part_region_losses", "r1_penalty",
            "small_discriminator_kwargs", "small_genhead_config", "train_genhead"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
-#: The EMA generator exported at the end of a run (``GenHead.save``'s safetensors format).
-EXPORT_NAME = "G_ema"
 #: The phases of a step, in order (each draws its own fake latents and conditions).
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 
@@ -803,50 +800,11 @@ def _train(config: GenHeadTrainingConfig, dist_: Distributed, dataset: Optional[
     if dataset is None:
         dataset = _open_dataset(config)
     trainer = GenHeadTrainer(config, dataset, dist_, head_model)
-    out = Path(config.out)
-    checkpoint = out / CHECKPOINT_NAME
-    if config.resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"train_genhead: --resume given but there is no {checkpoint}")
-        trainer.load(checkpoint)
-    total = int(config.kimg * 1000)
-    log = ProgressLog(out, total, enabled=dist_.is_main)
-    steps = 0
-    limit = 2 if config.dry_run else max_steps
-    imaged_at = None
-
-    def write_images() -> None:
-        nonlocal imaged_at
-        if dist_.is_main:
-            log.images(trainer.step_index, "Images/fakes_ema", trainer.snapshot_images(), trainer.cur_nimg)
-        imaged_at = trainer.step_index
-
-    try:
-        log.print(f"precision {config.precision}, {config.batch} images per process in {config.accumulate} "
-                  f"micro-batch(es), {dist_.world_size} process(es), {config.workers} data worker(s)")
-        if dist_.is_main and trainer.step_index == 0:
-            log.images(0, "Images/reals", trainer.real_images(), 0)
-        while trainer.cur_nimg < total and (limit is None or steps < limit):
-            losses = trainer.step()
-            steps += 1
-            for name, value in losses.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"train_genhead: {name} is {value} at step {trainer.step_index}")
-            if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
-                log.report(trainer.step_index, trainer.cur_nimg, losses)
-            if config.image_every is not None and trainer.step_index % config.image_every == 0:
-                write_images()
-            if trainer.step_index % config.checkpoint_every == 0:
-                trainer.save(checkpoint)
-        if imaged_at != trainer.step_index:
-            write_images()
-        trainer.save(checkpoint)
-        if dist_.is_main:
-            replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
-        dist_.barrier()
-        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images) and the EMA "
-                  f"generator to {out / EXPORT_NAME} (GenHead.load reads it)")
-    finally:
-        log.close()
-        trainer.close()
-    return trainer
+    return run_training(
+        trainer, config, dist_, name="train_genhead", max_steps=max_steps,
+        banner=(f"precision {config.precision}, {config.batch} images per process in {config.accumulate} "
+                f"micro-batch(es), {dist_.world_size} process(es), {config.workers} data worker(s)"),
+        export_note=f"generator to {Path(config.out) / EXPORT_NAME} (GenHead.load reads it)",
+        write_snapshot=lambda log: log.images(trainer.step_index, "Images/fakes_ema", trainer.snapshot_images(),
+                                              trainer.cur_nimg),
+        write_start=lambda log: log.images(0, "Images/reals", trainer.real_images(), 0))

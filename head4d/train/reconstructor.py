@@ -127,8 +127,8 @@ from ..nn.discriminator import DualDiscriminatorDeform, filtered_resizing
 from ..ops import sample_triplanes
 from ..render.masks import correspondence_map
 from ..synthesis import TripletBatch, TripletSampler
-from .common import (PRECISIONS, Distributed, MixedPrecision, ProgressLog, accumulate_gradients, check_microbatch,
-                     config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint, replace_directory,
+from .common import (EXPORT_NAME, PRECISIONS, Distributed, MixedPrecision, accumulate_gradients, check_microbatch,
+                     config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint, run_training,
                      save_checkpoint, set_rng_state, split_microbatches, update_ema)
 from .genhead import r1_penalty, small_discriminator_kwargs, small_genhead_config
 from .perceptual import LPIPS_BACKBONES, build_lpips
@@ -140,9 +140,6 @@ __all__ = ["ReconstructorTrainer", "ReconstructorTrainingConfig", "density_tv_lo
            "train_reconstructor", "triplane_feature_loss"]
 
 NAME = "ReconstructorTrainer"
-CHECKPOINT_NAME = "checkpoint.pt"
-#: The EMA reconstructor exported at the end of a run (``Reconstructor.save``'s format).
-EXPORT_NAME = "G_ema"
 #: The phases of a step, in order.
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 #: The image pairs of the L1 and LPIPS terms: entries of the fake and target dicts.
@@ -937,50 +934,12 @@ def _train(config: ReconstructorTrainingConfig, dist_: Distributed, genhead: Opt
            max_steps: Optional[int], lpips, identity) -> ReconstructorTrainer:
     """:func:`train_reconstructor`'s loop inside its process group."""
     trainer = ReconstructorTrainer(config, genhead, dist_, lpips, identity)
-    out = Path(config.out)
-    checkpoint = out / CHECKPOINT_NAME
-    if config.resume:
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"train_reconstructor: --resume given but there is no {checkpoint}")
-        trainer.load(checkpoint)
-    total = int(config.kimg * 1000)
-    log = ProgressLog(out, total, enabled=dist_.is_main)
-    steps = 0
-    limit = 2 if config.dry_run else max_steps
-    imaged_at = None
-
-    def write_images() -> None:
-        nonlocal imaged_at
-        if dist_.is_main:
-            count = 4
-            log.images(trainer.step_index, SNAPSHOT_TAG, trainer.snapshot_images(count), trainer.cur_nimg,
-                       columns=count)
-        imaged_at = trainer.step_index
-
-    try:
-        log.print(f"precision {config.precision}, {config.batch} triplets per process in {config.accumulate} "
-                  f"micro-batch(es), {dist_.world_size} process(es)")
-        while trainer.cur_nimg < total and (limit is None or steps < limit):
-            losses = trainer.step()
-            steps += 1
-            for name, value in losses.items():
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"train_reconstructor: {name} is {value} at step {trainer.step_index}")
-            if trainer.step_index % config.log_every == 0 or steps == 1 or config.dry_run:
-                log.report(trainer.step_index, trainer.cur_nimg, losses)
-            if config.image_every is not None and trainer.step_index % config.image_every == 0:
-                write_images()
-            if trainer.step_index % config.checkpoint_every == 0:
-                trainer.save(checkpoint)
-        if imaged_at != trainer.step_index:
-            write_images()
-        trainer.save(checkpoint)
-        if dist_.is_main:
-            replace_directory(out / EXPORT_NAME, trainer.G_ema.save)
-        dist_.barrier()
-        log.print(f"wrote {checkpoint} at step {trainer.step_index} ({trainer.cur_nimg} images) and the EMA "
-                  f"reconstructor to {out / EXPORT_NAME} (Reconstructor.load and head4d reenact read it)")
-    finally:
-        log.close()
-        trainer.close()
-    return trainer
+    count = 4  # triplets in the image grids
+    return run_training(
+        trainer, config, dist_, name="train_reconstructor", max_steps=max_steps,
+        banner=(f"precision {config.precision}, {config.batch} triplets per process in {config.accumulate} "
+                f"micro-batch(es), {dist_.world_size} process(es)"),
+        export_note=(f"reconstructor to {Path(config.out) / EXPORT_NAME} (Reconstructor.load and head4d reenact "
+                     f"read it)"),
+        write_snapshot=lambda log: log.images(trainer.step_index, SNAPSHOT_TAG, trainer.snapshot_images(count),
+                                              trainer.cur_nimg, columns=count))
