@@ -9,5 +9,5 @@ from .procedural import (FOV_DEGREES, fov_focal, make_procedural_dataset, render
                          sample_procedural_labels)
 
 __all__ = ["FOV_DEGREES", "ImageLabelDataset", "LABELS_FILE", "MASKS_DIR", "blendshape_mirror_signs", "decode_image",
-           "decode_mask", "fov_focal", "mask_name", "make_procedural_dataset", "mirror_labels", "read_labels_json", "render_procedural",
-           "sample_procedural_labels"]
+           "decode_mask", "fov_focal", "mask_name", "make_procedural_dataset", "mirror_labels", "read_labels_json",
+           "render_procedural", "sample_procedural_labels"]

@@ -276,7 +276,8 @@ class ImageLabelDataset(torch.utils.data.Dataset):
 
     ``dataset[i]`` is ``(image, label)``: ``[3, R, R]`` uint8 and ``[437]`` float32 (``[0]``
     without labels); with masks (:attr:`has_masks`) ``(image, label, mask)``, the mask
-    ``[1, R, R]`` uint8 (255 foreground), mirrored with the image in the x-flipped half. ``labels`` is the ``[len, 437]`` float32 table of every item.
+    ``[1, R, R]`` uint8 (255 foreground), mirrored with the image in the x-flipped half.
+    ``labels`` is the ``[len, 437]`` float32 table of every item.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, resolution: Optional[int] = None, xflip: bool = False,
