@@ -270,7 +270,7 @@ def _make_dataset(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    print(f"{prog}: wrote {args.procedural} images and dataset.json to {path}")
+    print(f"{prog}: wrote {args.procedural} images, their masks and dataset.json to {path}")
     return 0
 
 
@@ -444,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "built-in procedural head",
                        description="Renders the built-in procedural head with head4d's rasterizer under random "
                                    "Portrait4D-like cameras (FOV 12 degrees) and random FLAME-style codes, shaded "
-                                   "simply, and writes the images as PNG plus dataset.json (the 437-number labels; "
-                                   "format: head4d.data.dataset), readable by head4d.data.ImageLabelDataset.")
+                                   "simply, and writes the images as PNG, their foreground masks (the head's "
+                                   "silhouette) under masks/ and dataset.json (the 437-number labels; format: "
+                                   "head4d.data.dataset), readable by head4d.data.ImageLabelDataset.")
     p.add_argument("--procedural", type=int, required=True, metavar="N", help="number of images")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (with --zip: DIR.zip)")
     p.add_argument("--resolution", type=int, default=512, metavar="R", help="image side (default 512)")

@@ -44,14 +44,19 @@ def write_png(path: Path, image: torch.Tensor) -> None:
 
 
 def encode_png(image: torch.Tensor) -> bytes:
-    """``[H, W, 3]`` uint8 to the bytes of an 8-bit RGB PNG file."""
-    h, w, _ = image.shape
+    """``[H, W, 3]`` uint8 to the bytes of an 8-bit RGB PNG file; ``[H, W, 1]`` to a
+    greyscale one."""
+    h, w, channels = image.shape
+    if channels not in (1, 3) or image.dtype != torch.uint8:
+        raise ValueError(f"encode_png: image must be uint8 [H, W, 3] or [H, W, 1], got {image.dtype} "
+                         f"{list(image.shape)}")
+    colour_type = 2 if channels == 3 else 0
     raw = b"".join(b"\x00" + bytes(image[y].numpy().tobytes()) for y in range(h))
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
     return data
 

@@ -1,5 +1,5 @@
-"""GenHead's training data: head4d.data.ImageLabelDataset, mirror_labels, head4d's PNG reader
-and `head4d make-dataset --procedural N`."""
+"""GenHead's training data: head4d.data.ImageLabelDataset (with and without foreground masks),
+mirror_labels, head4d's PNG reader and `head4d make-dataset --procedural N` (images, labels, masks)."""
 import importlib.util
 import json
 import math
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from head4d.cli import main
-from head4d.data import (ImageLabelDataset, blendshape_mirror_signs, fov_focal, make_procedural_dataset,
-                         mirror_labels, render_procedural, sample_procedural_labels)
+from head4d.data import (ImageLabelDataset, blendshape_mirror_signs, decode_mask, fov_focal, make_procedural_dataset,
+                         mask_name, mirror_labels, render_procedural, sample_procedural_labels)
 from head4d.head import ProceduralHead
 from head4d.head.labels import LABEL_SIZE, parse_labels
 from head4d.media import decode_png, encode_png
@@ -61,26 +61,30 @@ def boundary(mask):
 # ---------------------------------------------------------------- make-dataset and reading back
 def test_make_dataset_writes_what_the_dataset_reads(datasets):
     folder, archive = datasets
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.glob("0*/*.png"))
     assert names == [f"00000/img{i:08d}.png" for i in range(COUNT)]
+    masks = sorted(p.relative_to(folder).as_posix() for p in (folder / "masks").rglob("*"))
+    assert masks == ["masks/00000"] + [f"masks/00000/img{i:08d}.png" for i in range(COUNT)]
     table = json.loads((folder / "dataset.json").read_text())["labels"]
     assert [entry[0] for entry in table] == names
     assert all(len(entry[1]) == LABEL_SIZE for entry in table)
     with zipfile.ZipFile(archive) as z:
-        assert sorted(z.namelist()) == sorted(names + ["dataset.json"])
+        assert sorted(z.namelist()) == sorted(names + masks[1:] + ["dataset.json"])
 
     from_folder, from_zip = ImageLabelDataset(folder), ImageLabelDataset(archive)
     assert len(from_folder) == len(from_zip) == COUNT
     assert from_folder.resolution == RESOLUTION and from_zip.image_shape == [3, RESOLUTION, RESOLUTION]
     assert from_folder.label_dim == LABEL_SIZE and from_zip.name == "archive"
+    assert from_folder.has_masks and from_zip.has_masks
     assert torch.equal(from_zip.get_label(COUNT - 1), from_zip[COUNT - 1][1])
     for i in range(COUNT):
-        image, label = from_folder[i]
+        image, label, mask = from_folder[i]
         assert image.dtype == torch.uint8 and image.shape == (3, RESOLUTION, RESOLUTION)
         assert label.dtype == torch.float32 and label.shape == (LABEL_SIZE,)
+        assert mask.dtype == torch.uint8 and mask.shape == (1, RESOLUTION, RESOLUTION)
         torch.testing.assert_close(label, torch.tensor(table[i][1], dtype=torch.float32), rtol=0, atol=0)
-        zip_image, zip_label = from_zip[i]
-        assert torch.equal(zip_image, image) and torch.equal(zip_label, label)
+        zip_image, zip_label, zip_mask = from_zip[i]
+        assert torch.equal(zip_image, image) and torch.equal(zip_label, label) and torch.equal(zip_mask, mask)
     assert len(set(from_folder[i][0].float().sum().item() for i in range(COUNT))) == COUNT  # distinct images
 
 
@@ -221,10 +225,11 @@ def test_dataset_xflip_flips_images_and_mirrors_labels(datasets, head):
     assert len(flipped) == 2 * COUNT
     signs = blendshape_mirror_signs(head)
     for i in range(COUNT):
-        image, label = plain[i]
-        assert torch.equal(flipped[i][0], image) and torch.equal(flipped[i][1], label)
-        mirrored_image, mirrored_label = flipped[COUNT + i]
-        assert torch.equal(mirrored_image, image.flip(-1))
+        image, label, mask = plain[i]
+        assert all(torch.equal(a, b) for a, b in zip(flipped[i], (image, label, mask)))
+        mirrored_image, mirrored_label, mirrored_mask = flipped[COUNT + i]
+        assert torch.equal(mirrored_image, image.flip(-1)) and torch.equal(mirrored_mask, mask.flip(-1))
+        assert not torch.equal(mirrored_mask, mask)  # the head is not centred: the flip shows
         expected = mirror_labels(label[None], shape_signs=signs[0], expression_signs=signs[1])[0]
         assert torch.equal(mirrored_label, expected)
     # The mirrored label's silhouette is the flipped image's head region (up to the
@@ -267,9 +272,98 @@ class _ArchiveOwner(torch.utils.data.Dataset):
 
 def test_dataset_without_labels(datasets):
     dataset = ImageLabelDataset(datasets[0], use_labels=False, xflip=True)
-    assert len(dataset) == 2 * COUNT and not dataset.has_labels
-    image, label = dataset[COUNT]
+    assert len(dataset) == 2 * COUNT and not dataset.has_labels and dataset.has_masks
+    image, label, mask = dataset[COUNT]
     assert label.shape == (0,) and torch.equal(image, dataset[0][0].flip(-1))
+    assert torch.equal(mask, dataset[0][2].flip(-1))
+
+
+def test_make_dataset_masks_are_the_rasterizer_coverage(datasets, head):
+    """Each written mask is 255 exactly where the rasterizer (the default backend, as
+    make-dataset renders) covers a pixel centre for the image's label, 0 elsewhere; and it
+    is the head region of the image (skin-coloured or eye pixels, the background grey)."""
+    dataset = ImageLabelDataset(datasets[0])
+    masks = torch.stack([dataset[i][2] for i in range(COUNT)])[:, 0]
+    assert set(masks.unique().tolist()) == {0, 255}
+    covered = silhouette(head, dataset.labels, RESOLUTION, backend=None)
+    assert torch.equal(masks, covered.to(torch.uint8) * 255)
+    # the reference rasterizer agrees up to pixel centres on an edge
+    reference = silhouette(head, dataset.labels, RESOLUTION)
+    assert not ((reference != covered) & ~boundary(reference)).any()
+    images = torch.stack([dataset[i][0] for i in range(COUNT)])
+    grey = (images[:, 0] == images[:, 1]) & (images[:, 1] == images[:, 2])
+    assert grey[masks == 0].all()
+
+
+def _write_masks(root, masks):
+    for name, mask in masks.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(encode_png(mask))
+
+
+def test_dataset_reads_masks_from_a_folder_and_a_zip(tmp_path):
+    """Masks are read back bit-exactly (values 0..255, not only 0 / 255), for PNG and JPEG
+    images (the mask's name has .png), and mirrored with x-flip; a dataset without masks
+    keeps (image, label) items."""
+    generator = torch.Generator().manual_seed(11)
+    pixels = {name: torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=generator)
+              for name in ("a.png", "sub/b.png")}
+    label = [0.0] * LABEL_SIZE
+    root = _write_dataset(tmp_path / "masked", pixels, [["a.png", label], ["sub/b.png", label]])
+    masks = {mask_name(name): torch.randint(0, 256, (8, 8, 1), dtype=torch.uint8, generator=generator)
+             for name in pixels}
+    assert sorted(masks) == ["masks/a.png", "masks/sub/b.png"]
+    _write_masks(root, masks)
+    archive = tmp_path / "masked.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(root).as_posix())
+    for source in (root, archive):
+        dataset = ImageLabelDataset(source, xflip=True)
+        assert dataset.has_masks and len(dataset) == 4 and dataset.image_names == ["a.png", "sub/b.png"]
+        for i, name in enumerate(dataset.image_names):
+            image, _, mask = dataset[i]
+            expected = masks[mask_name(name)].permute(2, 0, 1)
+            assert torch.equal(image, pixels[name].permute(2, 0, 1)) and torch.equal(mask, expected)
+            flipped_image, _, flipped_mask = dataset[2 + i]
+            assert torch.equal(flipped_image, image.flip(-1)) and torch.equal(flipped_mask, expected.flip(-1))
+    assert mask_name("00000/img1.jpg") == "masks/00000/img1.png"
+    assert torch.equal(decode_mask(encode_png(masks["masks/a.png"]), "m.png"), masks["masks/a.png"].permute(2, 0, 1))
+    plain = ImageLabelDataset(_write_dataset(tmp_path / "plain", pixels, [["a.png", label], ["sub/b.png", label]]))
+    assert not plain.has_masks and len(plain[0]) == 2
+
+
+def test_mask_reader_without_pillow(monkeypatch):
+    """Without Pillow a mask goes through head4d's PNG reader, to the same values."""
+    mask = torch.randint(0, 256, (5, 7, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # `from PIL import Image` raises ImportError
+    assert torch.equal(decode_mask(encode_png(mask), "m.png"), mask.permute(2, 0, 1))
+
+
+def test_bad_masks(tmp_path):
+    image = torch.zeros(8, 8, 3, dtype=torch.uint8)
+    mask = torch.full((8, 8, 1), 255, dtype=torch.uint8)
+    label = [0.0] * LABEL_SIZE
+    images, labels = {"a.png": image, "b.png": image, "c.png": image}, [[n, label] for n in ("a.png", "b.png", "c.png")]
+    partial = _write_dataset(tmp_path / "partial", images, labels)
+    _write_masks(partial, {"masks/a.png": mask, "masks/c.png": mask})
+    with pytest.raises(FileNotFoundError, match="image b.png has no mask masks/b.png"):
+        ImageLabelDataset(partial)
+    stray = _write_dataset(tmp_path / "stray", {"a.png": image}, [["a.png", label]])
+    _write_masks(stray, {"masks/a.png": mask, "masks/z.png": mask})
+    with pytest.raises(ValueError, match="mask masks/z.png belongs to no image"):
+        ImageLabelDataset(stray)
+    colour = _write_dataset(tmp_path / "colour", {"a.png": image}, [["a.png", label]])
+    _write_masks(colour, {"masks/a.png": image})
+    with pytest.raises(ValueError, match="masks/a.png: a mask must be a single-channel .* colour type 2"):
+        ImageLabelDataset(colour)
+    small = _write_dataset(tmp_path / "small", {"a.png": image}, [["a.png", label]])
+    _write_masks(small, {"masks/a.png": mask[:4]})
+    with pytest.raises(ValueError, match=r"mask masks/a.png is 8 x 4 \(width x height\), expected 8 x 8"):
+        ImageLabelDataset(small)
+    with pytest.raises(ValueError, match="m.png: a mask must be a PNG"):
+        decode_mask(b"GIF89a" + bytes(40), "m.png")
 
 
 # ---------------------------------------------------------------- PNG reader

@@ -26,6 +26,9 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
 - A checkpoint round trip: a run resumed from step 1 takes the same step 2 (losses and
   weights bit-exact); a write that fails after its temporary file exists leaves the
   previous checkpoint loadable and no temporary file; bad checkpoints are clear errors.
+- Foreground masks: ``BatchStream`` passes a third item field through (0 and 2 workers);
+  with ``head4d make-dataset``'s masks the real seg is ``mask / 127.5 - 1`` (resized like
+  the image to the discriminator's resolution); without masks it is all ones, with one warning.
 - ``head4d train genhead --small --dry-run`` writes the checkpoint after two steps and the
   EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
   lines and logs (TensorBoard events, ``log.jsonl``, image grids of the reals and, with
@@ -40,6 +43,7 @@ import copy
 import math
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -530,6 +534,73 @@ def test_config_errors_and_cli(tmp_path, capsys):
                    "--small", "--dry-run", "--device", "cpu"])
     assert rc == 2
     assert "head4d train genhead:" in capsys.readouterr().err
+
+
+def _with_masks(items, seed=1):
+    """``items`` with a random uint8 mask ``[1, R, R]`` (values 0..255) appended to each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(image, label, torch.randint(0, 256, (1,) + image.shape[1:], generator=gen, dtype=torch.uint8))
+            for image, label in items]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_stream_passes_masks_through(workers):
+    dataset = _with_masks(make_dataset(5))
+    stream = common.BatchStream(dataset, 2, seed=3, workers=workers)
+    try:
+        batches = [stream.next() for _ in range(3)]
+    finally:
+        stream.close()
+    sampler = common.InfiniteSampler(len(dataset), seed=3)
+    for b, fields in enumerate(batches):
+        assert len(fields) == 3
+        index = [sampler.index(2 * b + k) for k in range(2)]
+        for field, column in zip(fields, range(3)):
+            assert torch.equal(field, torch.stack([dataset[i][column] for i in index]))
+
+
+def test_real_seg_is_the_mask_mapped_to_signed_range(tmp_path):
+    """With a dataset that has masks (``head4d make-dataset``'s, at the discriminator's
+    resolution and at twice it), the real seg is ``mask / 127.5 - 1`` (resized like the image
+    where the resolutions differ), not all ones; a step trains on it."""
+    from head4d.data import ImageLabelDataset, make_procedural_dataset
+    from head4d.nn.discriminator import filtered_resizing
+
+    config = GenHeadTrainingConfig.small()
+    for resolution in (16, 32):
+        dataset = ImageLabelDataset(make_procedural_dataset(4, tmp_path / f"r{resolution}", resolution=resolution))
+        assert dataset.has_masks
+        trainer = GenHeadTrainer(config, dataset)
+        assert trainer.D.img_resolution == 16
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "no masks" warning
+            batch = trainer.sample_batch()
+        sampler = common.InfiniteSampler(len(dataset), seed=config.seed)
+        masks = torch.stack([dataset[sampler.index(k)][2] for k in range(config.batch)])
+        expected = masks.double() / 127.5 - 1  # 0 -> -1 (background), 255 -> +1 (head)
+        torch.testing.assert_close(batch["real_seg"].double(), expected, rtol=0, atol=EPS32)
+        seg = trainer.real_inputs(batch, 0.0)["seg"]
+        if resolution != 16:
+            expected = filtered_resizing(expected, 16)
+        torch.testing.assert_close(seg.double(), expected, rtol=0, atol=8 * EPS32)
+        assert (seg < 0).any() and (seg > 0.99).any()
+        losses = trainer.step()
+        assert all(math.isfinite(v) for v in losses.values()), losses
+        trainer.close()
+
+
+def test_dataset_without_masks_warns_once_and_uses_ones(dataset):
+    trainer = GenHeadTrainer(GenHeadTrainingConfig.small(), dataset)
+    with pytest.warns(UserWarning, match="no foreground masks"):
+        batch = trainer.sample_batch()
+    assert "real_seg" not in batch
+    assert torch.equal(trainer.real_inputs(batch, 0.0)["seg"], torch.ones(2, 1, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.sample_batch()
+    bad = GenHeadTrainer(GenHeadTrainingConfig.small(), [(i, l, m.float()) for i, l, m in _with_masks(dataset)])
+    with pytest.raises(ValueError, match="dataset masks must be uint8 \\[1, R, R\\]"):
+        bad.sample_batch()
 
 
 def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):

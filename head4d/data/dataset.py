@@ -7,6 +7,8 @@ Layout (StyleGAN's and EG3D's convention, with Portrait4D's 437-number label)::
         00000/img00000000.png
         00000/img00000001.png
         ...
+        masks/00000/img00000000.png     (optional)
+        ...
 
 ``dataset.json`` holds ``{"labels": [["00000/img00000000.png", [437 numbers]], ...]}``: one
 entry per image, the image's path relative to the dataset root (forward slashes) and its
@@ -16,6 +18,16 @@ of one resolution, already aligned as Portrait4D crops faces; grey images are re
 three channels and an alpha channel is dropped. PNG and JPEG are read through Pillow when it
 is installed; without it, PNGs (8-bit, non-interlaced) through :func:`head4d.media.decode_png`
 and a JPEG raises an error that says to install Pillow.
+
+Optional foreground masks: a ``masks/`` folder at the root (zip entries under ``masks/``)
+with one single-channel (greyscale, 8-bit) PNG per image, under the image's relative path
+with its extension replaced by ``.png`` (``masks/00000/img00000000.png`` for
+``00000/img00000000.png``), of the image's size: 255 on the head (foreground), 0 on the
+background, values in between for soft edges. When the folder exists every image must have
+its mask (the first image without one is named in the error); files under ``masks/`` are not
+images of the dataset. Portrait4D stores such a head mask with each GenHead training image
+and feeds it to the discriminator's ``seg`` channel as ``mask / 127.5 - 1`` (0 -> -1,
+255 -> +1), the range of a rendered ``opacity * 2 - 1``.
 
 Portrait4D's GenHead data stores the same 437 numbers per image; it trains with the neck at
 0 and the camera carrying the whole head rotation, which is what ``head4d make-dataset``
@@ -49,6 +61,8 @@ from ..head.labels import LABEL_SIZE, make_labels, parse_labels
 LABELS_FILE = "dataset.json"
 #: Image file extensions the dataset lists (lower case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+#: Folder (zip prefix) of the optional foreground masks.
+MASKS_DIR = "masks"
 #: Reflection through the plane x = 0, the head's plane of symmetry.
 _MIRROR = (-1.0, 1.0, 1.0)
 
@@ -71,6 +85,34 @@ def decode_image(data: bytes, name: str) -> torch.Tensor:
     except OSError as exc:
         raise ValueError(f"{name}: cannot decode the image ({exc})") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def mask_name(image: str) -> str:
+    """The dataset path of image ``image``'s mask: ``masks/`` + its path with ``.png``."""
+    return f"{MASKS_DIR}/{os.path.splitext(image)[0]}.png"
+
+
+def decode_mask(data: bytes, name: str) -> torch.Tensor:
+    """A single-channel 8-bit PNG's bytes to ``[1, H, W]`` uint8 (Pillow when installed, else
+    head4d's PNG reader); colour or 16-bit masks raise an error naming ``name``."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 26:
+        raise ValueError(f"{name}: a mask must be a PNG file (no PNG signature and header)")
+    colour_type, depth = data[25], data[24]  # IHDR: the first chunk, at a fixed offset
+    if colour_type != 0 or depth not in (1, 2, 4, 8):
+        raise ValueError(f"{name}: a mask must be a single-channel (greyscale) PNG of at most 8 bits, got PNG "
+                         f"colour type {colour_type}, bit depth {depth}")
+    try:
+        from PIL import Image
+    except ImportError:
+        from ..media import decode_png
+
+        return decode_png(data, name)[..., :1].permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            array = np.asarray(picture.convert("L"))
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot decode the mask ({exc})") from None
+    return torch.from_numpy(array.copy())[None]
 
 
 def _axis_angle_mirror(pose: torch.Tensor) -> torch.Tensor:
@@ -233,7 +275,9 @@ class ImageLabelDataset(torch.utils.data.Dataset):
             (:func:`blendshape_mirror_signs`) mirror the shape and expression codes too.
 
     ``dataset[i]`` is ``(image, label)``: ``[3, R, R]`` uint8 and ``[437]`` float32 (``[0]``
-    without labels). ``labels`` is the ``[len, 437]`` float32 table of every item.
+    without labels); with masks (:attr:`has_masks`) ``(image, label, mask)``, the mask
+    ``[1, R, R]`` uint8 (255 foreground), mirrored with the image in the x-flipped half.
+    ``labels`` is the ``[len, 437]`` float32 table of every item.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, resolution: Optional[int] = None, xflip: bool = False,
@@ -242,7 +286,8 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         self.path = str(path)
         where = f"ImageLabelDataset({self.path!r})"
         names = self._files.names()
-        images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(MASKS_DIR + "/")]
+        mask_files = {n for n in names if n.startswith(MASKS_DIR + "/")}
         if use_labels:
             if LABELS_FILE not in names:
                 raise FileNotFoundError(f"{where}: no {LABELS_FILE} at the dataset root (use_labels=True needs "
@@ -261,6 +306,16 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         if not images:
             raise ValueError(f"{where}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the dataset")
         self.image_names = images
+        self.mask_names: Optional[List[str]] = None
+        if mask_files:
+            self.mask_names = [mask_name(n) for n in images]
+            for image, mask in zip(images, self.mask_names):
+                if mask not in mask_files:
+                    raise FileNotFoundError(f"{where}: image {image} has no mask {mask} (a dataset with a "
+                                            f"{MASKS_DIR}/ folder needs one single-channel PNG per image)")
+            unmatched = sorted(mask_files - set(self.mask_names))
+            if unmatched:
+                raise ValueError(f"{where}: mask {unmatched[0]} belongs to no image of the dataset")
         self.xflip = bool(xflip)
         raw_labels = torch.from_numpy(raw)
         if self.xflip:
@@ -278,6 +333,16 @@ class ImageLabelDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         first = self._load(0)  # checks the first image against resolution now rather than in training
         self.resolution = int(first.shape[-1])
+        if self.has_masks:
+            self._load_mask(0)
+
+    def _load_mask(self, raw_index: int) -> torch.Tensor:
+        name = self.mask_names[raw_index]
+        mask = decode_mask(self._files.read(name), f"{self.path}: {name}")
+        if mask.shape[1:] != (self.resolution, self.resolution):
+            raise ValueError(f"ImageLabelDataset({self.path!r}): mask {name} is {mask.shape[2]} x {mask.shape[1]} "
+                             f"(width x height), expected {self.resolution} x {self.resolution} like its image")
+        return mask
 
     def _load(self, raw_index: int) -> torch.Tensor:
         name = self.image_names[raw_index]
@@ -292,15 +357,24 @@ class ImageLabelDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_names) * (2 if self.xflip else 1)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, ...]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"ImageLabelDataset: index {index} out of range for {len(self)} items")
         index %= len(self)
         count = len(self.image_names)
         image = self._load(index % count)
+        mask = self._load_mask(index % count) if self.has_masks else None
         if index >= count:
             image = image.flip(-1).contiguous()
-        return image, self.labels[index].clone()
+            mask = mask.flip(-1).contiguous() if mask is not None else None
+        if mask is None:
+            return image, self.labels[index].clone()
+        return image, self.labels[index].clone(), mask
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the dataset has a ``masks/`` folder (items are then ``(image, label, mask)``)."""
+        return self.mask_names is not None
 
     @property
     def has_labels(self) -> bool:

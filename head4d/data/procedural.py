@@ -17,8 +17,11 @@ random FLAME-style codes near the canonical ones, and shaded simply:
   eyeballs with a dark iris/pupil cap around each eye's forward axis; the background a
   vertical gradient between two random greys.
 
-Files: ``DIR/00000/img00000000.png``, ... and ``DIR/dataset.json`` in the format of
-:mod:`head4d.data.dataset` (``--zip``: the same inside ``DIR.zip`` rather than a folder).
+Files: ``DIR/00000/img00000000.png``, ..., ``DIR/dataset.json`` and each image's foreground
+mask ``DIR/masks/00000/img00000000.png``, ... in the format of :mod:`head4d.data.dataset`
+(``--zip``: the same inside ``DIR.zip`` rather than a folder). The mask is the head's
+silhouette, the rasterizer's coverage: 255 where a pixel's centre is covered by a triangle of
+the mesh (``face_index >= 0``), 0 elsewhere.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from ..media import encode_png, to_uint8
 from ..models.genhead import clip_vertices
 from ..ops import interpolate, rasterize_triangles
 from ..synthesis.cameras import look_at_cameras, sample_look_at_parameters
-from .dataset import LABELS_FILE
+from .dataset import LABELS_FILE, mask_name
 
 #: Field of view of the cameras, degrees (Portrait4D's examples use 12).
 FOV_DEGREES = 12.0
@@ -118,7 +121,8 @@ def render_procedural(head: ProceduralHead, labels: torch.Tensor, resolution: in
         tint: ``[N, 3]`` skin albedo multipliers; background: ``[N, 2, 3]`` top and bottom colours.
 
     Returns:
-        ``{"image": [N, 3, R, R] float32 in [0, 1], "face_index": [N, R, R] int64 (-1: background)}``.
+        ``{"image": [N, 3, R, R] float32 in [0, 1], "face_index": [N, R, R] int64 (-1: background),
+        "mask": [N, 1, R, R] uint8}``, the mask 255 where the head covers the pixel (face_index >= 0), else 0.
     """
     fields = parse_labels(labels.to(head.dtype))
     vertices = head.forward_labels(labels.to(head.dtype))
@@ -144,7 +148,8 @@ def render_procedural(head: ProceduralHead, labels: torch.Tensor, resolution: in
     top, bottom = background[:, 0, :, None, None].to(ramp), background[:, 1, :, None, None].to(ramp)
     backdrop = (top + (bottom - top) * ramp).expand(n, 3, resolution, resolution)
     image = torch.where((face_index >= 0)[:, None], colour, backdrop).clamp(0, 1)
-    return {"image": image, "face_index": face_index}
+    mask = (face_index >= 0)[:, None].to(torch.uint8) * 255
+    return {"image": image, "face_index": face_index, "mask": mask}
 
 
 def image_name(index: int) -> str:
@@ -155,7 +160,7 @@ def image_name(index: int) -> str:
 def make_procedural_dataset(count: int, out: Union[str, os.PathLike], *, resolution: int = 512, seed: int = 0,
                             as_zip: bool = False, device: Union[str, torch.device] = "cpu",
                             log: Optional[Callable[[str], None]] = None) -> Path:
-    """Write ``count`` procedural images and their ``dataset.json`` (module docstring).
+    """Write ``count`` procedural images, their masks and ``dataset.json`` (module docstring).
 
     Args:
         count: number of images (>= 1).
@@ -186,10 +191,12 @@ def make_procedural_dataset(count: int, out: Union[str, os.PathLike], *, resolut
     start = time.perf_counter()
     for first in range(0, count, BATCH):
         rows = slice(first, min(first + BATCH, count))
-        images = render_procedural(head, labels[rows].to(device), resolution, tint=tints[rows],
-                                   background=greys[rows])["image"].cpu()
-        for offset, image in enumerate(images):
-            files[image_name(first + offset)] = encode_png(to_uint8(image))
+        rendered = render_procedural(head, labels[rows].to(device), resolution, tint=tints[rows],
+                                     background=greys[rows])
+        for offset, (image, mask) in enumerate(zip(rendered["image"].cpu(), rendered["mask"].cpu())):
+            name = image_name(first + offset)
+            files[name] = encode_png(to_uint8(image))
+            files[mask_name(name)] = encode_png(mask.permute(1, 2, 0).contiguous())
         if log is not None:
             log(f"make-dataset: {rows.stop}/{count} images ({time.perf_counter() - start:.1f} s)")
     table = {"labels": [[image_name(i), [float(x) for x in labels[i].tolist()]] for i in range(count)]}

@@ -589,11 +589,12 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 class BatchStream:
-    """Batches of ``(images, labels)`` read from ``dataset`` in :class:`InfiniteSampler`'s
-    order through a ``torch.utils.data.DataLoader``.
+    """Batches of ``(images, labels)`` (``(images, labels, masks)`` for items with masks) read
+    from ``dataset`` in :class:`InfiniteSampler`'s order through a ``torch.utils.data.DataLoader``.
 
     Args:
-        dataset: items ``(image tensor, label tensor)`` (stacked by the default collate).
+        dataset: items ``(image tensor, label tensor)`` or ``(image, label, mask)`` (each field
+            stacked by the default collate).
         batch: items per batch.
         seed, rank, world_size: the sampler's.
         workers: DataLoader worker processes; 0 reads in the calling process. Any count
@@ -630,13 +631,14 @@ class BatchStream:
                                              prefetch_factor=2 if self.workers > 0 else None, generator=generator)
         return iter(loader)
 
-    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next ``(images [B, ...], labels [B, ...])``."""
+    def next(self) -> Tuple[torch.Tensor, ...]:
+        """The next batch: each field of the items stacked, ``(images [B, ...], labels [B, ...])``
+        for ``(image, label)`` items, ``(images, labels, masks)`` for ``(image, label, mask)``."""
         if self._iterator is None:
             self._iterator = self._start()
-        images, labels = next(self._iterator)
+        fields = tuple(next(self._iterator))
         self.position += self.batch
-        return images, labels
+        return fields
 
     def state_dict(self) -> Dict[str, int]:
         return {"position": self.position, "seed": self.seed, "batch": self.batch}

@@ -40,10 +40,12 @@ The discriminator's input (:class:`~head4d.nn.DualDiscriminatorDeform`, a dict):
 - reals: ``image_sr`` the dataset image scaled to ``[-1, 1]``; ``image`` that image resized
   to the neural rendering resolution (antialiased bilinear) and blurred with the current
   blur sigma (upstream blurs the real raw image too); ``uv`` rendered online from the
-  label's codes exactly as for fakes; ``seg``: head4d's datasets carry no segmentation,
-  so the real seg is all ones (everything foreground; upstream uses a Mask2Former mask).
-  This is a known gap: with a background in the real images D can tell the real seg from
-  the fake one; R1's ``gamma_seg`` still applies.
+  label's codes exactly as for fakes; ``seg`` the dataset's foreground mask (uint8, 255 on
+  the head; :mod:`head4d.data.dataset`'s ``masks/``) mapped as upstream maps its head masks,
+  ``mask / 127.5 - 1`` (0 -> -1 background, 255 -> +1 head), resized and blurred like the
+  image (to the discriminator's resolution, then to the raw image's with its blur). A
+  dataset without masks gets an all-ones seg (everything foreground) and a warning, once:
+  with a background in its real images D can then tell the real seg from the fake one.
 - During the blur fade the ``image_sr`` entry (``image`` without a super-resolution) is
   blurred with sigma ``blur_init_sigma * max(1 - cur_nimg / (blur_fade_kimg * 1000), 0)``
   (10 fading over ``200 * B / 32`` kimg for a total batch B, 200 at upstream's 32) for fakes and
@@ -99,6 +101,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -397,8 +400,9 @@ class GenHeadTrainer:
 
     Args:
         config: :class:`GenHeadTrainingConfig`.
-        dataset: items ``(uint8 image [3, R, R], float32 label [437])``
-            (:class:`head4d.data.ImageLabelDataset` or any such sequence).
+        dataset: items ``(uint8 image [3, R, R], float32 label [437])`` or with a foreground
+            mask ``(image, label, uint8 mask [1, R, R])`` (:class:`head4d.data.ImageLabelDataset`
+            or any such sequence).
         distributed: :class:`~head4d.train.common.Distributed` (None: one process).
         head_model: GenHead's head model (None: the built-in procedural head).
 
@@ -455,6 +459,7 @@ class GenHeadTrainer:
         self.step_index = 0
         self.cur_nimg = 0
         self.last_losses: Dict[str, float] = {}
+        self._warned_no_masks = False
         head = self.G.head_model
         self._canonical = head.canonical_vertices().to(self.device)
         self.img_name = "image_sr" if g.has_superresolution else "image"
@@ -473,13 +478,15 @@ class GenHeadTrainer:
 
     def sample_batch(self) -> Dict[str, torch.Tensor]:
         """One step's data, as StyleGAN2 draws it: N real images (``real_img`` float32 in
-        [-1, 1]) with their labels (``real_labels [N, 437]``), the next batch of
+        [-1, 1]) with their labels (``real_labels [N, 437]``) and, when the dataset has masks,
+        their seg (``real_seg [N, 1, R, R]`` float32, ``mask / 127.5 - 1``), the next batch of
         :attr:`stream`, shared by the phases; and per phase (:data:`PHASES` order) N fake
         latents and conditions, ``gen_z [4, N, z_dim]`` and ``gen_labels [4, N, 437]`` (labels
         of random items)."""
         n = self.config.batch
         p = len(PHASES)
-        images, real_labels = self.stream.next()
+        images, real_labels, *rest = self.stream.next()
+        masks = rest[0] if rest else None
         gen_labels = self.labels_of(torch.randint(len(self.dataset), (p * n,), generator=self.data_generator))
         for name, labels in (("real_labels", real_labels), ("gen_labels", gen_labels)):
             if labels.dim() != 2 or labels.shape[1] != LABEL_SIZE:
@@ -489,10 +496,21 @@ class GenHeadTrainer:
             raise ValueError(f"GenHeadTrainer: dataset images must be uint8 [3, R, R], got {images.dtype} "
                              f"{list(images.shape[1:])}")
         images = images.to(self.device, non_blocking=True)
-        return {"real_img": images.to(torch.float32) / 127.5 - 1,
-                "real_labels": real_labels.to(self.device, torch.float32),
-                "gen_z": torch.randn(p, n, self.G.config.z_dim, device=self.device),
-                "gen_labels": gen_labels.to(self.device).reshape(p, n, LABEL_SIZE)}
+        batch = {"real_img": images.to(torch.float32) / 127.5 - 1,
+                 "real_labels": real_labels.to(self.device, torch.float32),
+                 "gen_z": torch.randn(p, n, self.G.config.z_dim, device=self.device),
+                 "gen_labels": gen_labels.to(self.device).reshape(p, n, LABEL_SIZE)}
+        if masks is not None:
+            if masks.dtype != torch.uint8 or masks.shape != (images.shape[0], 1) + images.shape[2:]:
+                raise ValueError(f"GenHeadTrainer: dataset masks must be uint8 [1, R, R] like the images "
+                                 f"{list(images.shape[1:])}, got {masks.dtype} {list(masks.shape[1:])}")
+            batch["real_seg"] = masks.to(self.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+        elif not self._warned_no_masks:
+            self._warned_no_masks = True
+            warnings.warn("GenHeadTrainer: the dataset has no foreground masks, so the discriminator's real seg "
+                          "is all ones (everything foreground); give the dataset a masks/ folder "
+                          "(head4d.data.dataset) for real masks", stacklevel=2)
+        return batch
 
     def correspondence(self, camera: torch.Tensor, codes: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The correspondence map ``[N, 3, R, R]`` (R the discriminator's resolution) of the
@@ -516,7 +534,11 @@ class GenHeadTrainer:
         if img.shape[-1] != d_res:
             img = filtered_resizing(img, d_res)
         out = {"uv": self.correspondence(camera, codes)}
-        seg = torch.ones_like(img[:, :1])
+        seg = batch.get("real_seg")
+        if seg is None:
+            seg = torch.ones_like(img[:, :1])
+        elif seg.shape[-1] != d_res:
+            seg = filtered_resizing(seg, d_res)
         if self.img_raw_name is not None:
             raw = filtered_resizing(img, r)
             seg = filtered_resizing(seg, r)
@@ -620,8 +642,8 @@ class GenHeadTrainer:
 
         Args:
             phase: one of :data:`PHASES`.
-            batch: ``real_img [n, 3, R, R]``, ``real_labels [n, 437]``, ``gen_z [n, z_dim]``,
-                ``gen_labels [n, 437]`` (this phase's fakes).
+            batch: ``real_img [n, 3, R, R]``, ``real_labels [n, 437]``, optionally ``real_seg
+                [n, 1, R, R]``, ``gen_z [n, z_dim]``, ``gen_labels [n, 437]`` (this phase's fakes).
         """
         cfg = self.config
         gen_z, gen_labels = batch["gen_z"], batch["gen_labels"]
@@ -658,6 +680,8 @@ class GenHeadTrainer:
         p = PHASES.index(phase)
         phase_batch = {"real_img": batch["real_img"], "real_labels": batch["real_labels"],
                        "gen_z": batch["gen_z"][p], "gen_labels": batch["gen_labels"][p]}
+        if "real_seg" in batch:
+            phase_batch["real_seg"] = batch["real_seg"]
         return accumulate_gradients(split_microbatches(phase_batch, self.config.accumulate),
                                     lambda micro: self.phase_loss(phase, micro, blur_sigma, swapping_prob))
 
