@@ -3,7 +3,8 @@ lists (GenHead's ``tests/data/genhead_state_dict.txt``, the reconstructor's
 ``tests/data/reconstructor_state_dict.txt``) parsed, for the tests that hold head4d's modules to
 upstream's names, shapes and parameter counts; and the randomization of the parameters a
 fresh module initializes to zero or one, so that the tests see them act; Portrait4D-style
-cameras; the super-resolution narrowed for quick runs.
+cameras; the super-resolution narrowed for quick runs; a tiny in-memory labelled dataset
+for the training tests.
 
 Not a test file (no ``test_`` prefix).
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from head4d.head.labels import make_labels
 
 DATA = Path(__file__).parent / "data" / "genhead_state_dict.txt"
 #: The reconstructor's sub-networks (``encoder_global``, ``encoder_detail``, ``background``, ...),
@@ -104,3 +107,17 @@ def small_genhead_config(**kwargs):
                 fine_resolution=12, coarse_resolution=4, mask_resolution=48)
     args.update(kwargs)
     return GenHeadConfig(**args)
+
+
+def make_dataset(count=4, resolution=16, seed=0):
+    """``count`` items ``(uint8 [3, R, R], float32 [437])``: random images, cameras at
+    yaws in [-0.4, 0.4], random expressions and jaw openings, zero shape and neck."""
+    gen = torch.Generator().manual_seed(seed)
+    cams = torch.cat([camera(1, yaw=-0.4 + 0.8 * i / max(count - 1, 1)) for i in range(count)])
+    jaw = torch.zeros(count, 3)
+    jaw[:, 0] = 0.3 * torch.rand(count, generator=gen)
+    labels = make_labels(cams[:, :16].reshape(count, 4, 4), cams[:, 16:].reshape(count, 3, 3), torch.zeros(count, 300),
+                         0.5 * torch.randn(count, 100, generator=gen), torch.zeros(count, 3), jaw,
+                         torch.zeros(count, 6)).float()
+    images = torch.randint(0, 256, (count, 3, resolution, resolution), generator=gen, dtype=torch.uint8)
+    return [(images[i], labels[i]) for i in range(count)]

@@ -20,6 +20,7 @@
 """
 import math
 import struct
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -228,10 +229,12 @@ def test_frames_equal_the_forward_with_superresolution(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
     """``Reconstructor.save`` of the untrained small configuration with PD-FGC motion (548)."""
-    directory = tmp_path_factory.mktemp("checkpoint") / "reconstructor"
+    root = tmp_path_factory.mktemp("checkpoint")
+    directory = root / "reconstructor"
     torch.manual_seed(0)
     Reconstructor(untrained_config(SOURCE, 548)).save(directory)
-    return directory
+    yield directory
+    shutil.rmtree(root, ignore_errors=True)  # 0.6 GB: gone with the module, not at the session's end
 
 
 def test_checkpoint_directory_with_user_files(tmp_path, checkpoint_dir, capsys):

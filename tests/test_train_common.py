@@ -42,7 +42,7 @@ from head4d.train import common
 from head4d.train.genhead import GenHeadTrainer, GenHeadTrainingConfig
 
 from genhead_testing import camera
-from test_train_genhead import make_dataset
+from genhead_testing import make_dataset
 
 EPS32 = torch.finfo(torch.float32).eps
 

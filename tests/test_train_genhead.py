@@ -35,9 +35,11 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
   ``--image-every 1``, of the EMA generator after each step; a data worker process);
   ``--resume`` continues from it (and replaces the export).
 - Gradient averaging over two processes (a gradient missing on one rank counts as zero,
-  one missing everywhere stays missing).
-- Two processes (gloo, ``torch.multiprocessing``, torchrun's environment variables) run two
-  steps on different data and hold identical, changed weights after them.
+  one missing everywhere stays missing); a mapping network's ``w_avg`` averaged over them,
+  its weights left alone.
+- ``torchrun --standalone --nproc_per_node 2`` (gloo) runs two steps on different data per
+  rank; the ranks hold identical, changed weights after them (digests of their state dicts,
+  equal to those of rank 0's checkpoint).
 """
 import copy
 import math
@@ -51,29 +53,15 @@ import torch.nn.functional as F
 
 import head4d.nn as hnn
 from head4d.cli import main as cli_main
-from head4d.head.labels import make_labels
 from head4d.train import common
-from head4d.train.genhead import GenHeadTrainer, GenHeadTrainingConfig, r1_penalty, train_genhead
+from head4d.train.genhead import GenHeadTrainer, GenHeadTrainingConfig, r1_penalty
 
 from head4d.render import TriplaneRenderer
 
-from genhead_testing import camera, randomize
+from genhead_testing import camera, make_dataset, randomize
+from torchrun_training import run_under_torchrun, state_digest
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def make_dataset(count=4, resolution=16, seed=0):
-    """``count`` items ``(uint8 [3, R, R], float32 [437])``: random images, cameras at
-    yaws in [-0.4, 0.4], random expressions and jaw openings, zero shape and neck."""
-    gen = torch.Generator().manual_seed(seed)
-    cams = torch.cat([camera(1, yaw=-0.4 + 0.8 * i / max(count - 1, 1)) for i in range(count)])
-    jaw = torch.zeros(count, 3)
-    jaw[:, 0] = 0.3 * torch.rand(count, generator=gen)
-    labels = make_labels(cams[:, :16].reshape(count, 4, 4), cams[:, 16:].reshape(count, 3, 3), torch.zeros(count, 300),
-                         0.5 * torch.randn(count, 100, generator=gen), torch.zeros(count, 3), jaw,
-                         torch.zeros(count, 6)).float()
-    images = torch.randint(0, 256, (count, 3, resolution, resolution), generator=gen, dtype=torch.uint8)
-    return [(images[i], labels[i]) for i in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -489,6 +477,30 @@ def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
     assert state["config"]["seed"] == 1 and state["step"] == 1 and "D_opt" in state and "rng" in state
 
 
+@pytest.mark.gpu
+def test_checkpoint_round_trip_on_cuda(tmp_path):
+    # the checkpoint is read onto the CPU whatever the device (random states must be CPU
+    # tensors); the networks and the optimizer moments land on CUDA through load_state_dict
+    config = GenHeadTrainingConfig.small(seed=1, batch=1, device="cuda")
+    trainer = GenHeadTrainer(config, make_dataset(4))
+    trainer.step()
+    path = trainer.save(tmp_path / "checkpoint.pt")
+    saved_g, saved_d = flat_parameters(trainer.G), flat_parameters(trainer.D)
+    expected = trainer.step()
+    other = GenHeadTrainer(GenHeadTrainingConfig.small(seed=1, batch=1, device="cuda"), make_dataset(4))
+    other.load(path)
+    assert other.step_index == 1 and torch.equal(flat_parameters(other.G), saved_g)
+    assert torch.equal(flat_parameters(other.D), saved_d)
+    moments = [v for state in other.G_opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim()]
+    assert moments and all(v.is_cuda for v in moments)
+    got = other.step()
+    # CUDA's atomic additions in the backward passes add in no fixed order: the same step
+    # agrees to float32 rounding, not bit for bit
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], rel=1e-3, abs=1e-5), key
+
+
 def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
     path = tmp_path / "checkpoint.pt"
     common.save_checkpoint(path, {"step": 1, "weights": torch.arange(5.0)})
@@ -643,21 +655,6 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _distributed_worker(rank, world_size, port, out_dir):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(1)
-    try:
-        config = GenHeadTrainingConfig.small(out=str(out_dir), device="cpu", batch=1, log_every=1)
-        trainer = train_genhead(config, make_dataset(4, seed=rank), max_steps=2)
-        torch.save({"G": flat_parameters(trainer.G), "D": flat_parameters(trainer.D),
-                    "G_ema": flat_parameters(trainer.G_ema), "step": trainer.step_index,
-                    "nimg": trainer.cur_nimg, "losses": trainer.last_losses}, out_dir / f"rank{rank}.pt")
-    finally:
-        if torch.distributed.is_initialized():  # train_genhead destroys the group it created
-            torch.distributed.destroy_process_group()
-
-
 def _average_gradients_worker(rank, world_size, port, out_dir):
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -668,13 +665,18 @@ def _average_gradients_worker(rank, world_size, port, out_dir):
         if rank == 0:
             one.grad = torch.full((3,), 4.0)             # 4 and (none) 0: mean 2
         group.average_gradients([both, one, none])
+        mapping = hnn.MappingNetwork(z_dim=4, c_dim=0, w_dim=4, num_ws=2, num_layers=1)
+        mapping.w_avg.copy_(torch.arange(4.0) * (rank + 1))  # ranks 0 and 1: mean 1.5 * arange
+        weight = mapping.fc0.weight.detach().clone()
+        group.average_running_means(mapping)
         torch.save({"both": both.grad, "one": one.grad, "none": none.grad, "rank": group.rank,
-                    "world": group.world_size}, out_dir / f"grads{rank}.pt")
+                    "world": group.world_size, "w_avg": mapping.w_avg, "weight_kept": torch.equal(weight,
+                    mapping.fc0.weight)}, out_dir / f"grads{rank}.pt")
     finally:
         group.close()
 
 
-def test_average_gradients_over_two_processes(tmp_path):
+def test_average_gradients_and_running_means_over_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_average_gradients_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
@@ -683,18 +685,17 @@ def test_average_gradients_over_two_processes(tmp_path):
         assert got["rank"] == rank and got["world"] == 2
         assert torch.equal(got["both"], torch.full((3,), 1.5)) and torch.equal(got["one"], torch.full((3,), 2.0))
         assert got["none"] is None
+        assert torch.equal(got["w_avg"], 1.5 * torch.arange(4.0)) and got["weight_kept"]
 
 
-def test_two_processes_hold_identical_weights(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_distributed_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+def test_torchrun_two_processes_hold_identical_changed_weights(tmp_path):
+    r0, r1 = run_under_torchrun("genhead", tmp_path)
+    assert (r0["rank"], r1["rank"], r0["world_size"], r1["world_size"]) == (0, 1, 2, 2)
     assert r0["step"] == r1["step"] == 2 and r0["nimg"] == r1["nimg"] == 4
-    for name in ("G", "D", "G_ema"):
-        assert torch.equal(r0[name], r1[name]), name
+    assert r0["digests"] == r1["digests"]
     assert r0["losses"] == r1["losses"] and all(math.isfinite(v) for v in r0["losses"].values())
+    state = common.load_checkpoint(tmp_path / "checkpoint.pt")  # rank 0's
+    assert state["step"] == 2 and {name: state_digest(state[name]) for name in ("G", "D", "G_ema")} == r0["digests"]
     torch.manual_seed(0)  # the initial weights of both ranks (seed 0, then broadcast)
     fresh = GenHeadTrainer(GenHeadTrainingConfig.small(batch=1), make_dataset(4))
-    assert not torch.equal(flat_parameters(fresh.G), r0["G"])
-    assert common.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    assert state_digest(fresh.G.state_dict()) != r0["digests"]["G"]

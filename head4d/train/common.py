@@ -29,7 +29,9 @@
   parameter's gradient is all-reduced (summed, divided by the world size) before the
   optimizer step, so the ranks keep identical weights. This works with R1's double backward
   and with phases that touch only part of a network, which DistributedDataParallel's
-  reducer handles badly. Rank 0 alone writes checkpoints and logs.
+  reducer handles badly. The mapping networks' running means of w (``w_avg``) are averaged
+  over the ranks after each step, so the ranks' whole states stay identical
+  (:meth:`Distributed.average_running_means`). Rank 0 alone writes checkpoints and logs.
 - **Progress** (:class:`ProgressLog`): a line per report (step, images, images/s, losses,
   ETA) on stdout; the scalars appended to ``log.jsonl`` in the output folder, and written
   to TensorBoard event files there when ``torch.utils.tensorboard`` imports (it needs the
@@ -67,9 +69,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRECISIONS", "BatchStream", "Distributed", "InfiniteSampler",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRECISIONS", "BatchStream", "CheckpointedTrainer", "Distributed", "InfiniteSampler",
            "MixedPrecision", "ProgressLog", "accumulate_gradients", "check_microbatch", "ema_beta", "get_rng_state",
-           "image_grid", "lazy_adam_settings", "load_checkpoint", "replace_directory", "save_checkpoint",
+           "image_grid", "lazy_adam_settings", "load_checkpoint", "rank_seed", "replace_directory", "save_checkpoint",
            "set_rng_state", "split_microbatches", "update_ema"]
 
 CHECKPOINT_FORMAT = "head4d.train"
@@ -216,6 +218,78 @@ def config_to_dict(config: Any) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- EMA
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed distinct per rank and per counter ``step`` (a step, or a data stream's
+    position), for draws whose random state is not carried over: ranks other than 0 after a
+    resume, a data stream restarted at a position."""
+    return seed * 7919 + rank + 104729 * step
+
+
+class CheckpointedTrainer:
+    """The checkpoint of a GAN trainer with networks ``G``, ``D``, ``G_ema``, optimizers
+    ``G_opt``, ``D_opt``, counters ``step_index`` and ``cur_nimg``, a ``config`` dataclass
+    (with ``seed``), a :class:`Distributed` ``dist`` and a CPU or CUDA ``data_generator``:
+    :meth:`state`, :meth:`save` (atomic, rank 0 only) and :meth:`load`. A subclass names its
+    checkpoint's ``KIND`` and may add entries with :meth:`extra_state` /
+    :meth:`load_extra_state` (its data stream's position, say).
+
+    Rank 0's random states (torch, CUDA, numpy, python and ``data_generator``) are saved and
+    restored; the other ranks reseed with :func:`rank_seed` on load, since theirs are not in
+    the file. Checkpoints are read onto the CPU whatever the device: ``load_state_dict``
+    copies every tensor to its parameter's device, and random states must be CPU tensors.
+    """
+
+    KIND: str = ""
+
+    def extra_state(self) -> Dict[str, Any]:
+        """Entries a subclass adds to the checkpoint (none here)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`extra_state` added (nothing here); called after the networks,
+        optimizers and counters are restored, before the random states."""
+
+    def state(self) -> Dict[str, Any]:
+        """Everything a resume needs (see the module docstring)."""
+        state = {"kind": self.KIND, "G": self.G.state_dict(), "D": self.D.state_dict(),
+                 "G_ema": self.G_ema.state_dict(), "G_opt": self.G_opt.state_dict(), "D_opt": self.D_opt.state_dict(),
+                 "step": self.step_index, "cur_nimg": self.cur_nimg, "rng": get_rng_state(),
+                 "data_rng": self.data_generator.get_state(), "config": config_to_dict(self.config)}
+        state.update(self.extra_state())
+        return state
+
+    def save(self, path: Union[str, os.PathLike]) -> Path:
+        """Write the checkpoint atomically (rank 0 only; other ranks return the path)."""
+        if not self.dist.is_main:
+            return Path(path)
+        return save_checkpoint(path, self.state())
+
+    def load(self, path: Union[str, os.PathLike]) -> None:
+        """Restore a checkpoint written by :meth:`save` (networks, optimizers, EMA, counters,
+        random states); the next step continues exactly where the saved run would have.
+
+        Raises:
+            ValueError: the checkpoint is of another kind of training (or not a checkpoint).
+            FileNotFoundError: no file at ``path``.
+        """
+        state = load_checkpoint(path, map_location="cpu")
+        if state.get("kind") != self.KIND:
+            raise ValueError(f"{type(self).__name__}.load: {path} is a {state.get('kind')!r} checkpoint, not a "
+                             f"{self.KIND} one")
+        for name in ("G", "D", "G_ema", "G_opt", "D_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+        self.load_extra_state(state)
+        if self.dist.is_main:
+            set_rng_state(state["rng"])
+            self.data_generator.set_state(state["data_rng"])
+        else:
+            seed = rank_seed(self.config.seed, self.dist.rank, self.step_index + 1)
+            torch.manual_seed(seed)
+            self.data_generator.manual_seed(seed + 1)
+
+
 def ema_beta(batch: int, cur_nimg: int, ema_kimg: float, ema_rampup: Optional[float]) -> float:
     """StyleGAN2's EMA decay for one step of ``batch`` images after ``cur_nimg`` images:
     ``ema_nimg = ema_kimg * 1000``, ``min(ema_nimg, cur_nimg * ema_rampup)`` with a ramp-up,
@@ -338,6 +412,28 @@ class Distributed:
             count = p.numel()
             p.grad = flat[offset:offset + count].view_as(p).clone()
             offset += count
+
+    def average_running_means(self, module: nn.Module) -> None:
+        """Every ``w_avg`` buffer of ``module`` (a StyleGAN2 mapping network's running mean of
+        w) replaced, in place, by its mean over the ranks.
+
+        Each rank moves its ``w_avg`` towards the mean of its own batch. StyleGAN2's loop
+        leaves the ranks' copies to drift apart and saves rank 0's; averaging them after each
+        step instead keeps the ranks' states identical and equals the ``w_avg`` of one
+        process that sees the whole batch, since the update ``lerp(mean(w), w_avg, beta)`` is
+        linear in the batch mean (ranks hold equal batches)."""
+        if not self.active:
+            return
+        buffers = [b for name, b in module.named_buffers() if name.rsplit(".", 1)[-1] == "w_avg"]
+        if not buffers:
+            return
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """A tensor averaged over the ranks (for logging)."""
@@ -625,7 +721,7 @@ class BatchStream:
                                   start=self.position)
         # a generator of its own: the DataLoader draws its workers' base seed from it, not from
         # torch's global generator (whose draws a resumed run must repeat exactly)
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.rank + 104729 * self.position)
+        generator = torch.Generator().manual_seed(rank_seed(self.seed, self.rank, self.position))
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch, sampler=sampler,
                                              num_workers=self.workers, pin_memory=self.pin_memory,
                                              prefetch_factor=2 if self.workers > 0 else None, generator=generator)

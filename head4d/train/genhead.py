@@ -116,9 +116,9 @@ from ..models.genhead import HEAD_PLANES, PART_PLANES, GenHeadConfig, clip_verti
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
 from ..render.losses import distortion_loss
 from ..render.masks import correspondence_map
-from .common import (EXPORT_NAME, PRECISIONS, BatchStream, Distributed, MixedPrecision, accumulate_gradients,
-                     check_microbatch, config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint,
-                     run_training, save_checkpoint, set_rng_state, split_microbatches, update_ema)
+from .common import (EXPORT_NAME, PRECISIONS, BatchStream, CheckpointedTrainer, Distributed, MixedPrecision,
+                     accumulate_gradients, check_microbatch, ema_beta, lazy_adam_settings, rank_seed, run_training,
+                     split_microbatches, update_ema)
 
 __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "density_tv_loss", "part_region_losses", "r1_penalty",
            "small_discriminator_kwargs", "small_genhead_config", "train_genhead"]
@@ -395,7 +395,7 @@ def density_tv_loss(G: GenHead, planes: torch.Tensor, codes: Mapping[str, torch.
 
 
 # ---------------------------------------------------------------------- trainer
-class GenHeadTrainer:
+class GenHeadTrainer(CheckpointedTrainer):
     """Networks, optimizers and one training step of GenHead's GAN training.
 
     Args:
@@ -416,8 +416,11 @@ class GenHeadTrainer:
     per-rank seed for the training's draws); the real images come in the order of an
     :class:`~head4d.train.common.InfiniteSampler` (seeded by ``config.seed``, this rank's
     share), the fakes' conditions from a generator of their own. Call :meth:`close` to stop
-    the DataLoader's workers.
+    the DataLoader's workers. Checkpoints: :class:`~head4d.train.common.CheckpointedTrainer`
+    (``save``, ``load``, ``state``), with the data stream's position.
     """
+
+    KIND = "genhead"
 
     def __init__(self, config: GenHeadTrainingConfig, dataset: Sequence, distributed: Optional[Distributed] = None,
                  head_model=None):
@@ -451,11 +454,11 @@ class GenHeadTrainer:
         d_lr, d_betas = lazy_adam_settings(config.d_lr, tuple(config.betas), config.d_reg_interval)
         self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
         self.D_opt = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.eps)
-        self.data_generator = torch.Generator().manual_seed(config.seed * 7919 + self.dist.rank)
+        self.data_generator = torch.Generator().manual_seed(rank_seed(config.seed, self.dist.rank, 0))
         self.stream = BatchStream(dataset, config.batch, seed=config.seed, rank=self.dist.rank,
                                   world_size=self.dist.world_size, workers=config.workers,
                                   pin_memory=self.device.type == "cuda")
-        torch.manual_seed(config.seed * 7919 + self.dist.rank + 1)
+        torch.manual_seed(rank_seed(config.seed, self.dist.rank, 0) + 1)
         self.step_index = 0
         self.cur_nimg = 0
         self.last_losses: Dict[str, float] = {}
@@ -705,6 +708,7 @@ class GenHeadTrainer:
             self._optimize(module, opt)
         self.G.requires_grad_(True)
         self.D.requires_grad_(True)
+        self.dist.average_running_means(self.G)
         world_batch = cfg.batch * self.dist.world_size
         # as StyleGAN2: the decay uses the images seen before this step (the first step copies G)
         update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, ema_kimg, cfg.ema_rampup))
@@ -714,42 +718,15 @@ class GenHeadTrainer:
         return self.last_losses
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> Dict[str, Any]:
-        """Everything a resume needs (see :mod:`head4d.train.common`)."""
-        return {"kind": "genhead", "G": self.G.state_dict(), "D": self.D.state_dict(),
-                "G_ema": self.G_ema.state_dict(), "G_opt": self.G_opt.state_dict(), "D_opt": self.D_opt.state_dict(),
-                "step": self.step_index, "cur_nimg": self.cur_nimg, "rng": get_rng_state(),
-                "data_rng": self.data_generator.get_state(), "data_stream": self.stream.state_dict(),
-                "config": config_to_dict(self.config)}
+    def extra_state(self) -> Dict[str, Any]:
+        """The real images' stream position, beside what every checkpoint holds
+        (:class:`~head4d.train.common.CheckpointedTrainer`)."""
+        return {"data_stream": self.stream.state_dict()}
 
-    def save(self, path) -> Path:
-        """Write the checkpoint atomically (rank 0 only; other ranks return the path)."""
-        if not self.dist.is_main:
-            return Path(path)
-        return save_checkpoint(path, self.state())
-
-    def load(self, path) -> None:
-        """Restore a checkpoint written by :meth:`save` (networks, optimizers, EMA, counters,
-        random states); the next step continues exactly where the saved run would have."""
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("kind") != "genhead":
-            raise ValueError(f"GenHeadTrainer.load: {path} is a {state.get('kind')!r} checkpoint, not a GenHead one")
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self.G_opt.load_state_dict(state["G_opt"])
-        self.D_opt.load_state_dict(state["D_opt"])
-        self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
         # every rank has consumed the same number of its own items: rank 0's position holds for all
         # (a checkpoint without one, from before the data stream, continues at step * batch)
         self.stream.load_state_dict(state.get("data_stream", {"position": self.step_index * self.config.batch}))
-        if self.dist.is_main:
-            set_rng_state(state["rng"])
-            self.data_generator.set_state(state["data_rng"])
-        else:
-            seed = self.config.seed * 7919 + self.dist.rank + 104729 * (self.step_index + 1)
-            torch.manual_seed(seed)
-            self.data_generator.manual_seed(seed + 1)
 
     @torch.no_grad()
     def snapshot_images(self, count: int = 8) -> torch.Tensor:

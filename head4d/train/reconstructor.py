@@ -127,9 +127,9 @@ from ..nn.discriminator import DualDiscriminatorDeform, filtered_resizing
 from ..ops import sample_triplanes
 from ..render.masks import correspondence_map
 from ..synthesis import TripletBatch, TripletSampler
-from .common import (EXPORT_NAME, PRECISIONS, Distributed, MixedPrecision, accumulate_gradients, check_microbatch,
-                     config_to_dict, ema_beta, get_rng_state, lazy_adam_settings, load_checkpoint, run_training,
-                     save_checkpoint, set_rng_state, split_microbatches, update_ema)
+from .common import (EXPORT_NAME, PRECISIONS, CheckpointedTrainer, Distributed, MixedPrecision, accumulate_gradients,
+                     check_microbatch, ema_beta, lazy_adam_settings, rank_seed, run_training, split_microbatches,
+                     update_ema)
 from .genhead import r1_penalty, small_discriminator_kwargs, small_genhead_config
 from .perceptual import LPIPS_BACKBONES, build_lpips
 
@@ -510,7 +510,7 @@ def split_triplets(batch: TripletBatch, accumulate: int) -> List[TripletBatch]:
 
 
 # ---------------------------------------------------------------------- trainer
-class ReconstructorTrainer:
+class ReconstructorTrainer(CheckpointedTrainer):
     """Networks, optimizers and one training step of the reconstructor's training.
 
     Args:
@@ -528,7 +528,12 @@ class ReconstructorTrainer:
     (triplets per micro-batch), ``precision`` (:class:`~head4d.train.common.MixedPrecision`;
     with ``"bf16"`` its autocast hooks sit on ``G``'s and ``D``'s StyleGAN2 blocks, not on
     ``G_ema``'s or the frozen GenHead's). Call :meth:`close` to remove the hooks.
+    Checkpoints: :class:`~head4d.train.common.CheckpointedTrainer` (``save``, ``load``,
+    ``state``); the frozen GenHead is not stored (``config.genhead`` names it; an untrained
+    one is rebuilt from the seed).
     """
+
+    KIND = "reconstructor"
 
     def __init__(self, config: ReconstructorTrainingConfig, genhead: Optional[GenHead] = None,
                  distributed: Optional[Distributed] = None, lpips: Optional[torch.nn.Module] = None,
@@ -576,11 +581,11 @@ class ReconstructorTrainer:
         self.G_opt = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=g_betas, eps=config.eps)
         self.D_opt = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=d_betas, eps=config.eps)
         self.frozen = set(frozen_parameter_names(self.G))
-        self.data_generator = torch.Generator(self.device).manual_seed(config.seed * 7919 + self.dist.rank)
+        self.data_generator = torch.Generator(self.device).manual_seed(rank_seed(config.seed, self.dist.rank, 0))
         self.sampler = TripletSampler(self.genhead, truncation_psi=config.truncation_psi,
                                       static_fraction=config.static_fraction, triplane_points=config.triplane_points,
                                       generator=self.data_generator)
-        torch.manual_seed(config.seed * 7919 + self.dist.rank + 1)
+        torch.manual_seed(rank_seed(config.seed, self.dist.rank, 0) + 1)
         self.step_index = 0
         self.cur_nimg = 0
         self.last_losses: Dict[str, float] = {}
@@ -807,6 +812,7 @@ class ReconstructorTrainer:
             self._optimize(module, opt, freeze=training_g and freeze)
         self.G.requires_grad_(True)
         self.D.requires_grad_(True)
+        self.dist.average_running_means(self.G)
         world_batch = cfg.batch * self.dist.world_size
         update_ema(self.G_ema, self.G, ema_beta(world_batch, self.cur_nimg, cfg.ema_kimg_for(self.dist.world_size),
                                                 cfg.ema_rampup))
@@ -816,39 +822,6 @@ class ReconstructorTrainer:
         return self.last_losses
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> Dict[str, Any]:
-        """Everything a resume needs (see :mod:`head4d.train.common`); the frozen GenHead is
-        not stored (``config.genhead`` names it; an untrained one is rebuilt from the seed)."""
-        return {"kind": "reconstructor", "G": self.G.state_dict(), "D": self.D.state_dict(),
-                "G_ema": self.G_ema.state_dict(), "G_opt": self.G_opt.state_dict(), "D_opt": self.D_opt.state_dict(),
-                "step": self.step_index, "cur_nimg": self.cur_nimg, "rng": get_rng_state(),
-                "data_rng": self.data_generator.get_state(), "config": config_to_dict(self.config)}
-
-    def save(self, path) -> Path:
-        """Write the checkpoint atomically (rank 0 only; other ranks return the path)."""
-        if not self.dist.is_main:
-            return Path(path)
-        return save_checkpoint(path, self.state())
-
-    def load(self, path) -> None:
-        """Restore a checkpoint written by :meth:`save` (networks, optimizers, EMA, counters,
-        random states); the next step continues exactly where the saved run would have."""
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("kind") != "reconstructor":
-            raise ValueError(f"{NAME}.load: {path} is a {state.get('kind')!r} checkpoint, not a reconstructor one")
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
-        self.G_opt.load_state_dict(state["G_opt"])
-        self.D_opt.load_state_dict(state["D_opt"])
-        self.step_index, self.cur_nimg = int(state["step"]), int(state["cur_nimg"])
-        if self.dist.is_main:
-            set_rng_state(state["rng"])
-            self.data_generator.set_state(state["data_rng"].cpu())
-        else:
-            seed = self.config.seed * 7919 + self.dist.rank + 104729 * (self.step_index + 1)
-            torch.manual_seed(seed)
-            self.data_generator.manual_seed(seed + 1)
 
     # ------------------------------------------------------------------ images
     def fixed_batch(self, count: int = 4) -> TripletBatch:
