@@ -7,6 +7,10 @@
 - The alignment: the least-squares similarity against a generic least-squares solve, the warp
   against a per-pixel bilinear sampler written out here, the fixed face points against the
   procedural head they were measured on.
+- The face points of posed meshes (``face_points``) against the rule applied here to posed
+  vertices; their projection (``project_points``) against ``K [R | t]`` written out here in
+  OpenCV's convention for random cameras; the projected nose tip and mouth corners land on
+  the rasterizer's visible surface there, for turned heads (the two projections agree).
 - The loss: 0 for identical images, 2 for opposite embeddings, in [0, 2]; its gradient (a
   central difference in float64) reaches the image and nothing else; clear errors.
 """
@@ -20,9 +24,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genhead_testing import camera
 from head4d.nn.iresnet import IResNet, STAGE_DEPTHS, iresnet18, iresnet34, iresnet50, iresnet100
-from head4d.train.identity import (ARCFACE_TEMPLATE, CANONICAL_FACE_POINTS, IdentityLoss, similarity_to_template,
-                                   warp_to_crop)
+from head4d.train.identity import (ARCFACE_TEMPLATE, CANONICAL_FACE_POINTS, IdentityLoss, face_points,
+                                   project_points, similarity_to_template, warp_to_crop)
 
 DATA = Path(__file__).parent / "data" / "iresnet18_state_dict.txt"
 EPS64 = torch.finfo(torch.float64).eps
@@ -390,3 +395,106 @@ def test_bad_images_raise_clear_errors():
         loss(good, good, torch.zeros(2, 68, 2))
     with pytest.raises(TypeError, match="network must be a torch.nn.Module"):
         IdentityLoss(lambda x: x)
+
+
+# ---------------------------------------------------------------------- face points of a mesh
+def _random_cameras(n, gen):
+    """``[n, 25]`` float64 Portrait4D cameras at random yaws, pitches and distances looking at
+    the origin, with random focal lengths, principal points and skews."""
+    yaw, pitch = (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5) * 1.2, \
+        (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5) * 0.6
+    distance = 3.5 + torch.rand(n, generator=gen, dtype=torch.float64)
+    cams = []
+    for i in range(n):
+        cy, sy, cp, sp = math.cos(yaw[i]), math.sin(yaw[i]), math.cos(pitch[i]), math.sin(pitch[i])
+        rot = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64) @ \
+            torch.tensor([[1, 0, 0], [0, cp, -sp], [0, sp, cp]], dtype=torch.float64)
+        cam2world = torch.eye(4, dtype=torch.float64)
+        cam2world[:3, :3] = rot
+        cam2world[:3, 3] = rot @ torch.tensor([0, 0, float(distance[i])], dtype=torch.float64)
+        f = 4.0 + torch.rand(2, generator=gen, dtype=torch.float64)
+        c = 0.5 + 0.05 * torch.randn(2, generator=gen, dtype=torch.float64)
+        skew = 0.05 * torch.randn((), generator=gen, dtype=torch.float64)
+        intrinsics = torch.tensor([[f[0], skew, c[0]], [0, f[1], c[1]], [0, 0, 1]], dtype=torch.float64)
+        cams.append(torch.cat([cam2world.reshape(16), intrinsics.reshape(9)]))
+    return torch.stack(cams)
+
+
+def test_project_points_is_k_times_the_world_to_camera_transform():
+    gen = torch.Generator().manual_seed(5)
+    n, size = 4, 512
+    cameras = _random_cameras(n, gen)
+    points = 0.3 * torch.randn(n, 7, 3, generator=gen, dtype=torch.float64)
+    got = project_points(points, cameras, size)
+    # OpenGL's camera looks along -z with y up; OpenCV's along +z with y down: flip y and z
+    world_to_camera = torch.linalg.inv(cameras[:, :16].reshape(n, 4, 4))
+    homogeneous = torch.cat([points, torch.ones(n, 7, 1, dtype=torch.float64)], dim=2)
+    camera_points = (homogeneous @ world_to_camera.transpose(1, 2))[..., :3] * torch.tensor(
+        [1.0, -1.0, -1.0], dtype=torch.float64)
+    image = camera_points @ cameras[:, 16:].reshape(n, 3, 3).transpose(1, 2)
+    expected = image[..., :2] / image[..., 2:] * size - 0.5  # pixel centres at integers
+    torch.testing.assert_close(got, expected, rtol=0, atol=size * 1e3 * EPS64)
+    with pytest.raises(ValueError, match=r"camera must have shape \[N, 25\]"):
+        project_points(points, cameras[:, :16], size)
+
+
+def test_face_points_follow_the_rule_on_posed_meshes():
+    from head4d.head import ProceduralHead
+    head = ProceduralHead().double()
+    gen = torch.Generator().manual_seed(6)
+    n = 3
+    codes = {"shape": 0.5 * torch.randn(n, 300, generator=gen, dtype=torch.float64),
+             "expression": 0.5 * torch.randn(n, 100, generator=gen, dtype=torch.float64),
+             "neck_pose": 0.1 * torch.randn(n, 3, generator=gen, dtype=torch.float64),
+             "jaw_pose": torch.tensor([[0.2, 0.0, 0.0]], dtype=torch.float64).repeat(n, 1),
+             "eye_pose": 0.1 * torch.randn(n, 6, generator=gen, dtype=torch.float64)}
+    vertices = head(**codes)
+    got = face_points(head, vertices)
+    template = head.v_template
+    face, lips = head.face_indices.tolist(), head.lips_indices.tolist()
+    nose = max(face, key=lambda i: float(template[i, 2]))
+    corner_right = min(lips, key=lambda i: float(template[i, 0]))
+    corner_left = max(lips, key=lambda i: float(template[i, 0]))
+    for k in range(n):
+        expected = torch.stack([vertices[k, head.right_eye_indices].mean(0), vertices[k, head.left_eye_indices].mean(0),
+                                vertices[k, nose], vertices[k, corner_right], vertices[k, corner_left]])
+        torch.testing.assert_close(got[k], expected, rtol=0, atol=0)
+    # a frontal, neutral head lands on the fixed face points
+    neutral = face_points(head, head(**{k: torch.zeros_like(v) for k, v in codes.items()}))
+    from head4d.synthesis.cameras import CONDITION_DISTANCE, FOCAL
+    frontal = torch.zeros(1, 25, dtype=torch.float64)  # identity rotation at +z, centred principal point
+    frontal[0, :16] = torch.eye(4, dtype=torch.float64).reshape(16)
+    frontal[0, 11] = CONDITION_DISTANCE
+    frontal[0, 16:] = torch.tensor([[FOCAL, 0, 0.5], [0, FOCAL, 0.5], [0, 0, 1]], dtype=torch.float64).reshape(9)
+    fractions = (project_points(neutral[:1], frontal, 1) + 0.5)[0]
+    torch.testing.assert_close(fractions, torch.tensor(CANONICAL_FACE_POINTS, dtype=torch.float64), rtol=0, atol=0.01)
+    with pytest.raises(ValueError, match="vertices must have shape"):
+        face_points(head, vertices[:, :10])
+
+
+def test_projected_face_points_land_on_the_rasterized_surface():
+    """The nose tip and the mouth corners are on the surface and visible from these yaws: at
+    the pixel each projects to, the rasterizer's visible surface point (its barycentrics
+    over the world vertices) is that point, to the pixel's footprint (rounding to the pixel
+    centre moves up to 0.71 pixel, the slope of the surface a little more). The eyeball
+    centres lie inside the head and are left out."""
+    from head4d.head import ProceduralHead
+    from head4d.models.genhead import clip_vertices
+    from head4d.ops.rasterize import rasterize_triangles
+    head = ProceduralHead().double()
+    yaws = [-0.5, -0.25, 0.0, 0.25, 0.5]
+    n, size = len(yaws), 256
+    cams = torch.cat([camera(1, yaw=y) for y in yaws]).double()
+    vertices = head(**head.zero_codes(n))
+    clip = clip_vertices(vertices, cams[:, :16].reshape(n, 4, 4), cams[:, 16:].reshape(n, 3, 3))
+    face, bary, _ = rasterize_triangles(clip, head.faces, (size, size), backend="torch")
+    points = face_points(head, vertices)
+    pixels = project_points(points, cams, size).round().long()
+    footprint = 4.0 / (float(cams[0, 16]) * size)  # world size of a pixel at the head (distance 4)
+    for k in range(n):
+        for j in (2, 3, 4):  # nose tip, mouth corners
+            x, y = pixels[k, j].tolist()
+            f = int(face[k, y, x])
+            assert f >= 0, (yaws[k], j)
+            seen = (bary[k, y, x, :, None] * vertices[k, head.faces[f]]).sum(0)
+            assert (seen - points[k, j]).norm() < 1.5 * footprint, (yaws[k], j)

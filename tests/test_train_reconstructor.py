@@ -12,7 +12,8 @@ with a random VGG16 backbone (built explicitly; it warns so).
   start), the decoder's gradient zeroing and the parameters it covers, the lazy Adam settings.
 - Steps on one fixed batch: finite losses with the early terms, the decoder frozen while
   the encoders move, the total loss falling (a tiny overfit); after the adversarial start:
-  every phase, D moves, the decoder moves, the identity term from a stand-in network; and
+  every phase, D moves, the decoder moves, the identity term from a stand-in network (with
+  the target's projected face points in their order); and
   a checkpoint round trip there: a fresh trainer resumed from it takes the same step, bit-exact.
 - The feature image without background against a render without background.
 - Gradient accumulation: the strided micro-batches of a TripletBatch (every field, the
@@ -272,9 +273,9 @@ class TestSmallTrainer:
         the same step: losses, G, D and the EMA bit-exact."""
         calls = []
 
-        def identity(fake, target):  # a stand-in identity network: 1 - cos of the flattened images
+        def identity(fake, target, landmarks):  # a stand-in identity network: 1 - cos of the flattened images
             value = 1 - F.cosine_similarity(fake.flatten(1), target.flatten(1), dim=1)
-            calls.append((fake.shape, target.shape, value.detach()))
+            calls.append((fake.shape, target.shape, value.detach(), landmarks))
             return value
 
         trainer.identity = identity
@@ -297,6 +298,14 @@ class TestSmallTrainer:
             assert key in losses and math.isfinite(losses[key]), (key, losses)
         assert not any(k in losses for k in ("Loss/G/lrecon_depth", "Loss/G/lrecon_feature", "Loss/G/lrecon_triplane"))
         assert calls[0][:2] == ((2, 3, 24, 24), (2, 3, 24, 24))
+        # the target's face points in the 24^2 images: right eye left of the left eye, the
+        # mouth corners below the eyes and the nose, inside the image
+        landmarks = calls[0][3]
+        assert landmarks.shape == (2, 5, 2) and torch.isfinite(landmarks).all()
+        assert ((landmarks > -0.5) & (landmarks < 23.5)).all()
+        assert (landmarks[:, 0, 0] < landmarks[:, 1, 0]).all() and (landmarks[:, 3, 0] < landmarks[:, 4, 0]).all()
+        assert (landmarks[:, 3:, 1] > landmarks[:, 2:3, 1]).all()
+        assert (landmarks[:, 2, 1] > landmarks[:, :2, 1].max(1).values).all()
         assert losses["Loss/G/l_id"] == pytest.approx(calls[0][2].mean().item(), rel=1e-6)
         assert not torch.equal(expected[1], d0)
         assert not torch.equal(flat_parameters(trainer.G, "decoder."), decoder0)  # no freeze after 1000 kimg

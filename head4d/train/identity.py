@@ -17,14 +17,19 @@ What Portrait4D does (restated here; the trainer applies the schedule and the we
 - Per sample, ``1 - cosine_similarity(embed(render), embed(target))`` over the 512 features
   (upstream then averages over the batch).
 
-head4d has no FLAME landmark projection, so :meth:`IdentityLoss.forward` takes the five
-points as an optional ``landmarks`` argument. Without them it uses one fixed alignment for
-every sample: the five points at :data:`CANONICAL_FACE_POINTS`, where a frontal head lands in
-Portrait4D's frontal camera (identity rotation, distance 4, focal 4.2647 image widths, centred
-principal point), measured on head4d's built-in procedural head (eyeball centres, the frontmost
-face vertex, the outermost lip vertices; scaled by 3 and recentred on the neck as Portrait4D
-does). That fixed crop matches upstream's for frontal, neutral views and drifts from it as
-the head turns; pass landmarks where they are available.
+head4d has no FLAME landmark embedding (upstream's 68 points sit at barycentric positions on
+FLAME's faces, from a file head4d does not ship), so the five points are taken from the posed
+mesh's vertices by one rule that any head model answers (:func:`face_points`): the two
+eyeball centres (the mean of each eyeball's vertices), the nose tip (the face vertex that is
+frontmost on the template mesh) and the two mouth corners (the lip vertices leftmost and
+rightmost on the template mesh), each followed as the head is posed, then projected with the
+target's camera (:func:`project_points`). The reconstructor's training passes these points to
+:meth:`IdentityLoss.forward` as ``landmarks``. Without landmarks the loss uses one fixed
+alignment for every sample: the five points at :data:`CANONICAL_FACE_POINTS`, where the same
+rule puts them for head4d's built-in procedural head, frontal and neutral, in Portrait4D's
+frontal camera (identity rotation, distance 4, focal 4.2647 image widths, centred principal
+point; scaled by 3 and recentred on the neck as Portrait4D does). That fixed crop drifts from
+the face as the head turns.
 """
 from __future__ import annotations
 
@@ -101,6 +106,66 @@ def similarity_to_template(points: torch.Tensor, template: Optional[torch.Tensor
     shift = target_mean - source_mean @ linear.transpose(1, 2)  # [N, 1, 2]
     shift = torch.where(degenerate[:, None, None], torch.zeros_like(shift), shift)
     return torch.cat([linear, shift.transpose(1, 2)], dim=2)
+
+
+def face_points(head: nn.Module, vertices: torch.Tensor) -> torch.Tensor:
+    """The five face points of posed meshes of ``head``, in :data:`ARCFACE_TEMPLATE`'s order
+    (the rule is in the module docstring).
+
+    The head's right side is the image's left in a frontal camera, so the first point is
+    the head's right eyeball and the fourth its right mouth corner (smaller x on the
+    template, the head model's x pointing to the head's left).
+
+    Args:
+        head: a :class:`~head4d.head.HeadModel` with a lips set (FLAME with its masks file,
+            or the procedural head).
+        vertices: ``[N, V, 3]`` floating, ``head``'s posed vertices (``head(...)``).
+
+    Returns:
+        ``[N, 5, 3]`` in ``vertices.dtype``.
+
+    Raises:
+        ValueError: ``vertices`` is not ``[N, V, 3]`` for this head, or the head has no lips set.
+    """
+    op = "head4d.train.identity.face_points"
+    check_tensor(op, "vertices", vertices, "[N, V, 3]", 3)
+    if vertices.shape[1:] != (head.num_vertices, 3):
+        raise ValueError(f"{op}: vertices must have shape [N, {head.num_vertices}, 3] for this head, "
+                         f"got {list(vertices.shape)}")
+    template = head.v_template
+    face, lips = head.face_indices, head.lips  # head.lips raises for a head without the set
+    nose = face[template[face, 2].argmax()]
+    mouth_right, mouth_left = lips[template[lips, 0].argmin()], lips[template[lips, 0].argmax()]
+    eye_right = vertices[:, head.right_eye_indices].mean(dim=1)
+    eye_left = vertices[:, head.left_eye_indices].mean(dim=1)
+    return torch.stack([eye_right, eye_left, vertices[:, nose], vertices[:, mouth_right], vertices[:, mouth_left]],
+                       dim=1)
+
+
+def project_points(points: torch.Tensor, camera: torch.Tensor, size: int) -> torch.Tensor:
+    """World points in pixel coordinates of a ``size x size`` image seen by Portrait4D's
+    OpenGL camera (the projection of :func:`head4d.models.genhead.clip_vertices`).
+
+    Args:
+        points: ``[N, P, 3]`` floating, world space.
+        camera: ``[N, 25]``: the flattened 4 x 4 camera-to-world matrix, then the flattened
+            normalized 3 x 3 intrinsics.
+        size: the image side in pixels.
+
+    Returns:
+        ``[N, P, 2]`` in ``points.dtype``: ``(x, y)``, x the column and y the row from the
+        top, pixel centres at integers (the convention of ``landmarks``).
+    """
+    from ..models.genhead import clip_vertices  # the models import the ops; keep this module light
+
+    op = "head4d.train.identity.project_points"
+    check_tensor(op, "points", points, "[N, P, 3]", 3)
+    n = points.shape[0]
+    if tuple(camera.shape) != (n, 25):
+        raise ValueError(f"{op}: camera must have shape [N, 25] = {[n, 25]}, got {list(camera.shape)}")
+    clip = clip_vertices(points, camera[:, :16].reshape(n, 4, 4), camera[:, 16:25].reshape(n, 3, 3))
+    ndc = clip[..., :2] / clip[..., 3:4]
+    return torch.stack([(ndc[..., 0] + 1) * 0.5 * size - 0.5, (1 - ndc[..., 1]) * 0.5 * size - 0.5], dim=-1)
 
 
 def warp_to_crop(image: torch.Tensor, matrix: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:

@@ -38,9 +38,11 @@ processes) runs StyleGAN2's phases, each with its own optimizer step:
     ``triplane_weight`` 0.1). These weights are those of the released loss code, which adds
     depth and feature maps at weight 1 and only the triplane term times 0.1.
   * from ``identity_start_kimg`` (400) kimg: the identity loss ``mean(1 - cos)`` of an ArcFace
-    network between the super-resolved render and the target (weight 1), when
-    ``identity_weights`` names the network's weights; otherwise the term is off, with a
-    warning.
+    network between the super-resolved render and the target (weight 1), both aligned to
+    ArcFace's crop by the five face points of the target's FLAME mesh projected with the
+    target camera (:meth:`ReconstructorTrainer.face_points`,
+    :mod:`head4d.train.identity`), when ``identity_weights`` names the network's weights;
+    otherwise the term is off, with a warning.
   * from ``adversarial_start_kimg`` (1000) kimg: ``adversarial_weight`` (0.01) times the
     non-saturating ``softplus(-D(fake))``.
 
@@ -79,8 +81,9 @@ adjusted for lazy regularization (interval 16: lr times 16/17, betas to the powe
 kimg, GenHead truncation 0.95, static fraction 0.5, EMA half-life ``10 * B / 32`` kimg for a
 total batch B (10 at upstream's 32, 8 GPUs of 4), ramp-up 0.05; ``batch`` is per process.
 Gaps: the global encoder starts from random weights (upstream: an ImageNet ResNet-34); the
-identity loss is given the whole images (upstream first warps both with the target's
-landmarks to aligned 112 x 112 crops, which head4d's synthesis does not provide).
+identity loss's five face points are mesh vertices picked by a rule (eyeball centres, nose
+tip, mouth corners), where upstream projects FLAME's landmark embedding, which head4d does
+not ship.
 
 Infrastructure (:mod:`head4d.train.common`, as GenHead's training uses it): ``precision
 "bf16"`` (CUDA only) autocasts the StyleGAN2 convolution blocks to bfloat16 (the
@@ -520,7 +523,9 @@ class ReconstructorTrainer(CheckpointedTrainer):
         distributed: :class:`~head4d.train.common.Distributed` (None: one process).
         lpips: an LPIPS module (None: :func:`~head4d.train.perceptual.build_lpips` of
             ``config.lpips_backbone``).
-        identity: an identity loss ``identity(fake, target) -> [N]`` (None: from
+        identity: an identity loss ``identity(fake, target, landmarks) -> [N]``, ``landmarks``
+            ``[N, 5, 2]`` the pixel coordinates of the five face points in both images
+            (:class:`~head4d.train.identity.IdentityLoss`'s ``forward``; None: from
             ``config.identity_weights`` when set, else off with a warning).
 
     Attributes: ``G`` (the reconstructor), ``D``, ``G_ema``, ``G_opt``, ``D_opt``,
@@ -537,7 +542,7 @@ class ReconstructorTrainer(CheckpointedTrainer):
 
     def __init__(self, config: ReconstructorTrainingConfig, genhead: Optional[GenHead] = None,
                  distributed: Optional[Distributed] = None, lpips: Optional[torch.nn.Module] = None,
-                 identity: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None):
+                 identity: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None):
         config.check()
         self.config = config
         self.dist = distributed if distributed is not None else Distributed(
@@ -637,6 +642,17 @@ class ReconstructorTrainer(CheckpointedTrainer):
             uv = correspondence_map(clip, head.faces, (r, r), self._canonical, head.face_indices, head.eye_indices)
         return uv.to(torch.float32)
 
+    def face_points(self, batch: TripletBatch) -> torch.Tensor:
+        """The five face points ``[N, 5, 3]`` (float32, world space) of the target's FLAME
+        codes on GenHead's head model (:func:`~head4d.train.identity.face_points`): the
+        identity loss aligns its crops to their projections; no gradient."""
+        from .identity import face_points  # the identity loss is optional
+
+        head = self.genhead.head_model
+        with torch.no_grad():
+            verts = head(**{k: v.to(head.dtype) for k, v in batch.codes(2).as_dict().items()})
+            return face_points(head, verts).to(torch.float32)
+
     def run_G(self, inputs: Mapping[str, torch.Tensor], camera: torch.Tensor,
               resolution: int) -> Dict[str, torch.Tensor]:
         """The reconstructor's render of the target view at ``resolution``, with the entries
@@ -697,8 +713,11 @@ class ReconstructorTrainer(CheckpointedTrainer):
             logged["Loss/G/lrecon_triplane"] = term
             loss = loss + term * weights["triplane"]
         if weights["identity"] > 0 and self.identity is not None:
+            from .identity import project_points
+
             name = "image" if "image" in fake and "image" in target else "image_raw"
-            term = self.identity(fake[name], target[name]).mean()
+            landmarks = project_points(target["face_points"], target["camera"], target[name].shape[-1])
+            term = self.identity(fake[name], target[name], landmarks).mean()
             logged["Loss/G/l_id"] = term
             loss = loss + term * weights["identity"]
         if weights["adversarial"] > 0:
@@ -740,8 +759,12 @@ class ReconstructorTrainer(CheckpointedTrainer):
         """What the phases read of (micro-)batch ``batch`` at neural rendering resolution
         ``resolution``: ``inputs`` (:meth:`source_inputs`), ``target``
         (:func:`reconstruction_targets`) and ``uv`` (:meth:`correspondence` when
-        ``with_uv``, else None), all with the batch's rows."""
-        return {"inputs": self.source_inputs(batch), "target": reconstruction_targets(batch, resolution),
+        ``with_uv``, else None), all with the batch's rows; with an identity loss the target
+        also holds ``face_points`` (:meth:`face_points`)."""
+        target = reconstruction_targets(batch, resolution)
+        if self.identity is not None:
+            target["face_points"] = self.face_points(batch)
+        return {"inputs": self.source_inputs(batch), "target": target,
                 "uv": self.correspondence(batch) if with_uv else None}
 
     def phase_loss(self, phase: str, micro: Mapping[str, Any], resolution: int,
