@@ -1,4 +1,4 @@
-"""Input validation shared by the ops: clear errors that name the argument."""
+"""Input validation shared by the ops and the modules: clear errors that name the argument."""
 from __future__ import annotations
 
 import math
@@ -60,4 +60,23 @@ def check_positive_finite(op: str, name: str, value) -> float:
     value = float(value)
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"{op}: {name} must be finite and positive, got {value}")
+    return value
+
+
+def check_int(op: str, name: str, value, minimum: int = 1) -> int:
+    """A Python integer (not a bool) of at least ``minimum``; a one-element integer tensor is accepted."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
     return value

@@ -55,10 +55,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._checks import FLOATING, check_choice, check_dim, check_positive_finite, check_tensor
+from .._checks import FLOATING, check_bool, check_choice, check_dim, check_int, check_positive_finite, check_tensor
 from .._nvtx import nvtx_range
 from ..head.base import HeadModel
-from ..ops._common import check_bool, check_int
 from ..ops.deformation import (PORTRAIT4D_BOX_SIDE, cell_centre_bound, one_ring_deform, sample_grid3d,
                                smooth_grid3d, surface_field_grid)
 

@@ -8,7 +8,6 @@ order, token ``i * w + j`` at grid row ``i``, column ``j``; the same order as
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -16,7 +15,12 @@ from einops import rearrange
 from torch import nn
 
 from .. import _nvtx
-from .._checks import FLOATING, check_tensor
+from .._checks import FLOATING, check_int, check_positive_finite, check_tensor
+
+#: ``check_positive_int(op, name, value, minimum=1)``: an int (not a bool) >= ``minimum``.
+check_positive_int = check_int
+#: ``check_positive_float(op, name, value)``: a finite real number > 0.
+check_positive_float = check_positive_finite
 
 #: Input dtypes of the attention blocks (those of :func:`head4d.ops.attention`).
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,28 +35,6 @@ def op_name(module_or_name) -> str:
     """``head4d.nn.<ClassName>``: the prefix of every error a block raises."""
     name = module_or_name if isinstance(module_or_name, str) else type(module_or_name).__name__
     return "head4d.nn." + name
-
-
-def check_positive_int(op: str, name: str, value, minimum: int = 1) -> int:
-    """A Python int (not a bool, a one-element integer tensor is accepted) >= ``minimum``."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
-            and value.dtype != torch.bool:
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_positive_float(op: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{op}: {name} must be finite and positive, got {value}")
-    return value
 
 
 def check_head_dims(op: str, dim: int, num_heads: int) -> int:

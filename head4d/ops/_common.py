@@ -1,9 +1,9 @@
 """Helpers shared by the renderer ops: backend choice for ops that so far have only
-the reference, checks of integer and boolean arguments, and where checks of tensor
-values may run (:func:`values_off_host`)."""
+the reference, dtype and generator checks, and where checks of tensor values may run
+(:func:`values_off_host`). Argument checks shared with the modules are in
+:mod:`head4d._checks`."""
 from __future__ import annotations
 
-import numbers
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -34,25 +34,6 @@ def resolve_implemented(op: str, device: torch.device, requested: Optional[str],
     if op not in _backend.DECLARED:
         _backend.declare(op, implemented, preferences)
     return _backend.resolve(op, device, requested, preferences, inputs=inputs)
-
-
-def check_int(op: str, name: str, value, minimum: int) -> int:
-    """A Python integer (not a bool) of at least ``minimum``; a one-element integer tensor is accepted."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
-            and value.dtype != torch.bool:
-        value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def check_bool(op: str, name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def check_same_dtype(op: str, tensors) -> torch.dtype:

@@ -13,11 +13,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_dim, check_same_device, check_tensor
+from .._checks import check_bool, check_dim, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import compositing as _reference
 from . import _library
-from ._common import check_bool, check_same_dtype, resolve_implemented
+from ._common import check_same_dtype, resolve_implemented
 
 #: Backend preference per device type, fastest first.
 PREFERENCES = {

@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._checks import check_same_device, check_tensor
+from .._checks import check_bool, check_int, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import conv2d_resample as _reference
-from ._common import check_bool, check_int
 from .upfirdn2d import PREFERENCES as _UPFIRDN2D_PREFERENCES
 from .upfirdn2d import IntQuad, _check_filter, _parse_padding, upfirdn2d
 

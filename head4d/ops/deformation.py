@@ -24,11 +24,11 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_dim, check_positive_finite, check_same_device, check_tensor
+from .._checks import check_choice, check_dim, check_int, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import deformation as _reference
 from . import _library
-from ._common import check_int, check_same_dtype, resolve_implemented, values_off_host
+from ._common import check_same_dtype, resolve_implemented, values_off_host
 
 #: Backend preference per device type, fastest first. An op runs the first one it has
 #: (IMPLEMENTED), so the ops without compiled kernels run their reference.

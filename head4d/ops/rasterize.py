@@ -52,11 +52,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .._checks import FLOATING, check_same_device, check_tensor
+from .._checks import FLOATING, check_bool, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import rasterize as _reference
 from . import _library
-from ._common import check_bool, resolve_implemented, values_off_host
+from ._common import resolve_implemented, values_off_host
 
 #: Backend preference per device type, fastest first.
 PREFERENCES = {

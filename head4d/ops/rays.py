@@ -11,10 +11,10 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _backend
-from .._checks import check_choice, check_dim, check_positive_finite, check_same_device, check_tensor
+from .._checks import check_choice, check_dim, check_int, check_positive_finite, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import rays as _reference
-from ._common import check_int, check_same_dtype, resolve_implemented
+from ._common import check_same_dtype, resolve_implemented
 
 #: Backend preference per device type. Only the reference exists so far.
 PREFERENCES = {

@@ -18,11 +18,11 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _backend
-from .._checks import FLOATING, check_choice, check_dim, check_same_device, check_tensor
+from .._checks import FLOATING, check_bool, check_choice, check_dim, check_int, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import sampling as _reference
 from . import _library
-from ._common import check_bool, check_generator, check_int, check_same_dtype, resolve_implemented
+from ._common import check_generator, check_same_dtype, resolve_implemented
 
 #: Backend preference per device type, fastest first (of the ops here, only
 #: ``sample_importance`` has compiled backends; the others run the reference).

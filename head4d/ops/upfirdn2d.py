@@ -24,11 +24,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _backend
-from .._checks import check_same_device, check_tensor
+from .._checks import check_bool, check_int, check_same_device, check_tensor
 from .._nvtx import nvtx_range
 from ..reference import upfirdn2d as _reference
 from . import _library
-from ._common import check_bool, check_int, resolve_implemented
+from ._common import resolve_implemented
 
 PREFERENCES = {
     "cpu": ("cpu", "torch"),
