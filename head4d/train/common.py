@@ -70,7 +70,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRECISIONS", "BatchStream", "CheckpointedTrainer", "Distributed", "InfiniteSampler",
-           "MixedPrecision", "ProgressLog", "accumulate_gradients", "check_microbatch", "ema_beta", "get_rng_state",
+           "MixedPrecision", "ProgressLog", "accumulate_gradients", "check_microbatch", "check_training_config", "ema_beta", "get_rng_state",
            "image_grid", "lazy_adam_settings", "load_checkpoint", "rank_seed", "replace_directory", "save_checkpoint",
            "set_rng_state", "split_microbatches", "update_ema"]
 
@@ -218,6 +218,37 @@ def config_to_dict(config: Any) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- EMA
+
+def check_training_config(op: str, config: Any, *, ints: Sequence[str], numbers: Sequence[str],
+                          optional: Sequence[str] = ()) -> None:
+    """The checks both trainings' configs share, raising ``ValueError`` that names the first
+    bad setting: each of ``ints`` an int >= 1, each of ``numbers`` a finite number >= 0
+    (either may be None where named in ``optional``); ``precision`` one of
+    :data:`PRECISIONS`; ``accumulate`` divides ``batch``; ``betas`` two numbers in [0, 1);
+    ``g_reg_interval`` and ``d_reg_interval`` None or ints >= 1."""
+    for name in ints:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    for name in numbers:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.batch % config.accumulate:
+        raise ValueError(f"{op}: accumulate ({config.accumulate}) must divide batch ({config.batch})")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        raise ValueError(f"{op}: betas must be two numbers in [0, 1), got {config.betas!r}")
+    for name in ("g_reg_interval", "d_reg_interval"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{op}: {name} must be None or an int >= 1, got {value!r}")
+
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
     """A seed distinct per rank and per counter ``step`` (a step, or a data stream's

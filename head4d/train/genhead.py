@@ -116,8 +116,8 @@ from ..models.genhead import HEAD_PLANES, PART_PLANES, GenHeadConfig, clip_verti
 from ..nn.discriminator import DualDiscriminatorDeform, blur_discriminator_input, filtered_resizing
 from ..render.losses import distortion_loss
 from ..render.masks import correspondence_map
-from .common import (EXPORT_NAME, PRECISIONS, BatchStream, CheckpointedTrainer, Distributed, MixedPrecision,
-                     accumulate_gradients, check_microbatch, ema_beta, lazy_adam_settings, rank_seed, run_training,
+from .common import (EXPORT_NAME, BatchStream, CheckpointedTrainer, Distributed, MixedPrecision, accumulate_gradients,
+                     check_microbatch, check_training_config, ema_beta, lazy_adam_settings, rank_seed, run_training,
                      split_microbatches, update_ema)
 
 __all__ = ["GenHeadTrainer", "GenHeadTrainingConfig", "density_tv_loss", "part_region_losses", "r1_penalty",
@@ -234,35 +234,16 @@ class GenHeadTrainingConfig:
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
         op = "GenHeadTrainingConfig"
-        for name in ("batch", "log_every", "checkpoint_every", "density_reg_points", "accumulate", "image_every"):
-            value = getattr(self, name)
-            if value is None and name == "image_every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+        check_training_config(
+            op, self, ints=("batch", "log_every", "checkpoint_every", "density_reg_points", "accumulate", "image_every"),
+            numbers=("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
+                     "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
+                     "part_density_weight", "part_distortion_weight", "ema_kimg"),
+            optional=("image_every", "blur_fade_kimg", "ema_kimg"))
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"{op}: workers must be an int >= 0, got {self.workers!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.batch % self.accumulate:
-            raise ValueError(f"{op}: accumulate ({self.accumulate}) must divide batch ({self.batch})")
-        for name in ("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
-                     "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
-                     "part_density_weight", "part_distortion_weight", "ema_kimg"):
-            value = getattr(self, name)
-            if value is None and name in ("blur_fade_kimg", "ema_kimg"):
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"{op}: betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.gpc_reg_prob is not None and not 0 <= self.gpc_reg_prob <= 1:
             raise ValueError(f"{op}: gpc_reg_prob must be None or in [0, 1], got {self.gpc_reg_prob!r}")
-        for name in ("g_reg_interval", "d_reg_interval"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{op}: {name} must be None or an int >= 1, got {value!r}")
 
 
 # ---------------------------------------------------------------------- loss pieces

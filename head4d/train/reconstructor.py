@@ -113,7 +113,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,9 +129,9 @@ from ..nn.discriminator import DualDiscriminatorDeform, filtered_resizing
 from ..ops import sample_triplanes
 from ..render.masks import correspondence_map
 from ..synthesis import TripletBatch, TripletSampler
-from .common import (EXPORT_NAME, PRECISIONS, CheckpointedTrainer, Distributed, MixedPrecision, accumulate_gradients,
-                     check_microbatch, ema_beta, lazy_adam_settings, rank_seed, run_training, split_microbatches,
-                     update_ema)
+from .common import (EXPORT_NAME, CheckpointedTrainer, Distributed, MixedPrecision, accumulate_gradients,
+                     check_microbatch, check_training_config, ema_beta, lazy_adam_settings, rank_seed, run_training,
+                     split_microbatches, update_ema)
 from .genhead import r1_penalty, small_discriminator_kwargs, small_genhead_config
 from .perceptual import LPIPS_BACKBONES, build_lpips
 
@@ -270,40 +269,20 @@ class ReconstructorTrainingConfig:
         """Raise ``ValueError`` (``TypeError`` for a wrongly typed path) naming the first bad
         setting."""
         op = "ReconstructorTrainingConfig"
-        for name in ("batch", "log_every", "checkpoint_every", "density_reg_points", "triplane_points",
-                     "resolution_initial", "resolution_final", "accumulate", "image_every"):
-            value = getattr(self, name)
-            if value is None and name == "image_every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"{op}: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.batch % self.accumulate:
-            raise ValueError(f"{op}: accumulate ({self.accumulate}) must divide batch ({self.batch})")
-        optional = ("ema_kimg", "freeze_kimg")
-        for name in ("kimg", "g_lr", "d_lr", "eps", "seg_weight", "depth_weight", "feature_weight", "triplane_weight",
+        check_training_config(
+            op, self, ints=("batch", "log_every", "checkpoint_every", "density_reg_points", "triplane_points",
+                            "resolution_initial", "resolution_final", "accumulate", "image_every"),
+            numbers=("kimg", "g_lr", "d_lr", "eps", "seg_weight", "depth_weight", "feature_weight", "triplane_weight",
                      "warmup_kimg", "identity_weight", "identity_start_kimg", "adversarial_weight",
                      "adversarial_start_kimg", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "density_reg",
-                     "density_reg_p_dist", "resolution_fade_kimg", "truncation_psi") + optional:
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise ValueError(f"{op}: {name} must be a finite number >= 0, got {value!r}")
+                     "density_reg_p_dist", "resolution_fade_kimg", "truncation_psi", "ema_kimg", "freeze_kimg"),
+            optional=("image_every", "ema_kimg", "freeze_kimg"))
         if self.ema_rampup is not None and (isinstance(self.ema_rampup, bool) or
                                             not isinstance(self.ema_rampup, (int, float)) or self.ema_rampup < 0):
             raise ValueError(f"{op}: ema_rampup must be None or a number >= 0, got {self.ema_rampup!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"{op}: betas must be two numbers in [0, 1), got {self.betas!r}")
         if isinstance(self.static_fraction, bool) or not isinstance(self.static_fraction, (int, float)) \
                 or not 0 <= self.static_fraction <= 1:
             raise ValueError(f"{op}: static_fraction must be a number in [0, 1], got {self.static_fraction!r}")
-        for name in ("g_reg_interval", "d_reg_interval"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{op}: {name} must be None or an int >= 1, got {value!r}")
         if self.resolution_final > 128:
             raise ValueError(f"{op}: resolution_final must be at most 128 (the reconstructor renders at most 128^2 "
                              f"before its super-resolution), got {self.resolution_final}")
