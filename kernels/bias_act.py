@@ -35,6 +35,7 @@ Run this file to check it against the reference (and, with a GPU, time it).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 
@@ -308,11 +309,9 @@ def run(x: torch.Tensor, b, grad, dim: int, act: int, order: int, alpha: float, 
 # ----------------------------------------------------------------------------------
 
 def _load_reference():
-    try:
-        from head4d.reference import bias_act as reference
+    try:  # the module itself: head4d.reference's own bias_act attribute is the function
+        reference = importlib.import_module("head4d.reference.bias_act")
     except ImportError:  # run from a checkout without head4d installed
-        import importlib.util
-
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "head4d", "reference",
                             "bias_act.py")
         spec = importlib.util.spec_from_file_location("_head4d_reference_bias_act", path)

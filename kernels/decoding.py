@@ -74,8 +74,8 @@ import triton
 import triton.language as tl
 
 try:  # installed: head4d.kernels is this folder
-    from head4d.kernels.triplanes import (_corner_offsets, _needs_int64, _plane_coords, _stencil,
-                                          _value_without_corners)
+    from head4d.kernels.triplanes import (_add_plane_grads, _corner_offsets, _needs_int64, _plane_coords,
+                                          _point_grads, _stencil, _value_without_corners)
 except ImportError:  # loaded by path from a checkout (tests, __main__)
     import importlib.util as _ilu
 
@@ -86,6 +86,7 @@ except ImportError:  # loaded by path from a checkout (tests, __main__)
     _corner_offsets, _needs_int64 = _triplanes._corner_offsets, _triplanes._needs_int64
     _plane_coords, _stencil = _triplanes._plane_coords, _triplanes._stencil
     _value_without_corners = _triplanes._value_without_corners
+    _point_grads, _add_plane_grads = _triplanes._point_grads, _triplanes._add_plane_grads
 
 __all__ = ["forward", "backward", "check_sizes"]
 
@@ -407,26 +408,8 @@ def _decode_bwd_kernel(
                     s_ne = tl.sum(g_f * tl.load(src + o_ne[:, None], mask=m_ne, other=0.0).to(tl.float32), axis=1)
                     s_sw = tl.sum(g_f * tl.load(src + o_sw[:, None], mask=m_sw, other=0.0).to(tl.float32), axis=1)
                     s_se = tl.sum(g_f * tl.load(src + o_se[:, None], mask=m_se, other=0.0).to(tl.float32), axis=1)
-                    fx1 = fx0 + 1.0
-                    fy1 = fy0 + 1.0
-                    g_ix = (-(fy1 - iy) * s_nw + (fy1 - iy) * s_ne
-                            - (iy - fy0) * s_sw + (iy - fy0) * s_se)
-                    g_iy = (-(fx1 - ix) * s_nw - (ix - fx0) * s_ne
-                            + (fx1 - ix) * s_sw + (ix - fx0) * s_se)
-                    gu = g_ix * (W * 0.5) * scale
-                    gv = g_iy * (H * 0.5) * scale
-                    if plane == 0:
-                        g0 += gu
-                        g1 += gv
-                    elif plane == 1:
-                        if LAYOUT == 1:
-                            g0 += gu
-                        else:
-                            g1 += gu
-                        g2 += gv
-                    else:
-                        g2 += gu
-                        g0 += gv
+                    gu, gv = _point_grads(s_nw, s_ne, s_sw, s_se, ix, iy, fx0, fy0, scale, W, H)
+                    g0, g1, g2 = _add_plane_grads(g0, g1, g2, gu, gv, plane, LAYOUT)
             if NEED_POINTS:
                 gpt = grad_points_ptr + n * M * 3 + rows * 3
                 tl.store(gpt + 0, g0, mask=row_ok)

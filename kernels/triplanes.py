@@ -125,6 +125,40 @@ def _stencil(pu, pv, scale, W, H, row_ok):
 
 
 @triton.jit
+def _point_grads(s_nw, s_ne, s_sw, s_se, ix, iy, fx0, fy0, scale, W, H):
+    """The gradient of one plane's sample with respect to the point's (pu, pv), from
+    s_k = the sum over channels of grad_out times corner k's value: the corner weights'
+    derivatives in ix and iy (stencil_weight_grads in csrc/triplanes/triplanes_math.h),
+    times d ix / d u = W / 2 (d iy / d v = H / 2) and d u / d pu = scale."""
+    fx1 = fx0 + 1.0
+    fy1 = fy0 + 1.0
+    g_ix = (-(fy1 - iy) * s_nw + (fy1 - iy) * s_ne
+            - (iy - fy0) * s_sw + (iy - fy0) * s_se)
+    g_iy = (-(fx1 - ix) * s_nw - (ix - fx0) * s_ne
+            + (fx1 - ix) * s_sw + (ix - fx0) * s_se)
+    return g_ix * (W * 0.5) * scale, g_iy * (H * 0.5) * scale
+
+
+@triton.jit
+def _add_plane_grads(g0, g1, g2, gu, gv, PLANE: tl.constexpr, LAYOUT: tl.constexpr):
+    """(g0, g1, g2) plus plane PLANE's (gu, gv), each added to the point component that
+    _plane_coords read it from (the transpose of _plane_coords)."""
+    if PLANE == 0:
+        g0 += gu
+        g1 += gv
+    elif PLANE == 1:
+        if LAYOUT == 1:
+            g0 += gu
+        else:
+            g1 += gu
+        g2 += gv
+    else:
+        g2 += gu
+        g0 += gv
+    return g0, g1, g2
+
+
+@triton.jit
 def _value_without_corners(u, v):
     """A plane's sample where no corner counts (csrc/triplanes/triplanes_math.h): 0 for
     finite coordinates (all zero padding), NaN where u or v is NaN or infinite. Added
@@ -273,28 +307,8 @@ def _triplanes_bwd_kernel(
                 s_ne = tl.sum(go * tl.load(src + o_ne[:, None], mask=m_ne, other=0.0).to(ct), axis=1)
                 s_sw = tl.sum(go * tl.load(src + o_sw[:, None], mask=m_sw, other=0.0).to(ct), axis=1)
                 s_se = tl.sum(go * tl.load(src + o_se[:, None], mask=m_se, other=0.0).to(ct), axis=1)
-                fx1 = fx0 + 1.0
-                fy1 = fy0 + 1.0
-                # d(weights)/d(ix) and d(weights)/d(iy), as in stencil_weight_grads.
-                g_ix = (-(fy1 - iy) * s_nw + (fy1 - iy) * s_ne
-                        - (iy - fy0) * s_sw + (iy - fy0) * s_se)
-                g_iy = (-(fx1 - ix) * s_nw - (ix - fx0) * s_ne
-                        + (fx1 - ix) * s_sw + (ix - fx0) * s_se)
-                # d ix / d u = W / 2, d u / d p = scale
-                gu = g_ix * (W * 0.5) * scale
-                gv = g_iy * (H * 0.5) * scale
-                if plane == 0:
-                    g0 += gu
-                    g1 += gv
-                elif plane == 1:
-                    if LAYOUT == 1:
-                        g0 += gu
-                    else:
-                        g1 += gu
-                    g2 += gv
-                else:
-                    g2 += gu
-                    g0 += gv
+                gu, gv = _point_grads(s_nw, s_ne, s_sw, s_se, ix, iy, fx0, fy0, scale, W, H)
+                g0, g1, g2 = _add_plane_grads(g0, g1, g2, gu, gv, plane, LAYOUT)
 
     if NEED_POINTS:
         gpt = grad_points_ptr + n * M * 3 + rows * 3
