@@ -462,13 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Portrait4D's GenHead GAN training (head4d.train.genhead): the dual "
                                          "discriminator, R1, lazy regularization, the blur fade, the pose "
                                          "conditioning swap, the density and part-region regularizers, EMA. "
-                                         "Writes OUT/checkpoint.pt (atomically) and the logs. Under "
+                                         "Writes OUT/checkpoint.safetensors (atomically) and the logs. Under "
                                          "'torchrun --nproc_per_node N' each process trains on --batch images.")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset folder or zip with dataset.json")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs)")
     p.add_argument("--batch", type=int, metavar="B", help="images per process (default 8; --small: 2)")
     p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 25000)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
     p.add_argument("--small", action="store_true", help="a tiny GenHead and discriminator (CPU tests)")
     p.add_argument("--xflip", action="store_true", help="add mirrored copies of the dataset")
@@ -489,15 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Portrait4D's reconstructor training (head4d.train.reconstructor): L1, "
                                          "LPIPS, segmentation, depth, feature and triplane losses, the identity "
                                          "and adversarial terms after their starts, density regularization, the "
-                                         "resolution fade, the static half of each batch. Writes OUT/checkpoint.pt "
-                                         "(atomically), the logs and OUT/G_ema. Under 'torchrun --nproc_per_node "
-                                         "N' each process trains on --batch triplets.")
+                                         "resolution fade, the static half of each batch. Writes "
+                                         "OUT/checkpoint.safetensors (atomically), the logs and OUT/G_ema. Under "
+                                         "'torchrun --nproc_per_node N' each process trains on --batch triplets.")
     p.add_argument("--genhead", metavar="CKPT", help="the frozen GenHead: a genhead-*.pkl or a GenHead.save "
                    "directory (needed unless --small, which then uses an untrained one)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs, G_ema)")
     p.add_argument("--batch", type=int, metavar="B", help="triplets per process (default 4; --small: 2)")
     p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 15000)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
     p.add_argument("--small", action="store_true", help="a tiny reconstructor and discriminator (CPU tests)")
     p.add_argument("--identity-weights", metavar="FILE", help="the identity network's weights (ArcFace "

@@ -281,7 +281,7 @@ def test_resume_bit_exact_across_worker_counts(tmp_path):
     trainer = GenHeadTrainer(GenHeadTrainingConfig.small(**config), dataset)
     try:
         trainer.step()
-        path = trainer.save(tmp_path / "checkpoint.pt")
+        path = trainer.save(tmp_path / common.CHECKPOINT_NAME)
         expected = trainer.step()
         expected_g = torch.cat([p.detach().reshape(-1) for p in trainer.G.parameters()])
     finally:

@@ -460,7 +460,7 @@ def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
     config = GenHeadTrainingConfig.small(seed=1, batch=1)
     trainer = GenHeadTrainer(config, dataset)
     trainer.step()
-    path = trainer.save(tmp_path / "checkpoint.pt")
+    path = trainer.save(tmp_path / common.CHECKPOINT_NAME)
     expected = trainer.step()
     expected_g = flat_parameters(trainer.G)
     expected_ema = flat_parameters(trainer.G_ema)
@@ -469,6 +469,13 @@ def test_checkpoint_round_trip_resumes_bit_exact(dataset, tmp_path):
     torch.manual_seed(123)  # disturb the global state: the checkpoint must restore it
     other.load(path)
     assert other.step_index == 1 and other.cur_nimg == 1
+    # the file is plain safetensors: the networks' weights read without head4d, by name
+    from safetensors.torch import load_file
+    raw = load_file(str(path))
+    for prefix, module in (("G", other.G), ("D", other.D), ("G_ema", other.G_ema)):
+        named = module.state_dict()
+        assert {f"{prefix}/{k}" for k in named} <= set(raw)
+        assert all(torch.equal(raw[f"{prefix}/{k}"], v) for k, v in named.items())
     got = other.step()
     assert got == expected
     assert torch.equal(flat_parameters(other.G), expected_g)
@@ -484,7 +491,7 @@ def test_checkpoint_round_trip_on_cuda(tmp_path):
     config = GenHeadTrainingConfig.small(seed=1, batch=1, device="cuda")
     trainer = GenHeadTrainer(config, make_dataset(4))
     trainer.step()
-    path = trainer.save(tmp_path / "checkpoint.pt")
+    path = trainer.save(tmp_path / common.CHECKPOINT_NAME)
     saved_g, saved_d = flat_parameters(trainer.G), flat_parameters(trainer.D)
     expected = trainer.step()
     other = GenHeadTrainer(GenHeadTrainingConfig.small(seed=1, batch=1, device="cuda"), make_dataset(4))
@@ -502,7 +509,7 @@ def test_checkpoint_round_trip_on_cuda(tmp_path):
 
 
 def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / common.CHECKPOINT_NAME
     common.save_checkpoint(path, {"step": 1, "weights": torch.arange(5.0)})
 
     def crash(tmp):
@@ -513,7 +520,7 @@ def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
         common.save_checkpoint(path, {"step": 2, "weights": torch.zeros(5)}, _before_replace=crash)
     state = common.load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(5.0))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_checkpoint_errors(tmp_path):
@@ -524,6 +531,35 @@ def test_checkpoint_errors(tmp_path):
         common.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(TypeError, match="state must be a dict"):
         common.save_checkpoint(tmp_path / "x.pt", [1, 2])
+    with pytest.raises(TypeError, match="opt/hook is a object"):
+        common.save_checkpoint(tmp_path / "x.pt", {"opt": {"hook": object()}})
+    assert not (tmp_path / "x.pt").exists()
+    from safetensors.torch import save_file
+    newer = common.CHECKPOINT_VERSION + 1
+    save_file({}, str(tmp_path / "newer.safetensors"), metadata={"format": common.CHECKPOINT_FORMAT,
+                                                                  "version": str(newer), "state": "{}"})
+    with pytest.raises(ValueError, match=f"has version {newer}"):
+        common.load_checkpoint(tmp_path / "newer.safetensors")
+    save_file({"w": torch.ones(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not a head4d training checkpoint"):
+        common.load_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_checkpoint_values_round_trip_and_version_1_files_still_load(tmp_path):
+    """Everything a state holds comes back as it was: tensors (views and tensors sharing
+    memory too), int-keyed dicts (optimizer states), tuples (Adam's betas), None, NaN."""
+    base = torch.arange(10.0)
+    state = {"view": base[2:5], "twice": [base, base], "ints": {0: {"step": torch.tensor(3.0)}, 7: "x"},
+             "betas": (0.0, 0.99), "none": None, "nan": float("nan"), "flag": True, "text": "a/b"}
+    back = common.load_checkpoint(common.save_checkpoint(tmp_path / "c.safetensors", state))
+    assert torch.equal(back["view"], base[2:5]) and all(torch.equal(t, base) for t in back["twice"])
+    assert list(back["ints"]) == [0, 7] and torch.equal(back["ints"][0]["step"], torch.tensor(3.0))
+    assert back["betas"] == (0.0, 0.99) and back["none"] is None and math.isnan(back["nan"])
+    assert back["flag"] is True and back["text"] == "a/b" and back["version"] == common.CHECKPOINT_VERSION
+    # head4d 0.x wrote torch.save files (version 1); they still load, without running code
+    torch.save({"format": common.CHECKPOINT_FORMAT, "version": 1, "step": 4, "w": torch.ones(2)}, tmp_path / "old.pt")
+    old = common.load_checkpoint(tmp_path / "old.pt")
+    assert old["step"] == 4 and torch.equal(old["w"], torch.ones(2))
 
 
 def test_rng_state_round_trip():
@@ -625,7 +661,7 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
                    "--device", "cpu", "--batch", "1", "--image-every", "1", "--workers", "1"])
     assert rc == 0
-    state = common.load_checkpoint(out / "checkpoint.pt")
+    state = common.load_checkpoint(out / common.CHECKPOINT_NAME)
     assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
     assert state["config"]["workers"] == 1 and state["data_stream"]["position"] == 2
     printed = capsys.readouterr().out
@@ -646,7 +682,7 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     # --resume continues from step 2 (two more steps with --dry-run)
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
                    "--device", "cpu", "--batch", "1", "--resume"])
-    assert rc == 0 and common.load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    assert rc == 0 and common.load_checkpoint(out / common.CHECKPOINT_NAME)["step"] == 4
 
 
 def _free_port():
@@ -694,7 +730,7 @@ def test_torchrun_two_processes_hold_identical_changed_weights(tmp_path):
     assert r0["step"] == r1["step"] == 2 and r0["nimg"] == r1["nimg"] == 4
     assert r0["digests"] == r1["digests"]
     assert r0["losses"] == r1["losses"] and all(math.isfinite(v) for v in r0["losses"].values())
-    state = common.load_checkpoint(tmp_path / "checkpoint.pt")  # rank 0's
+    state = common.load_checkpoint(tmp_path / common.CHECKPOINT_NAME)  # rank 0's
     assert state["step"] == 2 and {name: state_digest(state[name]) for name in ("G", "D", "G_ema")} == r0["digests"]
     torch.manual_seed(0)  # the initial weights of both ranks (seed 0, then broadcast)
     fresh = GenHeadTrainer(GenHeadTrainingConfig.small(batch=1), make_dataset(4))

@@ -281,7 +281,7 @@ class TestSmallTrainer:
         trainer.identity = identity
         trainer.cur_nimg, trainer.step_index = 1_500_000, 16  # resolution rint(16 / 2 + 32 / 2) = 24
         d0, decoder0 = flat_parameters(trainer.D), flat_parameters(trainer.G, "decoder.")
-        path = trainer.save(tmp_path / "checkpoint.pt")
+        path = trainer.save(tmp_path / common.CHECKPOINT_NAME)
         try:
             losses = trainer.step()
         finally:
@@ -461,7 +461,7 @@ def test_cli_dry_run_small_writes_checkpoint_and_export(tmp_path, capsys):
     assert rc == 0
     messages = " | ".join(str(w.message) for w in record)
     assert "untrained GenHead" in messages and "randomly initialised VGG16" in messages, messages
-    state = common.load_checkpoint(out / "checkpoint.pt")
+    state = common.load_checkpoint(out / common.CHECKPOINT_NAME)
     assert state["step"] == 2 and state["cur_nimg"] == 2 and state["config"]["dry_run"]
     printed = capsys.readouterr().out
     assert "step 1 " in printed and "step 2 " in printed and "Loss/G/lrecon_l1" in printed
@@ -493,5 +493,5 @@ def test_torchrun_two_processes_hold_identical_weights(tmp_path):
     assert r0["step"] == r1["step"] == 2 and r0["nimg"] == r1["nimg"] == 4
     assert r0["digests"] == r1["digests"]
     assert r0["losses"] == r1["losses"] and all(math.isfinite(v) for v in r0["losses"].values())
-    state = common.load_checkpoint(tmp_path / "checkpoint.pt")  # rank 0's
+    state = common.load_checkpoint(tmp_path / common.CHECKPOINT_NAME)  # rank 0's
     assert state["step"] == 2 and {name: state_digest(state[name]) for name in ("G", "D", "G_ema")} == r0["digests"]

@@ -1,17 +1,16 @@
 """Pieces shared by head4d's trainings (GenHead's GAN training and the reconstructor's).
 
-- **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one file written by
-  ``torch.save`` holding a dict of plain state: the networks' ``state_dict()`` (tensors),
-  the optimizers' ``state_dict()``, the EMA network's state dict, the step counters, the
-  random states (torch CPU, every CUDA device, numpy, python) and the config as a dict of
-  plain values. ``torch.save`` of state dicts was picked over safetensors because the
-  optimizer states and the random states are nested, non-tensor structures that
-  safetensors cannot hold; every tensor is still a plain state-dict entry, so a network
-  loads with ``load_state_dict`` and the EMA generator can be exported in the models'
-  safetensors format with ``GenHead.save``. Files are read back with
-  ``torch.load(weights_only=True)`` (no pickled code runs). The write is atomic: a temporary
-  file in the same directory, flushed and ``fsync``-ed, then ``os.replace`` onto the final
-  name (and the directory fsync-ed), so a crash mid-write leaves the previous checkpoint whole.
+- **Checkpoints** (:func:`save_checkpoint`, :func:`load_checkpoint`): one safetensors file
+  (:data:`CHECKPOINT_NAME`) holding the networks' ``state_dict()`` (``G``, ``D``, the EMA
+  generator ``G_ema``), the optimizers' ``state_dict()``, the step counters, the random
+  states (torch CPU, every CUDA device, numpy, python) and the config as plain values.
+  Every tensor is a safetensors entry named by its place in the state (``G/<parameter
+  name>``: the networks' weights read with any safetensors reader, without head4d); the
+  rest (numbers, text, the nesting of the optimizer and random states) is JSON in the
+  file's metadata. Reading runs no code (no pickle). The EMA generator is also exported in
+  the models' own format (``GenHead.save`` / ``Reconstructor.save``). The write is atomic:
+  a temporary file in the same directory, fsync-ed, then ``os.replace`` onto the final name
+  (and the directory fsync-ed), so a crash mid-write leaves the previous checkpoint whole.
 - **EMA** (:func:`ema_beta`, :func:`update_ema`): StyleGAN2's running average of the
   generator. With ``ema_nimg = ema_kimg * 1000``, shortened during ramp-up to
   ``min(ema_nimg, cur_nimg * ema_rampup)`` when ``ema_rampup`` is set, each step's decay
@@ -69,13 +68,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "PRECISIONS", "BatchStream", "CheckpointedTrainer", "Distributed", "InfiniteSampler",
-           "MixedPrecision", "ProgressLog", "accumulate_gradients", "check_microbatch", "check_training_config", "ema_beta", "get_rng_state",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "EXPORT_NAME", "PRECISIONS", "BatchStream",
+           "CheckpointedTrainer", "Distributed", "InfiniteSampler", "MixedPrecision", "ProgressLog",
+           "accumulate_gradients", "check_microbatch", "check_training_config", "ema_beta", "get_rng_state",
            "image_grid", "lazy_adam_settings", "load_checkpoint", "rank_seed", "replace_directory", "save_checkpoint",
            "set_rng_state", "split_microbatches", "update_ema"]
 
 CHECKPOINT_FORMAT = "head4d.train"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 # ---------------------------------------------------------------------- random states
@@ -123,17 +123,69 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}/{key}" if path else key
+
+
+def _encode(value: Any, path: str, tensors: Dict[str, torch.Tensor], storages: set) -> Any:
+    """``value`` as JSON with each tensor replaced by ``{"__tensor__": key}`` and put in
+    ``tensors`` under ``key`` (its path in the state); tuples and dicts whose keys are not
+    all text are marked so that :func:`_decode` gives them back as they were."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        # safetensors refuses tensors that share memory, and writes a view's whole storage
+        if storage.data_ptr() in storages or storage.nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        tensors[path] = tensor
+        return {"__tensor__": path}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, _join(path, k), tensors, storages) for k, v in value.items()}
+        return {"__dict__": [[_encode(k, _join(path, f"#{i}k"), tensors, storages),
+                              _encode(v, _join(path, f"#{i}"), tensors, storages)]
+                             for i, (k, v) in enumerate(value.items())]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, _join(path, str(i)), tensors, storages) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, _join(path, str(i)), tensors, storages) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"save_checkpoint: {path or 'state'} is a {type(value).__name__}; a checkpoint holds tensors, "
+                    f"numbers, text, None and dicts, lists and tuples of them")
+
+
+def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`_encode`."""
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__dict__"}:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    return value
+
+
 def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
                     _before_replace: Optional[Callable[[Path], None]] = None) -> Path:
-    """Write ``state`` (plain values, tensors, state dicts) to ``path`` atomically.
+    """Write ``state`` (plain values, tensors, state dicts) to ``path`` atomically, as one
+    safetensors file.
 
-    The dict is written by ``torch.save`` to a temporary file in ``path``'s directory,
-    flushed and fsync-ed, then renamed onto ``path`` with ``os.replace``; on any error the
-    temporary file is removed and ``path`` is left as it was. ``format`` and ``version``
-    entries are added.
+    Every tensor is a safetensors entry named by its path in ``state`` (``G/...`` for the
+    generator's state dict, ``G_opt/state/#0/exp_avg``-like names for the optimizers'); the
+    rest of ``state`` (numbers, text, the nesting) is JSON in the file's metadata under
+    ``state``, beside ``format`` and ``version``. The file is written to a temporary file in
+    ``path``'s directory, fsync-ed, then renamed onto ``path`` with ``os.replace`` (and the
+    directory fsync-ed); on any error the temporary file is removed and ``path`` is left as
+    it was.
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file (:data:`CHECKPOINT_NAME` in a training's output folder).
         state: what to store (see :mod:`head4d.train.common`).
         _before_replace: for tests: called with the temporary file's path after it is
             written and before the rename (raise there to simulate a crash mid-write).
@@ -141,18 +193,21 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
     Returns:
         ``path`` as a Path.
     """
+    from safetensors.torch import save_file
+
     path = Path(path)
     if not isinstance(state, Mapping):
         raise TypeError(f"save_checkpoint: state must be a dict, got {type(state).__name__}")
+    tensors: Dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_encode(dict(state), "", tensors, set()))
+    metadata = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "state": skeleton}
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(state)
-    payload["format"], payload["version"] = CHECKPOINT_FORMAT, CHECKPOINT_VERSION
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if _before_replace is not None:
             _before_replace(tmp)
@@ -165,22 +220,48 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only``: no code runs).
+    """Read a checkpoint written by :func:`save_checkpoint` (no code runs: safetensors and
+    JSON; a version-1 file, written by ``torch.save`` before, is read with
+    ``torch.load(weights_only=True)``), with ``format`` and ``version`` entries added.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a head4d training checkpoint, or of a newer version.
     """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"load_checkpoint: {path} is not a head4d training checkpoint "
-                         f"(expected format {CHECKPOINT_FORMAT!r})")
-    if state.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"load_checkpoint: {path} has version {state['version']}, this head4d reads up to "
+    not_ours = ValueError(f"load_checkpoint: {path} is not a head4d training checkpoint "
+                          f"(expected format {CHECKPOINT_FORMAT!r})")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError:
+        metadata = None
+    if metadata is None:  # not safetensors: a version-1 checkpoint (torch.save), or not ours
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - whatever the file is, it is not a checkpoint
+            raise not_ours from error
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise not_ours
+        version = int(state.get("version", 1))
+    else:
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise not_ours
+        version = int(metadata.get("version", 0))
+    if version > CHECKPOINT_VERSION:
+        raise ValueError(f"load_checkpoint: {path} has version {version}, this head4d reads up to "
                          f"{CHECKPOINT_VERSION}")
+    if metadata is None:
+        return state
+    if str(map_location) != "cpu":
+        tensors = {key: t.to(map_location) for key, t in tensors.items()}
+    state = _decode(json.loads(metadata["state"]), tensors)
+    state["format"], state["version"] = CHECKPOINT_FORMAT, version
     return state
 
 
@@ -921,7 +1002,7 @@ class ProgressLog:
 
 # ---------------------------------------------------------------------- the training loop
 #: The checkpoint file in a training's output folder (rewritten atomically).
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"
 #: The EMA network exported at the end of a run (the model's ``save`` format).
 EXPORT_NAME = "G_ema"
 
@@ -931,7 +1012,7 @@ def run_training(trainer, config, dist_: Distributed, *, name: str, banner: str,
                  write_start: Optional[Callable[[ProgressLog], None]] = None,
                  max_steps: Optional[int] = None):
     """The loop both trainings share, inside their process group: resume from
-    ``out/checkpoint.pt`` with ``config.resume``; run ``trainer.step()`` until
+    ``out/checkpoint.safetensors`` with ``config.resume``; run ``trainer.step()`` until
     ``config.kimg`` thousand images (two steps with ``config.dry_run``, at most
     ``max_steps`` when given), stopping with ``FloatingPointError`` on a non-finite loss; log
     every ``config.log_every`` steps (and the first); image grids every

@@ -149,7 +149,7 @@ class GenHeadTrainingConfig:
 
     Data and run: ``data`` (a dataset folder or zip), ``out`` (the output folder),
     ``batch`` (images per process), ``kimg`` (thousands of images to train on, all
-    processes), ``xflip``, ``seed``, ``resume`` (continue from ``out/checkpoint.pt``),
+    processes), ``xflip``, ``seed``, ``resume`` (continue from ``out/checkpoint.safetensors``),
     ``dry_run`` (two steps), ``log_every`` / ``checkpoint_every`` (steps), ``image_every``
     (steps between image grids of the EMA generator, also written at the end; None: at the
     end only), ``device`` (None: CUDA when available), ``workers`` (DataLoader worker
@@ -235,7 +235,8 @@ class GenHeadTrainingConfig:
         """Raise ``ValueError`` naming the first bad setting."""
         op = "GenHeadTrainingConfig"
         check_training_config(
-            op, self, ints=("batch", "log_every", "checkpoint_every", "density_reg_points", "accumulate", "image_every"),
+            op, self,
+            ints=("batch", "log_every", "checkpoint_every", "density_reg_points", "accumulate", "image_every"),
             numbers=("kimg", "g_lr", "d_lr", "eps", "r1_gamma", "r1_gamma_uv", "r1_gamma_seg", "blur_init_sigma",
                      "blur_fade_kimg", "gpc_reg_fade_kimg", "density_reg", "density_reg_p_dist", "part_t_weight",
                      "part_density_weight", "part_distortion_weight", "ema_kimg"),
@@ -752,7 +753,7 @@ def _open_dataset(config: GenHeadTrainingConfig):
 
 def train_genhead(config: GenHeadTrainingConfig, dataset: Optional[Sequence] = None, head_model=None,
                   max_steps: Optional[int] = None) -> GenHeadTrainer:
-    """Train GenHead: build (or resume from ``out/checkpoint.pt`` with ``config.resume``),
+    """Train GenHead: build (or resume from ``out/checkpoint.safetensors`` with ``config.resume``),
     run steps until ``config.kimg`` thousand images (two with ``dry_run``, at most
     ``max_steps`` when given), log, and write the checkpoint every ``checkpoint_every`` steps
     and at the end; at the end also export the EMA generator to ``out/G_ema`` with

@@ -881,7 +881,7 @@ def _global_rng_kept(device: torch.device):
 def train_reconstructor(config: ReconstructorTrainingConfig, genhead: Optional[GenHead] = None,
                         max_steps: Optional[int] = None, lpips: Optional[torch.nn.Module] = None,
                         identity=None) -> ReconstructorTrainer:
-    """Train the reconstructor: build (or resume from ``out/checkpoint.pt`` with
+    """Train the reconstructor: build (or resume from ``out/checkpoint.safetensors`` with
     ``config.resume``), run steps until ``config.kimg`` thousand images (two with
     ``dry_run``, at most ``max_steps`` when given), log, write image grids
     (:meth:`ReconstructorTrainer.snapshot_images`) every ``image_every`` steps and at the
