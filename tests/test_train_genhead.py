@@ -513,13 +513,52 @@ def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
     common.save_checkpoint(path, {"step": 1, "weights": torch.arange(5.0)})
 
     def crash(tmp):
-        assert tmp.exists() and tmp.parent == path.parent and tmp.stat().st_size > 0
+        assert tmp.exists() and tmp.parent.parent == path.parent and tmp.stat().st_size > 0
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
         common.save_checkpoint(path, {"step": 2, "weights": torch.zeros(5)}, _before_replace=crash)
     state = common.load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["weights"], torch.arange(5.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+_WRITER = """
+import sys, torch
+from head4d.train import common
+path, step = sys.argv[1], 0
+while True:  # checkpoints of 16 MB, step k holding the value k everywhere
+    step += 1
+    common.save_checkpoint(path, {"step": step, "weights": torch.full((4, 1 << 20), float(step))})
+    print(step, flush=True)
+"""
+
+
+def test_checkpoint_of_a_process_killed_while_writing_still_loads(tmp_path):
+    """A process that writes checkpoints in a loop is killed with SIGKILL (no clean-up runs)
+    while it writes; the checkpoint at the final name is then a whole, earlier one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / common.CHECKPOINT_NAME
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        written = [int(writer.stdout.readline()) for _ in range(3)]  # three whole checkpoints
+        # the next write is under way: its temporary file appears beside the checkpoint
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.kill()
+        writer.wait()
+    state = common.load_checkpoint(path)
+    assert state["step"] >= written[-1]
+    assert torch.equal(state["weights"], torch.full((4, 1 << 20), float(state["step"])))
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the killed write's leftover
+    common.save_checkpoint(path, {"step": 0})  # the next write removes it
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 

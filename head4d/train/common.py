@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -180,9 +182,11 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
     generator's state dict, ``G_opt/state/#0/exp_avg``-like names for the optimizers'); the
     rest of ``state`` (numbers, text, the nesting) is JSON in the file's metadata under
     ``state``, beside ``format`` and ``version``. The file is written to a temporary file in
-    ``path``'s directory, fsync-ed, then renamed onto ``path`` with ``os.replace`` (and the
-    directory fsync-ed); on any error the temporary file is removed and ``path`` is left as
-    it was.
+    ``path``'s directory (inside a private folder ``.<name>.*.tmp``), fsync-ed, then renamed
+    onto ``path`` with ``os.replace`` (and the directory fsync-ed); on any error the
+    temporary folder is removed and ``path`` is left as it was. A process killed mid-write
+    leaves its folder; the next successful write to ``path`` removes such leftovers (one
+    process writes a given path at a time).
 
     Args:
         path: the checkpoint file (:data:`CHECKPOINT_NAME` in a training's output folder).
@@ -202,9 +206,9 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
     skeleton = json.dumps(_encode(dict(state), "", tensors, set()))
     metadata = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "state": skeleton}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # a private folder beside path: safetensors' own temporary file lands in it too
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = scratch / path.name
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb+") as f:
@@ -212,10 +216,12 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
         if _before_replace is not None:
             _before_replace(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _fsync_directory(path.parent)
+    # the folders of writes that were killed before their rename (one writer a path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     return path
 
 
@@ -269,8 +275,6 @@ def replace_directory(directory: Union[str, os.PathLike], write: Callable[[Path]
     """Write a model directory (``write(path)``, e.g. ``GenHead.save``) beside ``directory``,
     then swap it in: the old directory, if any, is renamed aside, the new one renamed onto
     ``directory``, the old one removed. A failed write leaves ``directory`` as it was."""
-    import shutil
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
