@@ -87,14 +87,21 @@ def _genhead_training_config(cuda: bool, batch: int):
 
 
 def _dataset(count: int, resolution: int, seed: int):
-    """``count`` items ``(uint8 [3, R, R], float32 [437])``: random images and the
-    procedural dataset's label distribution (cameras, expressions, jaw)."""
+    """``count`` items ``(uint8 [3, R, R], float32 [437], uint8 [1, R, R])``: random images,
+    the procedural dataset's label distribution (cameras, expressions, jaw) and foreground
+    masks (255 inside a disc of radius 0.4 R at a random offset from the centre, 0 outside),
+    so that the discriminator's real segmentation takes the masks' path."""
     from ...data.procedural import sample_procedural_labels
 
     gen = torch.Generator().manual_seed(seed)
     labels = sample_procedural_labels(count, gen).float()
     images = torch.randint(0, 256, (count, 3, resolution, resolution), generator=gen, dtype=torch.uint8)
-    return [(images[i], labels[i]) for i in range(count)]
+    centres = (0.5 + 0.1 * (torch.rand(count, 2, generator=gen) - 0.5)) * resolution
+    pixel = torch.arange(resolution, dtype=torch.float32) + 0.5
+    inside = ((pixel[None, None, :] - centres[:, 0, None, None]) ** 2
+              + (pixel[None, :, None] - centres[:, 1, None, None]) ** 2) <= (0.4 * resolution) ** 2
+    masks = (inside.to(torch.uint8) * 255).unsqueeze(1)
+    return [(images[i], labels[i], masks[i]) for i in range(count)]
 
 
 class _StepBench:
