@@ -17,7 +17,8 @@
                          [--precision fp32|bf16] [--accumulate K] [--workers N] [--image-every N]
     head4d train reconstructor --genhead CKPT --out DIR [--batch B] [--kimg K] [--resume] [--dry-run] [--small]
                                [--identity-weights FILE] [--lpips-backbone pretrained|random]
-                               [--precision fp32|bf16] [--accumulate K] [--image-every N]
+                               [--global-encoder-init imagenet|random] [--precision fp32|bf16] [--accumulate K]
+                               [--image-every N]
 
 ``bench`` checks each op's fast backends against the reference and times them beside it
 on whatever device is present (CUDA if available, else the CPU); one table row per
@@ -302,13 +303,13 @@ def _train_reconstructor(args: argparse.Namespace) -> int:
         return 2
     kwargs = {"genhead": args.genhead, "out": args.out, "resume": args.resume, "dry_run": args.dry_run,
               "seed": args.seed, "identity_weights": args.identity_weights, "lpips_backbone": args.lpips_backbone}
-    for name in ("batch", "kimg", "device", "precision", "accumulate", "image_every"):
+    for name in ("batch", "kimg", "device", "precision", "accumulate", "image_every", "global_encoder_init"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     try:
         config = ReconstructorTrainingConfig.small(**kwargs) if args.small else ReconstructorTrainingConfig(**kwargs)
         train_reconstructor(config)
-    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:  # a missing VGG file is an OSError
+    except (OSError, ValueError, TypeError, RuntimeError, ImportError) as exc:  # a missing weights file is an OSError
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -504,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "iresnet18); without them the identity loss is off")
     p.add_argument("--lpips-backbone", choices=("pretrained", "random"), default="pretrained",
                    help="LPIPS's VGG16: torchvision's cached ImageNet weights (default) or random weights (tests)")
+    p.add_argument("--global-encoder-init", choices=("imagenet", "random"),
+                   help="the global encoder's ResNet-34 trunk: torchvision's cached ImageNet weights (default; "
+                        "--small: random) or random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"),

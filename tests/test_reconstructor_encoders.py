@@ -283,6 +283,31 @@ def test_initialization():
             assert torch.all(m.bias == 0), name
 
 
+def test_global_trunk_from_torchvision_resnet34():
+    import torchvision
+    torch.manual_seed(1)
+    resnet = torchvision.models.resnet34(weights=None)  # torchvision's names, random stand-in weights
+    source = resnet.state_dict()
+    g = hnn.EncoderGlobal()
+    head = [p.detach().clone() for p in g.decoder.parameters()]
+    assert g.load_imagenet_trunk(source) == 36
+    convs = [n for n, m in g.encoder.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 36 and "layer2.0.downsample.0" in convs
+    for name in convs:
+        weight = g.encoder.get_submodule(name).weight
+        if name == "conv1":  # RGB + x + y: filters R, G, B, R, G, times 3 / 5
+            rgb = source["conv1.weight"]
+            for i in range(5):
+                assert torch.equal(weight[:, i], rgb[:, i % 3] * (3.0 / 5)), i
+        else:
+            assert torch.equal(weight, source[f"{name}.weight"]), name
+    assert all(torch.equal(a, b) for a, b in zip(head, g.decoder.parameters()))  # the head is left alone
+    with pytest.raises(ValueError, match="lacks 1 of the trunk's convolution weights.*layer4.2.conv2.weight"):
+        g.load_imagenet_trunk({k: v for k, v in source.items() if k != "layer4.2.conv2.weight"})
+    with pytest.raises(ValueError, match=r"layer1.0.conv1.weight has shape \[64, 64, 1, 1\]"):
+        g.load_imagenet_trunk({**source, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)})
+
+
 # ----------------------------------------------------------------------------------
 # gradients, NVTX
 # ----------------------------------------------------------------------------------

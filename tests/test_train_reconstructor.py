@@ -25,7 +25,8 @@ with a random VGG16 backbone (built explicitly; it warns so).
 - ``head4d train reconstructor --small --dry-run`` writes the checkpoint, the EMA export
   and the image grids (every step with ``--image-every 1``: the sources and targets fixed,
   the EMA renders moving; in TensorBoard too); bad configs and a missing ``--genhead`` are
-  clear errors; the missing-VGG message.
+  clear errors; the missing-VGG message; the global encoder's trunk from torchvision's cached
+  ResNet-34 (the message when it is missing; G and G_ema holding it when present).
 - ``torchrun --standalone --nproc_per_node 2`` (gloo) runs two steps; the ranks hold
   identical weights after them (digests of their state dicts, equal to those of rank 0's
   checkpoint).
@@ -444,6 +445,34 @@ def test_missing_vgg_error_says_what_to_place_where(tmp_path, monkeypatch, capsy
     heads = torch.load(os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth"), map_location="cpu")
     assert torch.equal(model.lin0.model[1].weight, heads["lin0.model.1.weight"])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_global_encoder_starts_from_the_cached_imagenet_resnet34(tmp_path, monkeypatch, capsys):
+    from head4d.train import weights
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    expected = tmp_path / "hub" / "checkpoints" / weights.RESNET34_FILE
+    with pytest.raises(weights.MissingWeightsError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ReconstructorTrainer(small_config(global_encoder_init="imagenet"))
+    assert str(expected) in str(info.value) and "--global-encoder-init random" in str(info.value)
+    rc = cli_main(["train", "reconstructor", "--out", str(tmp_path / "out"), "--small", "--device", "cpu",
+                   "--lpips-backbone", "random", "--global-encoder-init", "imagenet"])
+    assert rc == 2 and str(expected) in capsys.readouterr().err
+    # with the file in place (torchvision's names; random stand-in weights), G and its EMA start from it
+    import torchvision
+    torch.manual_seed(3)
+    source = {k: v for k, v in torchvision.models.resnet34(weights=None).state_dict().items() if "bn" not in k}
+    expected.parent.mkdir(parents=True)
+    torch.save(source, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = ReconstructorTrainer(small_config(global_encoder_init="imagenet"))
+    for module in (trainer.G, trainer.G_ema):
+        trunk = module.encoder_global.encoder
+        assert torch.equal(trunk.layer3[1].conv2.weight, source["layer3.1.conv2.weight"])
+        assert torch.equal(trunk.conv1.weight[:, 3], source["conv1.weight"][:, 0] * 0.6)
+    with pytest.raises(ValueError, match="global_encoder_init must be one of"):
+        small_config(global_encoder_init="coco").check()
 
 
 def test_cli_requires_genhead_without_small(tmp_path, capsys):

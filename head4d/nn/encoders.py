@@ -35,7 +35,7 @@ Facts of the released networks these follow (stated here because the code relies
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Mapping, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -239,9 +239,10 @@ class EncoderGlobal(nn.Module):
 
     Initialization: upstream builds this network with ImageNet weights downloaded for the
     trunk; head4d downloads nothing, so the trunk gets torchvision's random ResNet init
-    (He normal over the fan-out for every conv), and the head keeps torch's default conv
-    init, as upstream's head does (it never re-initializes it). Released checkpoints
-    replace both.
+    (He normal over the fan-out for every conv) until :meth:`load_imagenet_trunk` is given
+    torchvision's ResNet-34 weights (the reconstructor's training does so by default), and
+    the head keeps torch's default conv init, as upstream's head does (it never
+    re-initializes it). Released checkpoints replace both.
     """
 
     def __init__(self, in_channels: int = 5, decoder_channels: int = 256, *,
@@ -262,6 +263,43 @@ class EncoderGlobal(nn.Module):
             nn.ReLU(),
         )
         self.reset_parameters()
+
+    def load_imagenet_trunk(self, state_dict: Mapping[str, torch.Tensor]) -> int:
+        """Start the trunk from torchvision's ImageNet ResNet-34, as upstream does.
+
+        Copies every convolution weight of ``state_dict`` (torchvision's ``resnet34()``
+        state dict: ``conv1.weight``, ``layerK.i.convJ.weight``,
+        ``layerK.0.downsample.0.weight``) into ``encoder`` under the same names; the
+        batch norms (``bn*``, ``downsample.1``) and ``fc`` are left out, the trunk having no
+        normalization. ``conv1`` takes ``in_channels`` (RGB + x + y) where ImageNet's takes
+        RGB: input channel ``i`` gets the RGB filter ``i % 3``, all of them times
+        ``3 / in_channels`` (segmentation_models_pytorch's patch of a pretrained first
+        convolution, which upstream's encoder goes through). The head is not touched.
+
+        Returns:
+            the number of tensors copied (36).
+
+        Raises:
+            ValueError: a convolution weight is missing from ``state_dict`` or has another shape.
+        """
+        op = op_name(self) + ".load_imagenet_trunk"
+        convs = {name + ".weight": m for name, m in self.encoder.named_modules() if isinstance(m, nn.Conv2d)}
+        missing = sorted(set(convs) - set(state_dict))
+        if missing:
+            raise ValueError(f"{op}: state_dict lacks {len(missing)} of the trunk's convolution weights (first: "
+                             f"{missing[0]}); expected torchvision's resnet34() state dict")
+        with torch.no_grad():
+            for name, conv in convs.items():
+                value = state_dict[name].detach().to(conv.weight.dtype)
+                if name == "conv1.weight" and value.dim() == 4 and value.shape[1] == 3:
+                    rgb = value
+                    value = torch.stack([rgb[:, i % 3] for i in range(self.in_channels)], dim=1)
+                    value = value * (3.0 / self.in_channels)
+                if value.shape != conv.weight.shape:
+                    raise ValueError(f"{op}: {name} has shape {list(state_dict[name].shape)}, the trunk's is "
+                                     f"{list(conv.weight.shape)} (RGB filters for conv1)")
+                conv.weight.copy_(value)
+        return len(convs)
 
     def reset_parameters(self) -> None:
         """Trunk convs: He normal over the fan-out; head convs: torch's default

@@ -22,22 +22,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weights import VGG16_FILE, MissingWeightsError, torchvision_weights_path
+
 __all__ = ["LPIPS_BACKBONES", "MissingWeightsError", "VGG16_FILE", "build_lpips", "vgg16_weights_path"]
 
-#: torchvision's file name of the ImageNet VGG16 weights (``VGG16_Weights.IMAGENET1K_V1``).
-VGG16_FILE = "vgg16-397923af.pth"
 #: Where the LPIPS backbone's weights come from.
 LPIPS_BACKBONES = ("pretrained", "random")
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A weights file a training needs is not on this machine (the message says which and where)."""
 
 
 def vgg16_weights_path() -> Path:
     """Where torchvision keeps its ImageNet VGG16 weights: ``torch.hub.get_dir()/checkpoints/
     vgg16-397923af.pth`` (``$TORCH_HOME/hub/checkpoints`` by default)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    return torchvision_weights_path(VGG16_FILE)
 
 
 def _vgg_layers(model: nn.Module) -> dict:

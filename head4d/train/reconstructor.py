@@ -80,8 +80,8 @@ Defaults (:class:`ReconstructorTrainingConfig`) are the released v1 settings
 adjusted for lazy regularization (interval 16: lr times 16/17, betas to the power 16/17), 15,000
 kimg, GenHead truncation 0.95, static fraction 0.5, EMA half-life ``10 * B / 32`` kimg for a
 total batch B (10 at upstream's 32, 8 GPUs of 4), ramp-up 0.05; ``batch`` is per process.
-Gaps: the global encoder starts from random weights (upstream: an ImageNet ResNet-34); the
-identity loss's five face points are mesh vertices picked by a rule (eyeball centres, nose
+The global encoder's ResNet-34 trunk starts from torchvision's cached ImageNet weights, as
+upstream's does (``global_encoder_init``). Gaps: the identity loss's five face points are mesh vertices picked by a rule (eyeball centres, nose
 tip, mouth corners), where upstream projects FLAME's landmark embedding, which head4d does
 not ship.
 
@@ -134,6 +134,7 @@ from .common import (EXPORT_NAME, CheckpointedTrainer, Distributed, MixedPrecisi
                      split_microbatches, update_ema)
 from .genhead import r1_penalty, small_discriminator_kwargs, small_genhead_config
 from .perceptual import LPIPS_BACKBONES, build_lpips
+from .weights import resnet34_state_dict
 
 __all__ = ["ReconstructorTrainer", "ReconstructorTrainingConfig", "density_tv_loss", "depth_loss",
            "discriminator_loss", "feature_loss", "freezes_decoder_at", "frozen_parameter_names",
@@ -142,6 +143,8 @@ __all__ = ["ReconstructorTrainer", "ReconstructorTrainingConfig", "density_tv_lo
            "train_reconstructor", "triplane_feature_loss"]
 
 NAME = "ReconstructorTrainer"
+#: Where the global encoder's trunk starts from (``ReconstructorTrainingConfig.global_encoder_init``).
+GLOBAL_ENCODER_INITS = ("imagenet", "random")
 #: The phases of a step, in order.
 PHASES = ("Gmain", "Greg", "Dmain", "Dreg")
 #: The image pairs of the L1 and LPIPS terms: entries of the fake and target dicts.
@@ -178,7 +181,11 @@ class ReconstructorTrainingConfig:
     discriminator's minibatch-std group, :func:`~head4d.train.common.check_microbatch`).
     Networks: ``reconstructor`` (:class:`~head4d.models.ReconstructorConfig` fields over its
     defaults; ``motion_dim`` 109 and ``neural_rendering_resolution = resolution_final`` unless
-    given), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments).
+    given), ``discriminator`` (:class:`~head4d.nn.DualDiscriminatorDeform` arguments),
+    ``global_encoder_init`` (``"imagenet"``: the global encoder's ResNet-34 trunk starts from
+    torchvision's cached ImageNet weights, as upstream's does,
+    :meth:`~head4d.nn.EncoderGlobal.load_imagenet_trunk`; ``"random"``: from torchvision's
+    random init, with a warning outside ``--small``; a resumed run reads no file).
     Loss networks: ``lpips_backbone`` (``"pretrained"`` or ``"random"``, see
     :func:`~head4d.train.perceptual.build_lpips`), ``identity_weights`` (the identity
     network's weights file, or None: the identity term is off).
@@ -209,6 +216,7 @@ class ReconstructorTrainingConfig:
     untrained_genhead: Optional[Dict[str, Any]] = None
     reconstructor: Dict[str, Any] = field(default_factory=dict)
     discriminator: Dict[str, Any] = field(default_factory=dict)
+    global_encoder_init: str = "imagenet"
     lpips_backbone: str = "pretrained"
     identity_weights: Optional[str] = None
     truncation_psi: float = 0.95
@@ -253,10 +261,10 @@ class ReconstructorTrainingConfig:
         reconstructor of :func:`small_reconstructor_config`, a 32^2 discriminator, the
         untrained GenHead of :func:`~head4d.train.genhead.small_genhead_config` when no
         ``genhead`` is given, 2 triplets, 16^2 renders fading to 32^2, 256 triplane points,
-        64 density points."""
+        64 density points, the global encoder from random weights."""
         args = dict(reconstructor=small_reconstructor_config(), discriminator=small_discriminator_kwargs(),
                     untrained_genhead=small_genhead_config(), batch=2, triplane_points=256, density_reg_points=64,
-                    resolution_initial=16, resolution_final=32)
+                    resolution_initial=16, resolution_final=32, global_encoder_init="random")
         args.update(kwargs)
         return cls(**args)
 
@@ -286,6 +294,9 @@ class ReconstructorTrainingConfig:
         if self.resolution_final > 128:
             raise ValueError(f"{op}: resolution_final must be at most 128 (the reconstructor renders at most 128^2 "
                              f"before its super-resolution), got {self.resolution_final}")
+        if self.global_encoder_init not in GLOBAL_ENCODER_INITS:
+            raise ValueError(f"{op}: global_encoder_init must be one of {GLOBAL_ENCODER_INITS}, got "
+                             f"{self.global_encoder_init!r}")
         if self.lpips_backbone not in LPIPS_BACKBONES:
             raise ValueError(f"{op}: lpips_backbone must be one of {LPIPS_BACKBONES}, got {self.lpips_backbone!r}")
         for name in ("genhead", "identity_weights"):
@@ -532,6 +543,7 @@ class ReconstructorTrainer(CheckpointedTrainer):
         self.lpips = (lpips if lpips is not None else build_lpips(config.lpips_backbone, seed=config.seed))
         self.lpips = self.lpips.to(self.device).eval().requires_grad_(False)
         self.identity = identity if identity is not None else self._load_identity()
+        trunk = self._imagenet_trunk()
         torch.manual_seed(config.seed)  # same initial weights on every rank (then broadcast)
         if genhead is None:
             genhead = self._load_genhead()
@@ -541,7 +553,10 @@ class ReconstructorTrainer(CheckpointedTrainer):
         r_kwargs = dict(config.reconstructor)
         r_kwargs.setdefault("motion_dim", FLAME_MOTION_DIM)
         r_kwargs.setdefault("neural_rendering_resolution", config.resolution_final)
-        self.G = Reconstructor(ReconstructorConfig(**r_kwargs), self.genhead.head_model).to(self.device).train()
+        self.G = Reconstructor(ReconstructorConfig(**r_kwargs), self.genhead.head_model)
+        if trunk is not None:
+            self.G.encoder_global.load_imagenet_trunk(trunk)
+        self.G = self.G.to(self.device).train()
         rc = self.G.config
         if rc.has_superresolution and (not self.genhead.config.has_superresolution
                                        or self.genhead.config.img_resolution != rc.img_resolution):
@@ -589,6 +604,19 @@ class ReconstructorTrainer(CheckpointedTrainer):
                       "from config.untrained_genhead, which only exercises the training (its images are noise)",
                       stacklevel=3)
         return GenHead(GenHeadConfig(**cfg.untrained_genhead))
+
+    def _imagenet_trunk(self) -> Optional[Dict[str, torch.Tensor]]:
+        """torchvision's ImageNet ResNet-34 state dict for the global encoder's trunk, or None
+        (``global_encoder_init="random"``, or a resumed run, whose checkpoint holds the weights)."""
+        cfg = self.config
+        if cfg.resume:
+            return None
+        if cfg.global_encoder_init == "random":
+            if cfg.untrained_genhead is None:  # a real run (--small builds an untrained GenHead)
+                warnings.warn("the global encoder starts from random weights (global_encoder_init='random'); "
+                              "upstream starts its ResNet-34 trunk from ImageNet weights", stacklevel=3)
+            return None
+        return resnet34_state_dict()
 
     def _load_identity(self):
         if self.config.identity_weights is None:

@@ -30,7 +30,8 @@ of a run are spent: ``cur_nimg`` at the adversarial start (1000 kimg), ``step_in
 ``Gmain`` (the image, segmentation and adversarial terms; the depth, feature and
 triplane terms are over; the identity term is off, as no identity weights are given) and
 ``Dmain``; LPIPS with a fixed random VGG backbone (``lpips_backbone="random"``: no weights
-file is needed, and its cost is the pretrained one's).
+file is needed, and its cost is the pretrained one's) and the global encoder from random
+weights (``global_encoder_init="random"``, for the same reason).
 
 Output: the step's losses, sorted by name; the tolerance is :data:`STEP_TOLERANCE`
 (relative norm): the generator's optimizer step sits between ``Gmain`` and ``Dmain``,
@@ -229,7 +230,8 @@ def train_reconstructor_case(n: int, cuda: bool, config=None) -> Case:
     from ...train.reconstructor import ReconstructorTrainer, ReconstructorTrainingConfig
 
     if config is None:
-        common = dict(batch=n, lpips_backbone="random", log_every=10 ** 9, checkpoint_every=10 ** 9)
+        common = dict(batch=n, lpips_backbone="random", global_encoder_init="random", log_every=10 ** 9,
+                      checkpoint_every=10 ** 9)
         if cuda:
             config = ReconstructorTrainingConfig(untrained_genhead={}, **common)
         else:  # the small config with the released 48 + 48 samples, in the synthesis too
