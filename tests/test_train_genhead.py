@@ -33,7 +33,8 @@ memory (uint8 images and 437-number labels, as ``head4d.data.ImageLabelDataset``
   EMA generator (``GenHead.load`` reads the checkpoint's EMA weights back), prints progress
   lines and logs (TensorBoard events, ``log.jsonl``, image grids of the reals and, with
   ``--image-every 1``, of the EMA generator after each step; a data worker process);
-  ``--resume`` continues from it (and replaces the export).
+  ``--resume`` continues from it (and replaces the export), and from a version-1
+  ``checkpoint.pt`` in a folder without the safetensors checkpoint.
 - Gradient averaging over two processes (a gradient missing on one rank counts as zero,
   one missing everywhere stays missing); a mapping network's ``w_avg`` averaged over them,
   its weights left alone.
@@ -722,6 +723,13 @@ def test_cli_dry_run_runs_two_steps_and_writes(tmp_path, monkeypatch, capsys):
     rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
                    "--device", "cpu", "--batch", "1", "--resume"])
     assert rc == 0 and common.load_checkpoint(out / common.CHECKPOINT_NAME)["step"] == 4
+    # a folder of a head4d that wrote checkpoint.pt (version 1, torch.save) resumes from it
+    state = common.load_checkpoint(out / common.CHECKPOINT_NAME)
+    torch.save({**state, "version": 1}, out / common.LEGACY_CHECKPOINT_NAME)
+    (out / common.CHECKPOINT_NAME).unlink()
+    rc = cli_main(["train", "genhead", "--data", "unused", "--out", str(out), "--small", "--dry-run",
+                   "--device", "cpu", "--batch", "1", "--resume"])
+    assert rc == 0 and common.load_checkpoint(out / common.CHECKPOINT_NAME)["step"] == 6
 
 
 def _free_port():

@@ -70,8 +70,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "EXPORT_NAME", "PRECISIONS", "BatchStream",
-           "CheckpointedTrainer", "Distributed", "InfiniteSampler", "MixedPrecision", "ProgressLog",
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_NAME", "CHECKPOINT_VERSION", "EXPORT_NAME", "LEGACY_CHECKPOINT_NAME",
+           "PRECISIONS", "BatchStream", "CheckpointedTrainer", "Distributed", "InfiniteSampler", "MixedPrecision", "ProgressLog",
            "accumulate_gradients", "check_microbatch", "check_training_config", "ema_beta", "get_rng_state",
            "image_grid", "lazy_adam_settings", "load_checkpoint", "rank_seed", "replace_directory", "save_checkpoint",
            "set_rng_state", "split_microbatches", "update_ema"]
@@ -1007,6 +1007,9 @@ class ProgressLog:
 # ---------------------------------------------------------------------- the training loop
 #: The checkpoint file in a training's output folder (rewritten atomically).
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: The checkpoint's name before version 2 (``torch.save``): ``--resume`` reads it when the
+#: folder has no :data:`CHECKPOINT_NAME`.
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
 #: The EMA network exported at the end of a run (the model's ``save`` format).
 EXPORT_NAME = "G_ema"
 
@@ -1042,9 +1045,12 @@ def run_training(trainer, config, dist_: Distributed, *, name: str, banner: str,
     out = Path(config.out)
     checkpoint = out / CHECKPOINT_NAME
     if config.resume:
-        if not checkpoint.is_file():
+        # an output folder of a head4d that wrote checkpoint.pt (version 1, torch.save) resumes from it
+        source = checkpoint if checkpoint.is_file() or not (out / LEGACY_CHECKPOINT_NAME).is_file() \
+            else out / LEGACY_CHECKPOINT_NAME
+        if not source.is_file():
             raise FileNotFoundError(f"{name}: --resume given but there is no {checkpoint}")
-        trainer.load(checkpoint)
+        trainer.load(source)
     total = int(config.kimg * 1000)
     log = ProgressLog(out, total, enabled=dist_.is_main)
     steps = 0
