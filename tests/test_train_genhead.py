@@ -525,39 +525,42 @@ def test_checkpoint_killed_mid_write_keeps_previous(tmp_path):
 
 
 _WRITER = """
-import sys, torch
+import sys, time, torch
 from head4d.train import common
-path, step = sys.argv[1], 0
-while True:  # checkpoints of 16 MB, step k holding the value k everywhere
-    step += 1
+path = sys.argv[1]
+for step in (1, 2, 3):  # checkpoints of 16 MB, step k holding the value k everywhere
     common.save_checkpoint(path, {"step": step, "weights": torch.full((4, 1 << 20), float(step))})
     print(step, flush=True)
+
+def stall(tmp):  # step 4's file is written in full; the kill comes before its rename
+    print("written", flush=True)
+    time.sleep(600)
+
+common.save_checkpoint(path, {"step": 4, "weights": torch.full((4, 1 << 20), 4.0)}, _before_replace=stall)
 """
 
 
 def test_checkpoint_of_a_process_killed_while_writing_still_loads(tmp_path):
-    """A process that writes checkpoints in a loop is killed with SIGKILL (no clean-up runs)
-    while it writes; the checkpoint at the final name is then a whole, earlier one."""
+    """A process writes three checkpoints, then is killed with SIGKILL (no clean-up runs) in
+    the middle of the fourth: its file written in full, not yet renamed. The checkpoint at
+    the final name is then the third, whole."""
     import signal
     import subprocess
     import sys
-    import time
 
     path = tmp_path / common.CHECKPOINT_NAME
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
     try:
-        written = [int(writer.stdout.readline()) for _ in range(3)]  # three whole checkpoints
-        # the next write is under way: its temporary file appears beside the checkpoint
-        deadline = time.monotonic() + 60
-        while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.001)
+        lines = [writer.stdout.readline().strip() for _ in range(4)]
+        assert lines == ["1", "2", "3", "written"], lines
         writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=60)
     finally:
         writer.kill()
         writer.wait()
     state = common.load_checkpoint(path)
-    assert state["step"] >= written[-1]
-    assert torch.equal(state["weights"], torch.full((4, 1 << 20), float(state["step"])))
+    assert state["step"] == 3
+    assert torch.equal(state["weights"], torch.full((4, 1 << 20), 3.0))
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the killed write's leftover
     common.save_checkpoint(path, {"step": 0})  # the next write removes it
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
