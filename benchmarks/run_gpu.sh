@@ -2,7 +2,7 @@
 # The one script for a lent GPU machine (no network there; its python3 has torch with
 # CUDA, Triton, ninja, pybind11, pytest and pytest-benchmark; the CUDA toolkit brings
 # compute-sanitizer). What its image lacks comes as wheels: run benchmarks/gpu_wheels.sh
-# here first and carry .whl (installed below into /tmp/head4d-site):
+# here first and carry .whl (installed below into .whl/site, on the Python path):
 #
 #   1. build      head4d._C with the CUDA kernels (pip install -e ., else build_ext --inplace);
 #   2. sanitizer  compute-sanitizer --tool memcheck, then --tool racecheck, each over a
@@ -50,8 +50,8 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Wheels carried along in .whl/ (benchmarks/gpu_wheels.sh downloads them where PyPI is
 # reachable): packages the GPU image lacks, installed offline beside it.
 if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/head4d-site \
-    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/head4d-site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site \
+    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:$ROOT/.whl/site"
 fi
 export HEAD4D_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${HEAD4D_GIT_COMMIT:-}" ] && git rev-parse HEAD >/dev/null 2>&1; then

@@ -275,6 +275,22 @@ def _make_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _add_run_arguments(p: argparse.ArgumentParser, items: str, network: str) -> None:
+    """The arguments both trainings take: resuming, the dry run, seed, device, precision,
+    accumulation and image grids (``items``: what a batch holds; ``network``: what the EMA
+    grids show)."""
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="fp32 (default), or bf16: bfloat16 autocast in the StyleGAN2 convolution blocks (CUDA only)")
+    p.add_argument("--accumulate", type=int, metavar="K",
+                   help=f"micro-batches per optimizer step, each --batch / K {items} (default 1)")
+    p.add_argument("--image-every", type=int, metavar="N",
+                   help=f"steps between image grids of the EMA {network} (default 1000; also at the end)")
+
 def _train_genhead(args: argparse.Namespace) -> int:
     from .train.genhead import GenHeadTrainingConfig, train_genhead
 
@@ -469,20 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs)")
     p.add_argument("--batch", type=int, metavar="B", help="images per process (default 8; --small: 2)")
     p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 25000)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
     p.add_argument("--small", action="store_true", help="a tiny GenHead and discriminator (CPU tests)")
     p.add_argument("--xflip", action="store_true", help="add mirrored copies of the dataset")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="fp32 (default), or bf16: bfloat16 autocast in the StyleGAN2 convolution blocks (CUDA only)")
-    p.add_argument("--accumulate", type=int, metavar="K",
-                   help="micro-batches per optimizer step, each --batch / K images (default 1)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="DataLoader worker processes reading the images (default 0: in the training process)")
-    p.add_argument("--image-every", type=int, metavar="N",
-                   help="steps between image grids of the EMA generator (default 1000; also at the end)")
+    _add_run_arguments(p, "images", "generator")
     p.set_defaults(func=_train_genhead)
 
     p = train_sub.add_parser("reconstructor", help="the reconstructor's training on triplets synthesized online "
@@ -498,8 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoint, logs, G_ema)")
     p.add_argument("--batch", type=int, metavar="B", help="triplets per process (default 4; --small: 2)")
     p.add_argument("--kimg", type=float, metavar="K", help="thousands of images to train on (default 15000)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    p.add_argument("--dry-run", action="store_true", help="build everything and run two steps")
     p.add_argument("--small", action="store_true", help="a tiny reconstructor and discriminator (CPU tests)")
     p.add_argument("--identity-weights", metavar="FILE", help="the identity network's weights (ArcFace "
                    "iresnet18); without them the identity loss is off")
@@ -508,14 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-encoder-init", choices=("imagenet", "random"),
                    help="the global encoder's ResNet-34 trunk: torchvision's cached ImageNet weights (default; "
                         "--small: random) or random weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and every random draw (default 0)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"),
-                   help="fp32 (default), or bf16: bfloat16 autocast in the StyleGAN2 convolution blocks (CUDA only)")
-    p.add_argument("--accumulate", type=int, metavar="K",
-                   help="micro-batches per optimizer step, each --batch / K triplets (default 1)")
-    p.add_argument("--image-every", type=int, metavar="N",
-                   help="steps between image grids of the EMA reconstructor (default 1000; also at the end)")
+    _add_run_arguments(p, "triplets", "reconstructor")
     p.set_defaults(func=_train_reconstructor)
     return parser
 

@@ -586,6 +586,12 @@ def test_checkpoint_errors(tmp_path):
     save_file({"w": torch.ones(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="not a head4d training checkpoint"):
         common.load_checkpoint(tmp_path / "model.safetensors")
+    # damaged or foreign files: text, empty, a truncated checkpoint
+    whole = common.save_checkpoint(tmp_path / "whole.safetensors", {"w": torch.ones(1000)}).read_bytes()
+    for name, data in (("text.pt", b"hello world"), ("empty.pt", b""), ("cut.safetensors", whole[:len(whole) // 2])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="not a head4d training checkpoint"):
+            common.load_checkpoint(tmp_path / name)
 
 
 def test_checkpoint_values_round_trip_and_version_1_files_still_load(tmp_path):

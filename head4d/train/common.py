@@ -55,6 +55,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -173,6 +174,15 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return value
 
 
+def unreadable_file_errors() -> Tuple[type, ...]:
+    """What ``torch.load(weights_only=True)`` and safetensors raise for a file that is not
+    theirs or is damaged (truncated, another format, refused pickle): callers re-raise them
+    as a ``ValueError`` that names the file."""
+    from safetensors import SafetensorError
+
+    return (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError)
+
+
 def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any],
                     _before_replace: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``state`` (plain values, tensors, state dicts) to ``path`` atomically, as one
@@ -250,7 +260,7 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     if metadata is None:  # not safetensors: a version-1 checkpoint (torch.save), or not ours
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # noqa: BLE001 - whatever the file is, it is not a checkpoint
+        except unreadable_file_errors() as error:
             raise not_ours from error
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise not_ours

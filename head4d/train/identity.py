@@ -328,13 +328,16 @@ class IdentityLoss(nn.Module):
 
 def _read_state_dict(path: Path) -> Mapping:
     """The tensors of a state-dict file (``torch.save`` or safetensors), read on the CPU."""
+    from safetensors.torch import load_file
+
+    from .common import unreadable_file_errors
+
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - re-raised with the file named
+    except unreadable_file_errors() as error:
         raise ValueError(f"{_NAME}.from_file: cannot read {str(path)!r} as a state dict: {error}") from error
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{_NAME}.from_file: {str(path)!r} must hold a state dict (names to tensors), "
